@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tether.ops import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    sequence_logprobs,
+)
+
+
+def test_masked_mean_hand_values() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # Unmasked tokens 1, 2, 4: sum 7 over 3 tokens (not a mean of row means, 1.5 and 4).
+    assert masked_sum(x, mask).item() == 7.0
+    assert masked_mean(x, mask).item() == pytest.approx(7 / 3)
+    assert torch.allclose(masked_mean(x, mask, dim=1), torch.tensor([1.5, 4.0]))
+    assert torch.equal(masked_sum(x, mask, dim=1), torch.tensor([3.0, 4.0]))
+
+
+def test_masked_mean_ignores_nonfinite_padding() -> None:
+    x = torch.tensor([1.0, float("nan"), -float("inf")], requires_grad=True)
+    mask = torch.tensor([1.0, 0.0, 0.0])
+    out = masked_mean(x, mask)
+    out.backward()
+    assert out.item() == 1.0
+    assert torch.equal(x.grad, torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_fully_masked_is_zero_with_zero_grad() -> None:
+    x = torch.randn(2, 3, requires_grad=True)
+    mask = torch.zeros(2, 3)
+    out = masked_mean(x, mask)
+    out.backward()
+    assert out.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros(2, 3))
+    # Per-row: the fully masked row is 0, the other row is its mean.
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    rows = masked_mean(x.detach(), mask, dim=1)
+    assert rows[1].item() == 0.0 and not torch.isnan(rows).any()
+
+
+def test_token_mean_same_whole_or_split_across_ranks() -> None:
+    # The invariance behind the single reduction: sum of per-rank masked sums divided by the
+    # global token count equals the whole-batch masked mean, however tokens fall per rank.
+    torch.manual_seed(0)
+    x = torch.randn(6, 7)
+    mask = (torch.rand(6, 7) > 0.4).float()
+    mask[2] = 0.0  # a fully masked row contributes nothing
+    whole = masked_mean(x, mask)
+    splits = [(0, 1), (1, 4), (4, 6)]  # uneven "ranks"
+    total = sum(mask[a:b].sum() for a, b in splits)
+    recombined = sum(masked_sum(x[a:b], mask[a:b]) for a, b in splits) / total
+    assert torch.allclose(whole, recombined, atol=1e-6)
+    # Weighted recombination of per-rank means (weights = token counts) gives the same.
+    weighted = sum(masked_mean(x[a:b], mask[a:b]) * mask[a:b].sum() for a, b in splits) / total
+    assert torch.allclose(whole, weighted, atol=1e-6)
+
+
+def test_masked_var_population_and_unbiased() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    mask = torch.tensor([1, 1, 1, 0])
+    # Values 1, 2, 3: mean 2, squared deviations 1, 0, 1 -> population 2/3, unbiased 2/2 = 1.
+    assert masked_var(x, mask).item() == pytest.approx(2 / 3)
+    assert masked_var(x, mask, unbiased=True).item() == pytest.approx(1.0)
+    # One element: no spread, 0 rather than 0/0.
+    one = torch.tensor([1, 0, 0, 0])
+    assert masked_var(x, one, unbiased=True).item() == 0.0
+
+
+def test_masked_whiten_hand_values() -> None:
+    x = torch.tensor([1.0, 3.0, 50.0])
+    mask = torch.tensor([1, 1, 0])
+    # mean 2, population var 1 -> (-1, +1); eps inside the sqrt barely moves it.
+    out = masked_whiten(x, mask)
+    assert torch.allclose(out, torch.tensor([-1.0, 1.0, 0.0]), atol=1e-6)
+    # shift_mean=False keeps the mean: (-1 + 2, 1 + 2) = (1, 3); padding still 0.
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert torch.allclose(kept, torch.tensor([1.0, 3.0, 0.0]), atol=1e-6)
+
+
+def test_masked_whiten_constant_and_fully_masked() -> None:
+    x = torch.full((4,), 5.0)
+    out = masked_whiten(x, torch.ones(4))  # var 0: eps inside the sqrt, (x - mean) = 0
+    assert torch.equal(out, torch.zeros(4))
+    out = masked_whiten(torch.randn(4), torch.zeros(4))
+    assert torch.equal(out, torch.zeros(4))
+
+
+def _reference_logprobs(logits: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double() / t, dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_match_log_softmax(temperature: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 3
+    labels = torch.randint(0, 11, (3, 5))
+    # 15 rows in chunks of 4: the last chunk is partial.
+    out = logprobs_from_logits(logits, labels, temperature=temperature, chunk_size=4)
+    assert out.shape == (3, 5) and out.dtype == torch.float32
+    ref = _reference_logprobs(logits, labels, temperature)
+    assert torch.allclose(out.double(), ref, atol=1e-6)
+
+
+def test_chunked_logprobs_gradient_matches_unchunked() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, 7, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (2, 7))
+    logprobs_from_logits(logits, labels, temperature=0.5, chunk_size=3).sum().backward()
+    chunked = logits.grad.clone()
+    logits.grad = None
+    _reference_logprobs(logits, labels, 0.5).sum().backward()
+    assert torch.allclose(chunked, logits.grad, atol=1e-5)
+
+
+def test_logprobs_bf16_input_computed_in_fp32() -> None:
+    logits = torch.tensor([[[0.0, math.log(3.0)]]]).to(torch.bfloat16)
+    # softmax of (0, log 3) is (1/4, 3/4).
+    out = logprobs_from_logits(logits, torch.tensor([[1]]))
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(math.log(0.75), abs=1e-2)
+
+
+def test_entropy_hand_values_and_chunking() -> None:
+    # Uniform over 4 tokens: H = ln 4. One-hot-ish (huge gap): H ~ 0.
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    out = entropy_from_logits(logits, chunk_size=1)
+    assert out[0, 0].item() == pytest.approx(math.log(4))
+    assert out[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(2)
+    logits = torch.randn(3, 5, 9)
+    logp = torch.log_softmax(logits / 2.0, dim=-1)
+    ref = -(logp.exp() * logp).sum(-1)
+    assert torch.allclose(entropy_from_logits(logits, 2.0, chunk_size=4), ref, atol=1e-6)
+
+
+def test_entropy_is_differentiable() -> None:
+    # Raising the top logit of a uniform distribution lowers the entropy.
+    logits = torch.zeros(1, 1, 3, requires_grad=True)
+    entropy_from_logits(logits, chunk_size=1).sum().backward()
+    assert torch.allclose(logits.grad, torch.zeros(1, 1, 3), atol=1e-6)  # stationary point
+    logits = torch.tensor([[[1.0, 0.0, 0.0]]], requires_grad=True)
+    entropy_from_logits(logits).sum().backward()
+    assert logits.grad[0, 0, 0] < 0
+
+
+def test_sequence_logprobs_sums_masked_tokens() -> None:
+    token_logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    assert torch.equal(sequence_logprobs(token_logprobs, mask), torch.tensor([-5.0, -1.0]))

@@ -1,0 +1,146 @@
+"""Atomic checkpoints that a killed run resumes from.
+
+Layout of `checkpoints/step-N/`:
+  model.safetensors   trainable tensors (LoRA adapters, or all weights for full fine-tuning)
+  state.pt            optimizer, scheduler, RNG and other training state (tensors and plain
+                      Python values only, loaded with `weights_only=True`: no pickle code)
+  meta.json           step and data position, human-readable
+  manifest.json       size and sha256 of every file above; written last
+
+A checkpoint is built in a temp dir, every file fsynced, then renamed into place: a crash
+leaves either the old set or the new one, never half a checkpoint under a real name. A
+checkpoint whose files do not match its manifest (a torn copy, a bad disk) is skipped with a
+warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tether import faults
+from tether.errors import TetherError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(TetherError, RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write `step-N` atomically and keep only the newest `keep_last` checkpoints."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step-{step}"
+    tmp = checkpoints_dir / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
+        torch.save(state, tmp / "state.pt")
+        faults.maybe_kill("during_save", step)
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+        files = ["model.safetensors", "state.pt", "meta.json"]
+        for name in files:
+            _fsync_path(tmp / name)
+        manifest = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in files
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _fsync_path(tmp / "manifest.json")
+        _fsync_path(tmp)
+        if final.exists():  # a re-run of the same step after resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(checkpoints_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {e.strerror or e}; earlier checkpoints kept"
+        ) from e
+    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Step dirs, oldest first (unverified)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoints_dir.iterdir()
+        if (m := STEP_DIR.match(p.name)) and p.is_dir()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return "no manifest.json (write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "manifest.json is corrupt"
+    for name, expected in manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != expected["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, manifest says {expected['bytes']}"
+        if _sha256(f) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; torn ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(checkpoints_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(trainable tensors, training state, meta) of a verified checkpoint."""
+    tensors = load_file(path / "model.safetensors")
+    state = torch.load(path / "state.pt", weights_only=True)
+    meta = json.loads((path / "meta.json").read_text())
+    return tensors, state, meta

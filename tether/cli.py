@@ -1,0 +1,121 @@
+"""`tether STAGE --config FILE.yaml [--set key=value ...] [--out RUN_DIR] [--resume]`.
+
+Stages are looked up in a table and imported only when run, so `tether --help` does not
+load torch or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tether.errors import TetherError
+
+
+@dataclass(frozen=True)
+class Stage:
+    help: str
+    config: str  # "module:Class"
+    runner: str  # "module:function(cfg, out, resume) -> Path"
+    # Where the --model / --data / --max-steps shortcuts write.
+    model_key: str = "model.name"
+    data_key: str = "data.train"
+    steps_key: str = "train.max_steps"
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage(
+        help="supervised fine-tuning on chat or prompt/completion data",
+        config="tether.config:SFTConfig",
+        runner="tether.stages.sft:run_sft",
+    ),
+}
+
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether",
+        description="Align language models with human feedback: SFT, reward models, PPO.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, description=stage.help)
+        p.add_argument("--config", type=Path, help="YAML config file")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key (repeatable)",
+        )
+        p.add_argument("--out", type=Path, help="run dir (default: runs/STAGE-TIMESTAMP)")
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out from its newest complete checkpoint",
+        )
+        p.add_argument("--model", help=f"shortcut for --set {stage.model_key}=...")
+        p.add_argument("--data", help=f"shortcut for --set {stage.data_key}=...")
+        p.add_argument("--max-steps", type=int, help=f"shortcut for --set {stage.steps_key}=...")
+        p.set_defaults(func=_run_stage, stage=name)
+    return parser
+
+
+def _version() -> str:
+    from tether import __version__
+
+    return f"tether {__version__}"
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from tether.config import load_config
+
+    stage = STAGES[args.stage]
+    overrides = list(args.overrides)
+    for value, key in (
+        (args.model, stage.model_key),
+        (args.data, stage.data_key),
+        (args.max_steps, stage.steps_key),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.resume and args.out is None:
+        raise TetherError("--resume needs --out RUN_DIR (the run to continue)")
+    out = args.out or Path("runs") / f"{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config_path = args.config
+    if config_path is None and args.resume and (out / "config.yaml").is_file():
+        config_path = out / "config.yaml"  # resume the run exactly as it was configured
+    config = load_config(_load(stage.config), config_path, overrides)
+    started = time.perf_counter()
+    final = _load(stage.runner)(config, out, resume=args.resume)
+    print(f"{args.stage}: done in {time.perf_counter() - started:.0f}s; model saved to {final}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TetherError as e:
+        print(f"tether: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ntether: interrupted; continue with the same command plus --resume", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,326 @@
+"""Typed, validated configs: one dataclass per stage, loaded from YAML plus `key=value` overrides.
+
+Why typed dataclasses and not a dict: an RLHF run that silently ignores a misspelt key
+(`kl_coeff` for `kl_coef`) trains the wrong thing for hours. Every key is checked against the
+dataclass, every value against its annotation, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from tether.errors import TetherError
+
+
+class ConfigError(TetherError, ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft; `enabled: false` means full fine-tuning."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+    def validate(self) -> None:
+        _check(self.r > 0, "model.lora.r", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules), "model.lora.target_modules", "must not be empty")
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to start from and how to hold them."""
+
+    # A local Hugging Face dir, a .gguf file, a hub id, or an embedded name (smollm2-135m-instruct).
+    name: str = "smollm2-135m-instruct"
+    # Storage dtype of the weights. Training keeps float32 master weights and uses bf16
+    # autocast (train.precision) instead; bfloat16 here is for inference-only models.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Off unless asked for: remote code runs arbitrary Python from the model repo.
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        _check(bool(self.name), "model.name", "must name a model")
+        self.lora.validate()
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how long they may be."""
+
+    train: str = ""
+    # A separate held-out file; when empty, `eval_fraction` of `train` is held out (seeded).
+    eval: str = ""
+    eval_fraction: float = 0.05
+    format: Literal["auto", "jsonl", "parquet", "arrow"] = "auto"
+    max_length: int = 512
+
+    def validate(self) -> None:
+        _check(bool(self.train), "data.train", "is required (a JSONL, Parquet or datasets dir)")
+        _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+        _check(self.max_length >= 8, "data.max_length", "must be >= 8 tokens")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up and a decay schedule."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # 1e-8 is PyTorch's default; RLHF-NOTES: PPO uses 1e-5 to match TF's smaller early steps.
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(len(self.betas) == 2, "optim.betas", "must be two numbers")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0 (0 disables)")
+
+
+@dataclass
+class TrainConfig:
+    """The step budget, batch geometry and run bookkeeping shared by every stage."""
+
+    # Optimizer steps; 0 means `epochs` full passes over the training set.
+    max_steps: int = 0
+    epochs: int = 1
+    batch_size: int = 8
+    # Micro-batches per optimizer step; the effective batch is batch_size * grad_accum.
+    grad_accum: int = 1
+    seed: int = 0
+    # bf16 = autocast with float32 master weights; auto = bf16 where the CPU/GPU has it.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    log_every: int = 1
+    # 0 = evaluate only at the end.
+    eval_every: int = 0
+    # 0 = checkpoint only at the end.
+    save_every: int = 100
+    keep_last: int = 2
+    # 0 = all available cores.
+    threads: int = 0
+
+    def validate(self) -> None:
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Extra metric sinks; metrics.jsonl is always written."""
+
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "tether"
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: NLL on assistant/completion tokens only."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+
+
+# --------------------------------------------------------------------------- loading
+
+C = TypeVar("C")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    """Build `cls` from a YAML file (optional) and `a.b=value` overrides, then validate it.
+
+    Override values are parsed as YAML (`--set train.lr=1e-5`, `--set model.lora.enabled=true`,
+    `--set 'lora.target_modules=[q_proj, v_proj]'`).
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            # safe_load: a config file can never construct Python objects (no !!python tags).
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        raw = loaded or {}
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _build(cls, raw, prefix="", source=source)
+    config.validate()
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value_text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.max_steps=10)")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {e}") from e
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type[C], raw: dict[str, Any], prefix: str, source: str) -> C:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{full}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, full, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: config key '{key}' must be a section (a mapping)")
+        return _build(tp, value, prefix=f"{key}.", source=source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{source}: config key '{key}' must be one of {list(choices)}, got {value!r}"
+            )
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: config key '{key}' must be a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        # YAML reads `1e-5` as a string (YAML 1.1 wants a dot); accept it, and ints, as floats.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: config key '{key}' must be a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: config key '{key}' must be an integer, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: config key '{key}' must be true or false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: config key '{key}' must be a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{source}: config key '{key}' has an unsupported type {tp!r}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out

@@ -1,0 +1,5 @@
+"""The base of every error tether reports to a user as a message rather than a traceback."""
+
+
+class TetherError(Exception):
+    """Bad input or an unusable state, explained in the message (file, line, key, remedy)."""

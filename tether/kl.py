@@ -1,0 +1,101 @@
+"""KL(π ‖ π_ref) estimators and the KL-coefficient controllers.
+
+The estimators (Schulman, "Approximating KL divergence", 2020) are per-token and unbiased or
+low-variance for KL(π ‖ π_ref) when tokens are sampled from π. With log r = log π_ref − log π:
+
+    k1 = −log r               unbiased, high variance, can be negative per token
+    k2 = ½ (log r)²           biased, low variance, ≥ 0
+    k3 = (r − 1) − log r      unbiased, low variance, ≥ 0 (GRPO's KL loss term)
+
+Log the KL with the same estimator and tokens that are trained on, or diagnoses mislead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "k1": lambda log_r: -log_r,
+    "k2": lambda log_r: 0.5 * log_r**2,
+    # expm1 keeps (r − 1) exact for small log r, so k3 stays ≥ 0 instead of rounding negative.
+    "k3": lambda log_r: torch.expm1(log_r) - log_r,
+}
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL estimate [B, T] (any shape) from policy and reference token log-probs.
+
+    Gradients flow through both inputs; detach `ref_logprobs` (it is frozen anyway) and, for a
+    reward penalty, the whole result.
+    """
+    if kind not in _ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; valid: {sorted(_ESTIMATORS)}")
+    return _ESTIMATORS[kind](ref_logprobs - logprobs)
+
+
+class KLController(Protocol):
+    """What a trainer needs from a KL coefficient: read it, update it, save and restore it."""
+
+    @property
+    def value(self) -> float: ...
+
+    def update(self, current_kl: float, n_steps: int) -> None: ...
+
+    def state_dict(self) -> dict[str, float]: ...
+
+    def load_state_dict(self, state: dict[str, float]) -> None: ...
+
+
+class FixedKLController:
+    """A constant β; `update` is a no-op so trainers treat both controllers alike."""
+
+    def __init__(self, value: float) -> None:
+        self._value = float(value)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self._value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Proportional controller steering the measured KL towards `target` (Ziegler et al. 2019).
+
+        e = clip(KL / target − 1, −0.2, 0.2);   β ← β · (1 + e · n_steps / horizon)
+
+    The clip bounds how fast β moves on one noisy batch; n_steps is the number of samples
+    (episodes) seen since the last update, so β's speed does not depend on the batch size.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got {target=}, {horizon=}")
+        self._value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self._value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        # Only β is state; target and horizon come from the config of the resumed run.
+        return {"value": self._value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._value = float(state["value"])

@@ -1,0 +1,118 @@
+"""Masked reductions and log-probabilities from logits.
+
+Every per-token loss in tether is reduced with `masked_mean`: the mean over all unmasked tokens
+of the whole batch, sum(x * mask) / sum(mask). A token-mean is then the same whether the batch
+is whole or split across ranks (sum the masked sums, divide by the total count).
+
+Masks are 0/1 (bool or float) tensors broadcastable to `x`; 1 marks a token that counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(x * mask) over `dim` (all elements if None).
+
+    Masked positions are selected out with `where` rather than multiplied by 0, so a NaN or
+    -inf sitting in padding cannot leak into the sum or its gradient.
+    """
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(x * mask) / sum(mask); 0 (not NaN, gradient 0) where nothing is unmasked."""
+    count = mask.to(x.dtype).expand_as(x)
+    count = count.sum() if dim is None else count.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Variance of the unmasked elements of `x` (a scalar).
+
+    Population variance by default, as in lm-human-preferences whitening. With unbiased=True
+    the Bessel factor n/(n-1) is applied; a single element gives 0, not a division by zero.
+    """
+    centered = x - masked_mean(x, mask)
+    var = masked_mean(centered**2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).expand_as(x).sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over unmasked elements; 0 on masked positions.
+
+    shift_mean=False adds the mean back: rewards are rescaled but keep their sign and offset
+    (the RM score's offset carries information), advantages are fully centred.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def _chunked(
+    fn: Callable[..., torch.Tensor], logits: torch.Tensor, *extra: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Apply fn(logits_rows [n, V], *extra_rows [n]) -> [n] chunk by chunk over B*T rows.
+
+    Each chunk is upcast to fp32 on its own, so no fp32 [B, T, V] copy exists at once. When a
+    gradient is needed the chunk is checkpointed: autograd keeps only the (original dtype)
+    input view and recomputes the fp32 softmax in backward, instead of saving every chunk.
+    """
+    rows = logits.reshape(-1, logits.shape[-1])
+    extra = tuple(e.reshape(-1) for e in extra)
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    out = []
+    for start in range(0, rows.shape[0], chunk_size):
+        args = (rows[start : start + chunk_size], *(e[start : start + chunk_size] for e in extra))
+        if grad:
+            out.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            out.append(fn(*args))
+    return torch.cat(out).reshape(logits.shape[:-1])
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log softmax(logits / T)[label]: logits [B, T, V], labels [B, T] -> [B, T] fp32.
+
+    logits[:, t] must already be the distribution of labels[:, t] (the caller shifts). Use the
+    sampling temperature, or ratios and KL are wrong from the first step. Labels must be valid
+    ids; mask padding afterwards.
+    """
+
+    def fn(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows = rows.float() / temperature
+        picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(rows, dim=-1)
+
+    return _chunked(fn, logits, labels, chunk_size=chunk_size)
+
+
+def entropy_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    """H = -sum_v p_v log p_v of softmax(logits / T): [B, T, V] -> [B, T] fp32."""
+
+    def fn(rows: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(rows.float() / temperature, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    return _chunked(fn, logits, chunk_size=chunk_size)
+
+
+def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(response) = sum of masked token log-probs: [B, T] -> [B]."""
+    return masked_sum(token_logprobs, mask, dim=-1)

@@ -1,0 +1,191 @@
+"""A run directory: the lock that keeps two runs apart, the resolved config, metrics.jsonl.
+
+RUN_DIR/config.yaml       the resolved config of the run
+RUN_DIR/metrics.jsonl     one JSON object per logged step, `step` always present
+RUN_DIR/checkpoints/      step-N/ (see tether.checkpoint)
+RUN_DIR/final/            the trained model, loadable with transformers
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.checkpoint import latest_checkpoint, list_checkpoints
+from tether.config import config_differences, config_to_dict, save_config
+from tether.errors import TetherError
+
+
+class RunDirError(TetherError, RuntimeError):
+    """The run dir cannot be used as asked (locked, not empty, config mismatch)."""
+
+
+# Keys a resumed run may change: extending a run is the common reason to resume.
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.final = self.path / "final"
+        self._lock_fh = None
+
+    def lock(self) -> None:
+        """Exclusive for this process's lifetime; the kernel releases it if we are killed."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunDirError(
+                f"run dir {self.path} is in use by {holder}; wait for it or choose another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._lock_fh = fh
+
+    def unlock(self) -> None:
+        if self._lock_fh is not None:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def prepare(self, config: Any, resume: bool) -> Path | None:
+        """Lock, check the config against a resumed run's, write config.yaml.
+
+        Returns the checkpoint to resume from (None for a fresh start). A fresh start into a
+        dir that already has progress is refused rather than overwriting it.
+        """
+        self.lock()
+        saved_path = self.path / "config.yaml"
+        has_progress = bool(list_checkpoints(self.checkpoints)) or self.final.exists()
+        if not resume:
+            if has_progress:
+                raise RunDirError(
+                    f"{self.path} already holds a run; pass --resume to continue it or choose "
+                    "a new --out"
+                )
+            save_config(config, saved_path)
+            return None
+        if saved_path.is_file():
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+            changed = [
+                k
+                for k in config_differences(saved, config_to_dict(config))
+                if k not in RESUMABLE_CHANGES
+            ]
+            if changed:
+                raise RunDirError(
+                    f"--resume with a config that differs from {saved_path} in: "
+                    f"{', '.join(changed)}. Resume with the same config (or none)."
+                )
+        save_config(config, saved_path)
+        return latest_checkpoint(self.checkpoints)
+
+    def saved_config_path(self) -> Path | None:
+        path = self.path / "config.yaml"
+        return path if path.is_file() else None
+
+
+class MetricsLogger:
+    """Appends one JSON line per logged step, and mirrors to TensorBoard / W&B if asked.
+
+    On resume the log is cut back to the checkpoint's step, so steps replayed after a crash
+    are not logged twice.
+    """
+
+    def __init__(
+        self,
+        run: RunDir,
+        resume_step: int = 0,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "tether",
+        config: Any = None,
+    ) -> None:
+        self.path = run.metrics_path
+        self._truncate_after(resume_step)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._tb = self._wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RunDirError(
+                    "logging.tensorboard needs `pip install tether[tensorboard]`"
+                ) from e
+            self._tb = SummaryWriter(str(run.path / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError as e:
+                raise RunDirError("logging.wandb needs `pip install tether[wandb]`") from e
+            self._wandb = wandb_lib.init(
+                project=wandb_project,
+                dir=str(run.path),
+                config=config_to_dict(config) if config else None,
+                resume="allow",
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write
+            if record.get("step", math.inf) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+
+    def sync(self) -> None:
+        """fsync before a checkpoint, so the log never lags the weights after a crash."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep it visible
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,172 @@
+"""Supervised fine-tuning: next-token NLL on assistant/completion tokens only.
+
+The loop, top to bottom: validate data -> load model -> resume if asked -> for each optimizer
+step, `grad_accum` micro-batches whose token losses are divided by the token count of the
+whole step (so 8 x 1 accumulation equals one batch of 8) -> clip, step, log, evaluate,
+checkpoint -> save `final/`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tether import faults
+from tether.config import SFTConfig
+from tether.data import (
+    DataError,
+    TokenizedSFT,
+    collate_sft,
+    load_sft_examples,
+    split_train_eval,
+    tokenize_sft,
+)
+from tether.losses import sft_loss
+from tether.models import load_causal_lm, load_tokenizer, save_pretrained_model
+from tether.rundir import MetricsLogger, RunDir
+from tether.training import (
+    Progress,
+    autocast,
+    clip_and_step,
+    example_indices,
+    is_due,
+    make_optimizer,
+    make_scheduler,
+    restore_training_state,
+    save_training_state,
+    seed_everything,
+    set_threads,
+    total_steps,
+    use_bf16,
+)
+
+
+def tokenize_all(examples, tokenizer, max_length: int, report) -> list[TokenizedSFT]:
+    out = []
+    for ex in examples:
+        tok = tokenize_sft(ex, tokenizer, max_length)
+        if tok is None:
+            report.skipped["no assistant token within max_length"] += 1
+        else:
+            out.append(tok)
+    return out
+
+
+def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenizedSFT], list[TokenizedSFT]]:
+    """Read, validate and tokenise train and eval data; raises DataError before training."""
+    examples, report = load_sft_examples(cfg.data.train, cfg.data.format)
+    if cfg.data.eval:
+        eval_examples, eval_report = load_sft_examples(cfg.data.eval, cfg.data.format)
+    else:
+        examples, eval_examples = split_train_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
+        eval_report = report
+    train = tokenize_all(examples, tokenizer, cfg.data.max_length, report)
+    held_out = tokenize_all(eval_examples, tokenizer, cfg.data.max_length, eval_report)
+    tqdm.write(report.summary())
+    if cfg.data.eval:
+        tqdm.write(eval_report.summary())
+    if not train:
+        raise DataError(f"{cfg.data.train}: no example fits data.max_length={cfg.data.max_length}")
+    return train, held_out
+
+
+def micro_batch_loss(model, batch: dict[str, torch.Tensor], num_tokens: int, bf16: bool):
+    with autocast(bf16):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sft_loss(logits.float(), batch["labels"], num_tokens=num_tokens)
+
+
+@torch.no_grad()
+def evaluate(model, data: list[TokenizedSFT], batch_size: int, pad_id: int, bf16: bool) -> float:
+    """Token-mean NLL over the whole held-out set."""
+    model.eval()
+    total_tokens = sum(x.num_target_tokens for x in data)
+    loss = 0.0
+    for start in range(0, len(data), batch_size):
+        batch = collate_sft(data[start : start + batch_size], pad_id)
+        loss += micro_batch_loss(model, batch, total_tokens, bf16)[0].item()
+    model.train()
+    return loss
+
+
+def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
+    """Train and return the path of `final/`."""
+    run = RunDir(out)
+    resume_from = run.prepare(cfg, resume)
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    bf16 = use_bf16(cfg.train.precision)
+
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    train, held_out = prepare_data(cfg, tokenizer)
+    model = load_causal_lm(cfg.model, tokenizer)
+    model.train()
+    last_step = total_steps(cfg.train, len(train))
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, last_step)
+    progress = Progress()
+    if resume_from is not None:
+        progress, _ = restore_training_state(resume_from, model, optimizer, scheduler)
+        tqdm.write(f"resumed from {resume_from} (step {progress.step})")
+    logger = MetricsLogger(
+        run,
+        progress.step,
+        cfg.logging.tensorboard,
+        cfg.logging.wandb,
+        cfg.logging.wandb_project,
+        cfg,
+    )
+
+    pad_id = tokenizer.pad_token_id
+    per_micro, accum = cfg.train.batch_size, cfg.train.grad_accum
+    if held_out and progress.step == 0:  # the baseline every later eval is read against
+        logger.log(0, {"eval/loss": evaluate(model, held_out, per_micro, pad_id, bf16)})
+    bar = tqdm(total=last_step, initial=progress.step, desc="sft", unit="step")
+    while progress.step < last_step:
+        started = time.perf_counter()
+        indices = example_indices(progress.cursor, per_micro * accum, len(train), cfg.train.seed)
+        examples = [train[i] for i in indices]
+        num_tokens = sum(x.num_target_tokens for x in examples)
+        step_loss, seen_tokens = 0.0, 0
+        for start in range(0, len(examples), per_micro):
+            batch = collate_sft(examples[start : start + per_micro], pad_id)
+            loss, _ = micro_batch_loss(model, batch, num_tokens, bf16)
+            loss.backward()
+            step_loss += loss.item()
+            seen_tokens += int(batch["attention_mask"].sum())
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = clip_and_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        progress.step += 1
+        progress.cursor += len(examples)
+        elapsed = time.perf_counter() - started
+
+        metrics = {
+            "train/loss": step_loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/target_tokens": num_tokens,
+            "throughput/tokens_per_s": seen_tokens / elapsed,
+            "train/epoch": progress.cursor / len(train),
+        }
+        if held_out and is_due(progress.step, cfg.train.eval_every, last_step):
+            metrics["eval/loss"] = evaluate(model, held_out, per_micro, pad_id, bf16)
+        if is_due(progress.step, cfg.train.log_every, last_step) or "eval/loss" in metrics:
+            logger.log(progress.step, metrics)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen_tokens / elapsed:.0f}"
+        )
+        if is_due(progress.step, cfg.train.save_every, last_step):
+            logger.sync()
+            save_training_state(
+                run.checkpoints, model, optimizer, scheduler, progress, cfg.train.keep_last
+            )
+        faults.maybe_kill("after_step", progress.step)
+    bar.close()
+    logger.close()
+    save_pretrained_model(model, tokenizer, run.final)
+    run.unlock()
+    return run.final
