@@ -55,7 +55,7 @@ def test_gradient_of_k3_pushes_policy_towards_reference() -> None:
 
 
 def test_unknown_kind_names_valid_ones() -> None:
-    with pytest.raises(ValueError, match="k1.*k2.*k3"):
+    with pytest.raises(ValueError, match=r"k1.*k2.*k3"):
         kl_estimate(torch.zeros(1), torch.zeros(1), "k4")
 
 

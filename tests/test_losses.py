@@ -187,7 +187,9 @@ def test_score_penalties() -> None:
 # --- PPO -----------------------------------------------------------------------------------
 
 
-def _ppo(logp: float, old: float, adv: float, eps: float = 0.2) -> tuple:
+def _ppo(
+    logp: float, old: float, adv: float, eps: float = 0.2
+) -> tuple[float, dict[str, torch.Tensor], float]:
     lp = torch.tensor([[logp]], requires_grad=True)
     loss, stats = ppo_policy_loss(
         lp, torch.tensor([[old]]), torch.tensor([[adv]]), torch.ones(1, 1), eps
@@ -326,7 +328,7 @@ def test_dpo_ipo_and_hinge_hand_values() -> None:
 
 
 def test_dpo_rejects_unknown_type_and_bad_smoothing() -> None:
-    with pytest.raises(ValueError, match="hinge.*ipo.*sigmoid"):
+    with pytest.raises(ValueError, match=r"hinge.*ipo.*sigmoid"):
         dpo_loss(*_dpo_inputs(), beta=0.1, loss_type="kto")
     with pytest.raises(ValueError):
         dpo_loss(*_dpo_inputs(), beta=0.1, loss_type="ipo", label_smoothing=0.1)

@@ -87,8 +87,8 @@ def resolve_model_source(name: str) -> str:
         key = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}")
         return str(convert_gguf(path, cache_dir() / "models" / key))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is a directory without config.json: not a model dir")
+        if not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json")):
+            raise ModelLoadError(f"{path} has no config.json: not a model directory")
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {name} is not a model directory or .gguf file")

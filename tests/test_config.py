@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tether.config import ConfigError, SFTConfig, load_config, save_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_resolve_with_types(tmp_path):
+    path = write(tmp_path, "data:\n  train: a.jsonl\noptim:\n  lr: 1e-5\n")
+    cfg = load_config(SFTConfig, path, ["train.max_steps=7", "model.lora.enabled=true",
+                                        "model.lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)  # YAML reads 1e-5 as str
+    assert cfg.train.max_steps == 7
+    assert cfg.model.lora.enabled is True
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_is_named_with_suggestion(tmp_path):
+    path = write(tmp_path, "data:\n  train: a.jsonl\noptim:\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rat'"):
+        load_config(SFTConfig, path)
+    with pytest.raises(ConfigError, match=r"did you mean 'train.max_steps'"):
+        load_config(SFTConfig, None, ["data.train=a", "train.max_step=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=eight", r"'train.batch_size' must be an integer"),
+        ("train.batch_size=2.5", r"'train.batch_size' must be an integer"),
+        ("model.lora.enabled=yes please", r"'model.lora.enabled' must be true or false"),
+        ("train.precision=fp8", r"'train.precision' must be one of"),
+        ("model=3", r"'model' must be a section"),
+        ("train.batch_size=0", r"'train.batch_size' must be >= 1"),
+    ],
+)
+def test_wrong_type_or_range_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SFTConfig, None, ["data.train=a.jsonl", override])
+
+
+def test_missing_required_data_is_an_error():
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(SFTConfig)
+
+
+def test_python_tags_cannot_execute(tmp_path):
+    path = write(tmp_path, "data:\n  train: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(SFTConfig, path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(SFTConfig, None, ["data.train=x.jsonl", "optim.lr=0.003"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(SFTConfig, tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.003
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(SFTConfig, None, ["data.train"])
