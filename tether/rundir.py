@@ -12,6 +12,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ class RunDir:
         dir that already has progress is refused rather than overwriting it.
         """
         self.lock()
+        for stale in self.checkpoints.glob(".tmp-*"):  # a save cut off by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         saved_path = self.path / "config.yaml"
         has_progress = bool(list_checkpoints(self.checkpoints)) or self.final.exists()
         if not resume:

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from tether.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tether.config import SFTConfig, load_config
+from tether.rundir import MetricsLogger, RunDir, RunDirError, read_metrics
+
+
+def save(dir_, step, value=1.0, keep_last=3):
+    tensors = {"w": torch.full((4, 4), value)}
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}}, "rng": torch.get_rng_state()}
+    return save_checkpoint(dir_, step, tensors, state, {"cursor": step * 8}, keep_last)
+
+
+def test_round_trip_without_pickle(tmp_path):
+    path = save(tmp_path, 5, value=2.5)
+    tensors, state, meta = load_checkpoint(path)
+    assert torch.equal(tensors["w"], torch.full((4, 4), 2.5))
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    assert meta == {"step": 5, "cursor": 40}
+
+
+def test_keeps_only_the_last_k(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        save(tmp_path, step, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-4", "step-5"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest"])
+def test_torn_checkpoint_falls_back_to_previous(tmp_path, damage):
+    save(tmp_path, 1, value=1.0)
+    newest = save(tmp_path, 2, value=2.0)
+    target = newest / "model.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-10])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        (newest / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert latest_checkpoint(tmp_path).name == "step-1"
+
+
+def test_failed_write_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tether.checkpoint.save_file", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device; earlier checkpoints kept"):
+        save(tmp_path, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-1"]  # no temp dir left behind
+
+
+def test_second_run_in_same_dir_is_refused(tmp_path):
+    first, second = RunDir(tmp_path / "run"), RunDir(tmp_path / "run")
+    first.lock()
+    with pytest.raises(RunDirError, match=r"in use by pid \d+"):
+        second.lock()
+    first.unlock()
+    second.lock()  # free again once the first run ends
+    second.unlock()
+
+
+def test_fresh_start_never_overwrites_progress(tmp_path):
+    cfg = load_config(SFTConfig, None, ["data.train=x.jsonl"])
+    run = RunDir(tmp_path)
+    assert run.prepare(cfg, resume=False) is None
+    run.unlock()
+    save(run.checkpoints, 3)
+    with pytest.raises(RunDirError, match="pass --resume"):
+        RunDir(tmp_path).prepare(cfg, resume=False)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    cfg = load_config(SFTConfig, None, ["data.train=x.jsonl"])
+    RunDir(tmp_path).prepare(cfg, resume=False)
+    changed = load_config(SFTConfig, None, ["data.train=x.jsonl", "optim.lr=0.1"])
+    with pytest.raises(RunDirError, match="optim.lr"):
+        RunDir(tmp_path).prepare(changed, resume=True)
+    longer = load_config(SFTConfig, None, ["data.train=x.jsonl", "train.max_steps=99"])
+    RunDir(tmp_path).prepare(longer, resume=True)  # extending a run is allowed
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+    run = RunDir(tmp_path)
+    logger = MetricsLogger(run)
+    for step in range(1, 6):
+        logger.log(step, {"train/loss": 1.0 / step})
+    logger.close()
+    with open(run.metrics_path, "a") as fh:
+        fh.write('{"step": 6, "train/lo')  # torn by a crash mid-write
+    MetricsLogger(run, resume_step=3).close()
+    assert [r["step"] for r in read_metrics(run.metrics_path)] == [1, 2, 3]
