@@ -69,7 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help=f"shortcut for --set {stage.data_key}=...")
         p.add_argument("--max-steps", type=int, help=f"shortcut for --set {stage.steps_key}=...")
         p.set_defaults(func=_run_stage, stage=name)
+    demo = sub.add_parser("demo", help="the main job on the embedded SmolLM2 (make demo)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--resume", action="store_true")
+    demo.set_defaults(func=_run_demo)
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from tether.demo import run_demo
+
+    started = time.perf_counter()
+    run_demo(args.out, steps=args.steps, resume=args.resume)
+    print(f"demo: done in {time.perf_counter() - started:.0f}s")
+    return 0
 
 
 def _version() -> str:
