@@ -85,7 +85,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     cfg = load_config(SFTConfig, None, ["data.train=x.jsonl"])
     RunDir(tmp_path).prepare(cfg, resume=False)
     changed = load_config(SFTConfig, None, ["data.train=x.jsonl", "optim.lr=0.1"])
-    with pytest.raises(RunDirError, match="optim.lr"):
+    with pytest.raises(RunDirError, match=r"optim\.lr"):
         RunDir(tmp_path).prepare(changed, resume=True)
     longer = load_config(SFTConfig, None, ["data.train=x.jsonl", "train.max_steps=99"])
     RunDir(tmp_path).prepare(longer, resume=True)  # extending a run is allowed

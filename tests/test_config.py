@@ -14,8 +14,15 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_yaml_and_overrides_resolve_with_types(tmp_path):
     path = write(tmp_path, "data:\n  train: a.jsonl\noptim:\n  lr: 1e-5\n")
-    cfg = load_config(SFTConfig, path, ["train.max_steps=7", "model.lora.enabled=true",
-                                        "model.lora.target_modules=[q_proj, v_proj]"])
+    cfg = load_config(
+        SFTConfig,
+        path,
+        [
+            "train.max_steps=7",
+            "model.lora.enabled=true",
+            "model.lora.target_modules=[q_proj, v_proj]",
+        ],
+    )
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)  # YAML reads 1e-5 as str
     assert cfg.train.max_steps == 7
     assert cfg.model.lora.enabled is True
@@ -47,7 +54,7 @@ def test_wrong_type_or_range_names_the_key(override, message):
 
 
 def test_missing_required_data_is_an_error():
-    with pytest.raises(ConfigError, match="data.train"):
+    with pytest.raises(ConfigError, match=r"data\.train"):
         load_config(SFTConfig)
 
 

@@ -17,11 +17,21 @@ TIMING_KEYS = {"throughput/tokens_per_s"}
 
 
 def sft_config(model_dir, data, *extra):
-    return load_config(SFTConfig, None, [
-        f"model.name={model_dir}", f"data.train={data}", "data.eval_fraction=0.25",
-        "data.max_length=64", "optim.lr=0.01", "optim.warmup_steps=0", "train.batch_size=4",
-        "train.threads=1", *extra,
-    ])
+    return load_config(
+        SFTConfig,
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.train={data}",
+            "data.eval_fraction=0.25",
+            "data.max_length=64",
+            "optim.lr=0.01",
+            "optim.warmup_steps=0",
+            "train.batch_size=4",
+            "train.threads=1",
+            *extra,
+        ],
+    )
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -33,7 +43,9 @@ def test_tiny_sft_reduces_held_out_loss_and_final_loads(tiny_model_dir, memorisa
 
     cfg = sft_config(tiny_model_dir, memorisable_sft, "train.max_steps=25", "train.eval_every=25")
     final = run_sft(cfg, tmp_path / "run")
-    evals = [r["eval/loss"] for r in read_metrics(tmp_path / "run/metrics.jsonl") if "eval/loss" in r]
+    evals = [
+        r["eval/loss"] for r in read_metrics(tmp_path / "run/metrics.jsonl") if "eval/loss" in r
+    ]
     assert evals[-1] < 0.6 * evals[0], evals  # ~10.8 nats at init on a 49k vocabulary
     model = AutoModelForCausalLM.from_pretrained(final)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -43,20 +55,38 @@ def test_tiny_sft_reduces_held_out_loss_and_final_loads(tiny_model_dir, memorisa
 
 
 def test_accumulation_equals_one_big_batch(tiny_model_dir, memorisable_sft, tmp_path):
-    one = sft_config(tiny_model_dir, memorisable_sft, "train.max_steps=1", "train.batch_size=8",
-                     "train.precision=fp32")
-    split = sft_config(tiny_model_dir, memorisable_sft, "train.max_steps=1", "train.batch_size=1",
-                       "train.grad_accum=8", "train.precision=fp32")
-    a, b = final_weights(run_sft(one, tmp_path / "a").parent), final_weights(
-        run_sft(split, tmp_path / "b").parent)
+    one = sft_config(
+        tiny_model_dir,
+        memorisable_sft,
+        "train.max_steps=1",
+        "train.batch_size=8",
+        "train.precision=fp32",
+    )
+    split = sft_config(
+        tiny_model_dir,
+        memorisable_sft,
+        "train.max_steps=1",
+        "train.batch_size=1",
+        "train.grad_accum=8",
+        "train.precision=fp32",
+    )
+    a, b = (
+        final_weights(run_sft(one, tmp_path / "a").parent),
+        final_weights(run_sft(split, tmp_path / "b").parent),
+    )
     # Adam's first step moves every weight by ~lr = 1e-2; fp32 summation order leaves ~1e-6.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def run_cli(args, env_extra=None, check=True):
     env = dict(os.environ, **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-m", "tether", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
@@ -72,9 +102,17 @@ def test_killed_run_resumes_to_identical_weights_and_metrics(
 
     killed = tmp_path / "killed"
     args = ["sft", "--out", str(killed)]
-    sets = [f"model.name={tiny_model_dir}", f"data.train={memorisable_sft}",
-            "data.eval_fraction=0.25", "data.max_length=64", "optim.lr=0.01",
-            "optim.warmup_steps=0", "train.batch_size=4", "train.threads=1", *extra]
+    sets = [
+        f"model.name={tiny_model_dir}",
+        f"data.train={memorisable_sft}",
+        "data.eval_fraction=0.25",
+        "data.max_length=64",
+        "optim.lr=0.01",
+        "optim.warmup_steps=0",
+        "train.batch_size=4",
+        "train.threads=1",
+        *extra,
+    ]
     for s in sets:
         args += ["--set", s]
     proc = run_cli(args, {"TETHER_KILL_AT": kill_at}, check=False)
@@ -95,8 +133,13 @@ def test_killed_run_resumes_to_identical_weights_and_metrics(
 def test_lora_sft_saves_a_merged_model(tiny_model_dir, memorisable_sft, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = sft_config(tiny_model_dir, memorisable_sft, "train.max_steps=3",
-                     "model.lora.enabled=true", "model.lora.r=4")
+    cfg = sft_config(
+        tiny_model_dir,
+        memorisable_sft,
+        "train.max_steps=3",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+    )
     final = run_sft(cfg, tmp_path / "run")
     weights = load_file(final / "model.safetensors")
     assert not any("lora" in k for k in weights)
@@ -113,8 +156,18 @@ def test_lora_sft_saves_a_merged_model(tiny_model_dir, memorisable_sft, tmp_path
 def test_bad_data_fails_before_training_with_file_and_line(tiny_model_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
-    proc = run_cli(["sft", "--model", str(tiny_model_dir), "--data", str(data),
-                    "--out", str(tmp_path / "run")], check=False)
+    proc = run_cli(
+        [
+            "sft",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
     assert f"{data}:2: field 'completion': expected a string, got int" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -27,8 +27,12 @@ def arithmetic_records(n: int, seed: int) -> list[dict]:
     records = []
     for a, b, op in pairs[:n]:
         result = a + b if op == "plus" else a * b
-        records.append({"prompt": f"What is {a} {op} {b}?",
-                        "completion": f"{a} {op} {b} is {result}. Answer: {result}"})
+        records.append(
+            {
+                "prompt": f"What is {a} {op} {b}?",
+                "completion": f"{a} {op} {b} is {result}. Answer: {result}",
+            }
+        )
     return records
 
 
@@ -40,13 +44,24 @@ def greedy_answers(model_dir: str, questions: list[str], max_new_tokens: int = 2
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(ModelConfig(name=model_dir), tokenizer).eval()
     tokenizer.padding_side = "left"  # generation continues from the right edge
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                           add_generation_prompt=True) for q in questions]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            for row in out]
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return [
+        tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        for row in out
+    ]
 
 
 def run_demo(out: Path, steps: int = 30, resume: bool = False) -> dict:
@@ -56,12 +71,23 @@ def run_demo(out: Path, steps: int = 30, resume: bool = False) -> dict:
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in train))
     (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
-    cfg = load_config(SFTConfig, None, [
-        f"model.name={DEMO_MODEL}", f"data.train={data}", f"data.eval={out / 'eval.jsonl'}",
-        "data.max_length=96", "model.lora.enabled=true", "optim.lr=1e-3",
-        "optim.warmup_steps=3", f"train.max_steps={steps}", "train.batch_size=8",
-        f"train.eval_every={max(1, steps // 3)}", f"train.save_every={max(1, steps // 3)}",
-    ])
+    cfg = load_config(
+        SFTConfig,
+        None,
+        [
+            f"model.name={DEMO_MODEL}",
+            f"data.train={data}",
+            f"data.eval={out / 'eval.jsonl'}",
+            "data.max_length=96",
+            "model.lora.enabled=true",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=3",
+            f"train.max_steps={steps}",
+            "train.batch_size=8",
+            f"train.eval_every={max(1, steps // 3)}",
+            f"train.save_every={max(1, steps // 3)}",
+        ],
+    )
     final = run_sft(cfg, out / "sft", resume=resume)
     evals = [r["eval/loss"] for r in read_metrics(out / "sft/metrics.jsonl") if "eval/loss" in r]
     questions = [r["prompt"] for r in held_out[:3]]
@@ -69,9 +95,15 @@ def run_demo(out: Path, steps: int = 30, resume: bool = False) -> dict:
 
     before = greedy_answers(resolve_model_source(DEMO_MODEL), questions)
     after = greedy_answers(str(final), questions)
-    summary = {"eval_loss_before": evals[0], "eval_loss_after": evals[-1], "steps": steps,
-               "examples": [{"question": q, "before": b, "after": a}
-                            for q, b, a in zip(questions, before, after, strict=True)]}
+    summary = {
+        "eval_loss_before": evals[0],
+        "eval_loss_after": evals[-1],
+        "steps": steps,
+        "examples": [
+            {"question": q, "before": b, "after": a}
+            for q, b, a in zip(questions, before, after, strict=True)
+        ],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nheld-out loss: {evals[0]:.3f} -> {evals[-1]:.3f} nats/token after {steps} steps")
     for ex in summary["examples"]:
