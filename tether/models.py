@@ -194,7 +194,9 @@ def load_causal_lm(config: ModelConfig, tokenizer=None) -> torch.nn.Module:
     return model
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM"
+) -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -203,7 +205,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, peft_config)
 

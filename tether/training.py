@@ -8,14 +8,19 @@ import contextlib
 import math
 import os
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from tether import faults
 from tether.checkpoint import load_checkpoint, save_checkpoint
 from tether.config import OptimConfig, TrainConfig
 from tether.models import bf16_available, load_trainable_state_dict, trainable_state_dict
+from tether.rundir import MetricsLogger, RunDir
 
 
 def set_threads(threads: int) -> None:
@@ -176,3 +181,78 @@ def clip_and_step(
 def is_due(step: int, every: int, last_step: int) -> bool:
     """True at every `every`-th step (when every > 0) and at the last step."""
     return step == last_step or (every > 0 and step % every == 0)
+
+
+def start_optimization(
+    run: RunDir, cfg: Any, model: torch.nn.Module, num_examples: int, resume_from
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Progress, MetricsLogger]:
+    """Optimizer, schedule, progress (restored from `resume_from` if given) and the logger."""
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps(cfg.train, num_examples))
+    progress = Progress()
+    if resume_from is not None:
+        progress, _ = restore_training_state(resume_from, model, optimizer, scheduler)
+        tqdm.write(f"resumed from {resume_from} (step {progress.step})")
+    log = cfg.logging
+    logger = MetricsLogger(run, progress.step, log.tensorboard, log.wandb, log.wandb_project, cfg)
+    return optimizer, scheduler, progress, logger
+
+
+StepFn = Callable[[list[int]], tuple[dict[str, float], int]]
+
+
+def fit(
+    *,
+    desc: str,
+    train: TrainConfig,
+    optim: OptimConfig,
+    run: RunDir,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    logger: MetricsLogger,
+    num_examples: int,
+    step_fn: StepFn,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+) -> None:
+    """The optimizer-step loop every offline stage shares.
+
+    `step_fn(indices)` runs forward and backward over the examples of one optimizer step
+    (its own micro-batching) and returns (metrics, tokens processed); this loop draws the
+    indices, clips, steps, logs, evaluates, checkpoints and reports progress.
+    """
+    last_step = total_steps(train, num_examples)
+    if eval_fn is not None and progress.step == 0:  # the baseline later evals are read against
+        logger.log(0, eval_fn())
+    bar = tqdm(total=last_step, initial=progress.step, desc=desc, unit="step")
+    while progress.step < last_step:
+        started = time.perf_counter()
+        indices = example_indices(
+            progress.cursor, train.batch_size * train.grad_accum, num_examples, train.seed
+        )
+        metrics, tokens = step_fn(indices)
+        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics["train/grad_norm"] = clip_and_step(model, optimizer, scheduler, optim.max_grad_norm)
+        progress.step += 1
+        progress.cursor += len(indices)
+        metrics["train/epoch"] = progress.cursor / num_examples
+        metrics["throughput/tokens_per_s"] = tokens / (time.perf_counter() - started)
+        evaluated = eval_fn is not None and is_due(progress.step, train.eval_every, last_step)
+        if evaluated:
+            metrics.update(eval_fn())
+        if evaluated or is_due(progress.step, train.log_every, last_step):
+            logger.log(progress.step, metrics)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['train/loss']:.4f}",
+            lr=f"{metrics['train/lr']:.2e}",
+            tok_s=f"{metrics['throughput/tokens_per_s']:.0f}",
+        )
+        if is_due(progress.step, train.save_every, last_step):
+            logger.sync()
+            save_training_state(
+                run.checkpoints, model, optimizer, scheduler, progress, train.keep_last
+            )
+        faults.maybe_kill("after_step", progress.step)
+    bar.close()

@@ -8,13 +8,11 @@ checkpoint -> save `final/`.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from tether import faults
 from tether.config import SFTConfig
 from tether.data import (
     DataError,
@@ -26,20 +24,13 @@ from tether.data import (
 )
 from tether.losses import sft_loss
 from tether.models import load_causal_lm, load_tokenizer, save_pretrained_model
-from tether.rundir import MetricsLogger, RunDir
+from tether.rundir import RunDir
 from tether.training import (
-    Progress,
     autocast,
-    clip_and_step,
-    example_indices,
-    is_due,
-    make_optimizer,
-    make_scheduler,
-    restore_training_state,
-    save_training_state,
+    fit,
     seed_everything,
     set_threads,
-    total_steps,
+    start_optimization,
     use_bf16,
 )
 
@@ -104,30 +95,13 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
     train, held_out = prepare_data(cfg, tokenizer)
     model = load_causal_lm(cfg.model, tokenizer)
     model.train()
-    last_step = total_steps(cfg.train, len(train))
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, last_step)
-    progress = Progress()
-    if resume_from is not None:
-        progress, _ = restore_training_state(resume_from, model, optimizer, scheduler)
-        tqdm.write(f"resumed from {resume_from} (step {progress.step})")
-    logger = MetricsLogger(
-        run,
-        progress.step,
-        cfg.logging.tensorboard,
-        cfg.logging.wandb,
-        cfg.logging.wandb_project,
-        cfg,
+    optimizer, scheduler, progress, logger = start_optimization(
+        run, cfg, model, len(train), resume_from
     )
 
-    pad_id = tokenizer.pad_token_id
-    per_micro, accum = cfg.train.batch_size, cfg.train.grad_accum
-    if held_out and progress.step == 0:  # the baseline every later eval is read against
-        logger.log(0, {"eval/loss": evaluate(model, held_out, per_micro, pad_id, bf16)})
-    bar = tqdm(total=last_step, initial=progress.step, desc="sft", unit="step")
-    while progress.step < last_step:
-        started = time.perf_counter()
-        indices = example_indices(progress.cursor, per_micro * accum, len(train), cfg.train.seed)
+    pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
+
+    def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
         examples = [train[i] for i in indices]
         num_tokens = sum(x.num_target_tokens for x in examples)
         step_loss, seen_tokens = 0.0, 0
@@ -137,35 +111,25 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
             loss.backward()
             step_loss += loss.item()
             seen_tokens += int(batch["attention_mask"].sum())
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = clip_and_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
-        progress.step += 1
-        progress.cursor += len(examples)
-        elapsed = time.perf_counter() - started
+        return {"train/loss": step_loss, "train/target_tokens": num_tokens}, seen_tokens
 
-        metrics = {
-            "train/loss": step_loss,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/target_tokens": num_tokens,
-            "throughput/tokens_per_s": seen_tokens / elapsed,
-            "train/epoch": progress.cursor / len(train),
-        }
-        if held_out and is_due(progress.step, cfg.train.eval_every, last_step):
-            metrics["eval/loss"] = evaluate(model, held_out, per_micro, pad_id, bf16)
-        if is_due(progress.step, cfg.train.log_every, last_step) or "eval/loss" in metrics:
-            logger.log(progress.step, metrics)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen_tokens / elapsed:.0f}"
-        )
-        if is_due(progress.step, cfg.train.save_every, last_step):
-            logger.sync()
-            save_training_state(
-                run.checkpoints, model, optimizer, scheduler, progress, cfg.train.keep_last
-            )
-        faults.maybe_kill("after_step", progress.step)
-    bar.close()
+    def eval_fn() -> dict[str, float]:
+        return {"eval/loss": evaluate(model, held_out, per_micro, pad_id, bf16)}
+
+    fit(
+        desc="sft",
+        train=cfg.train,
+        optim=cfg.optim,
+        run=run,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        progress=progress,
+        logger=logger,
+        num_examples=len(train),
+        step_fn=step_fn,
+        eval_fn=eval_fn if held_out else None,
+    )
     logger.close()
     save_pretrained_model(model, tokenizer, run.final)
     run.unlock()
