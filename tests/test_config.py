@@ -75,3 +75,10 @@ def test_resolved_config_round_trips(tmp_path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(SFTConfig, None, ["data.train"])
+
+
+def test_stage_defaults_of_a_section_survive_a_partial_override():
+    from tether.config import RMConfig
+
+    cfg = load_config(RMConfig, None, ["data.train=p.jsonl"])
+    assert cfg.data.max_length == 256 and cfg.optim.lr == 5e-5  # RM defaults, not SFT's

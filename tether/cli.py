@@ -33,6 +33,11 @@ STAGES: dict[str, Stage] = {
         config="tether.config:SFTConfig",
         runner="tether.stages.sft:run_sft",
     ),
+    "rm": Stage(
+        help="train a reward model on preference pairs or rankings",
+        config="tether.config:RMConfig",
+        runner="tether.stages.rm:run_rm",
+    ),
 }
 
 
@@ -69,12 +74,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help=f"shortcut for --set {stage.data_key}=...")
         p.add_argument("--max-steps", type=int, help=f"shortcut for --set {stage.steps_key}=...")
         p.set_defaults(func=_run_stage, stage=name)
+    ev = sub.add_parser("rm-eval", help="evaluate a reward model on preference data")
+    ev.add_argument("--model", required=True, help="reward model dir (a `tether rm` final/)")
+    ev.add_argument("--data", required=True, help="preference file (any supported format)")
+    ev.add_argument("--max-length", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_run_rm_eval)
+    sc = sub.add_parser("score", help="score {prompt, response} records with a reward model")
+    sc.add_argument("--model", required=True, help="reward model dir")
+    sc.add_argument("--data", required=True, help="JSONL/Parquet of {prompt, response}")
+    sc.add_argument("--out", required=True, type=Path, help="JSONL written with a `score` key")
+    sc.add_argument("--max-length", type=int, default=256)
+    sc.add_argument("--batch-size", type=int, default=16)
+    sc.set_defaults(func=_run_score)
     demo = sub.add_parser("demo", help="the main job on the embedded SmolLM2 (make demo)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--resume", action="store_true")
     demo.set_defaults(func=_run_demo)
     return parser
+
+
+def _run_rm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tether.evaluate import evaluate_reward_model
+
+    metrics = evaluate_reward_model(args.model, args.data, args.max_length, args.batch_size)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:>24}  {value:.4f}" if isinstance(value, float) else f"{key:>24}  {value}")
+    return 0
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from tether.evaluate import score_file
+
+    n = score_file(args.model, args.data, args.out, args.max_length, args.batch_size)
+    print(f"scored {n} responses -> {args.out}")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -170,6 +170,42 @@ class SFTConfig:
         self.train.validate()
 
 
+@dataclass
+class RewardLossConfig:
+    """How preferences become a loss for the reward model."""
+
+    # Coefficient of λ·mean((r_w + r_l)²): pins the offset the ranking loss leaves free.
+    center_coef: float = 0.01
+    l2_coef: float = 0.0
+    # Listwise records: every ordered pair (weighted to sum to 1 per prompt) or adjacent only.
+    listwise_pairs: Literal["all", "adjacent"] = "all"
+    # Normalise scores to mean 0, std 1 over the held-out responses after training.
+    normalize: bool = True
+
+    def validate(self) -> None:
+        _check(self.center_coef >= 0, "reward.center_coef", "must be >= 0")
+        _check(self.l2_coef >= 0, "reward.l2_coef", "must be >= 0")
+
+
+@dataclass
+class RMConfig:
+    """Reward model: Bradley-Terry ranking loss on preference pairs (and listwise rankings)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    reward: RewardLossConfig = field(default_factory=RewardLossConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.reward.validate()
+
+
 # --------------------------------------------------------------------------- loading
 
 C = TypeVar("C")
@@ -204,7 +240,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raw = loaded or {}
     for item in overrides:
         _apply_override(raw, item)
-    config = _build(cls, raw, prefix="", source=source)
+    config = _update(cls(), raw, prefix="", source=source)
     config.validate()
     return config
 
@@ -227,26 +263,29 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type[C], raw: dict[str, Any], prefix: str, source: str) -> C:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
+def _update(config: C, raw: dict[str, Any], prefix: str, source: str) -> C:
+    """Apply `raw` onto a default-constructed config, section by section, so a stage's own
+    defaults for a shared section (the RM's shorter max_length) survive a partial override."""
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown config key '{full}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, full, source)
-    return cls(**kwargs)
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: config key '{full}' must be a section (a mapping)")
+            _update(current, value, prefix=f"{full}.", source=source)
+        else:
+            setattr(config, key, _coerce(hints[key], value, full, source))
+    return config
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: config key '{key}' must be a section (a mapping)")
-        return _build(tp, value, prefix=f"{key}.", source=source)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

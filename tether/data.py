@@ -357,6 +357,20 @@ def load_prompts(path: str | Path, format: str = "auto") -> tuple[list[list[Mess
     return _parse_all(path, format, _parse_prompt)
 
 
+def _parse_scored(record: dict) -> tuple[dict, list[Message], str]:
+    if "prompt" not in record:
+        raise _Bad("prompt", "missing")
+    key = "response" if "response" in record or "completion" not in record else "completion"
+    return record, _messages(record["prompt"], "prompt"), _text(record, key)
+
+
+def load_scored_responses(
+    path: str | Path, format: str = "auto"
+) -> tuple[list[tuple[dict, list[Message], str]], LoadReport]:
+    """(record, prompt messages, response) for `{prompt, response}` (or completion) records."""
+    return _parse_all(path, format, _parse_scored)
+
+
 # --------------------------------------------------------------------------- tokenisation
 
 

@@ -1,0 +1,170 @@
+"""Reward model on a tiny real Llama: learning, score position, normalisation, saving, CLI."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import write_jsonl
+from test_sft import run_cli
+
+from tether.config import RMConfig, load_config
+from tether.reward_model import RewardModel, pad_rows, sequence_scores
+from tether.rundir import read_metrics
+from tether.stages.rm import run_rm
+
+WORDS = ("the a cat dog sun sky tree river stone bird cloud road house light green old").split()
+
+
+def marker_pairs(n: int, seed: int) -> list[dict]:
+    """Chosen answers contain 'banana' where rejected ones have an ordinary word (same length)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+        spot = rng.randrange(len(words))
+        chosen = " ".join([*words[:spot], "banana", *words[spot + 1 :]])
+        records.append(
+            {
+                "prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
+                "chosen": chosen,
+                "rejected": " ".join(words),
+            }
+        )
+    return records
+
+
+@pytest.fixture(scope="module")
+def marker_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rm-data")
+    return (
+        write_jsonl(d / "train.jsonl", marker_pairs(192, seed=0)),
+        write_jsonl(d / "eval.jsonl", marker_pairs(64, seed=1)),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tiny_model_dir, marker_data, tmp_path_factory):
+    train, held_out = marker_data
+    out = tmp_path_factory.mktemp("rm") / "run"
+    cfg = load_config(
+        RMConfig,
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"data.train={train}",
+            f"data.eval={held_out}",
+            "optim.lr=3e-3",
+            "train.max_steps=40",
+            "train.batch_size=16",
+            "train.eval_every=20",
+            "train.threads=1",
+        ],
+    )
+    run_rm(cfg, out)
+    return out
+
+
+def test_tiny_rm_learns_a_marker_preference(trained_rm):
+    evals = [r for r in read_metrics(trained_rm / "metrics.jsonl") if "eval/accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 40
+    assert evals[-1]["eval/accuracy"] >= 0.95, evals[-1]
+    assert evals[-1]["eval/log_loss"] < evals[0]["eval/log_loss"]
+
+
+def test_saved_rm_loads_with_transformers_and_is_normalised(trained_rm, marker_data):
+    from transformers import AutoModelForSequenceClassification
+
+    rm = RewardModel.load(str(trained_rm / "final"))
+    records = [json.loads(line) for line in marker_data[1].read_text().splitlines()]
+    prompts = [r["prompt"] for r in records] * 2
+    responses = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    scores = rm.score(prompts, responses)
+    # normalised over these very held-out responses at the end of training
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    # the ecosystem convention gives the same raw scores
+    hf = AutoModelForSequenceClassification.from_pretrained(trained_rm / "final", num_labels=1)
+    rows = [
+        rm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+        )
+        for p, r in zip(prompts[:4], responses[:4], strict=True)
+    ]
+    for text, raw in zip(rows, rm.score(prompts[:4], responses[:4], normalize=False), strict=True):
+        ids = rm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        assert hf(ids).logits.item() == pytest.approx(raw.item(), abs=1e-4)
+
+
+def test_score_is_read_at_the_last_real_token_for_any_padding(trained_rm):
+    rm = RewardModel.load(str(trained_rm / "final"))
+    short, long = [5, 6, 7], [5, 6, 7, 8, 9, 10, 11]
+    pad = rm.tokenizer.pad_token_id
+    alone = [
+        sequence_scores(rm.model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+        for r in (short, long)
+    ]
+    right_ids, right_mask = pad_rows([short, long], pad)
+    left_ids = torch.tensor([[pad] * 4 + short, long])
+    left_mask = torch.tensor([[0] * 4 + [1] * 3, [1] * 7])
+    with torch.no_grad():
+        right = sequence_scores(rm.model, right_ids, right_mask)
+        left = sequence_scores(rm.model, left_ids, left_mask)
+    expected = torch.cat(alone).detach()
+    assert torch.allclose(right, expected, atol=1e-5)
+    assert torch.allclose(left, expected, atol=1e-5)
+    # a different last token changes the score: the head does read the end
+    changed = sequence_scores(
+        rm.model, torch.tensor([[5, 6, 8]]), torch.ones(1, 3, dtype=torch.long)
+    )
+    assert not torch.allclose(changed, alone[0])
+
+
+def test_rm_eval_json_and_score_cli(trained_rm, marker_data, tmp_path):
+    proc = run_cli(
+        ["rm-eval", "--model", str(trained_rm / "final"), "--data", str(marker_data[1]), "--json"]
+    )
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"accuracy", "log_loss", "ece", "length_corr", "n"} <= metrics.keys()
+    assert metrics["n"] == 64 and metrics["accuracy"] >= 0.95
+    responses = write_jsonl(
+        tmp_path / "r.jsonl",
+        [
+            {"prompt": "the sky", "response": "a banana"},
+            {"prompt": "the sky", "response": "a river"},
+        ],
+    )
+    run_cli(
+        [
+            "score",
+            "--model",
+            str(trained_rm / "final"),
+            "--data",
+            str(responses),
+            "--out",
+            str(tmp_path / "scored.jsonl"),
+        ]
+    )
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert scored[0]["score"] > scored[1]["score"]
+    assert scored[0]["response"] == "a banana"
+
+
+def test_listwise_records_become_weighted_pairs():
+    from tether.data import PreferencePair, RankedResponses
+    from tether.stages.rm import expand_rankings
+
+    prompt = [{"role": "user", "content": "say"}]
+    ranked = RankedResponses(prompt, ["r0", "r1", "r2"], ranking=[2, 0, 1])  # r2 > r0 > r1
+    plain = PreferencePair(prompt, "a", "b")
+    pairs = expand_rankings([ranked, plain], adjacent_only=False)
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        ("r2", "r0"),
+        ("r2", "r1"),
+        ("r0", "r1"),
+        ("a", "b"),
+    ]
+    assert [p.weight for p in pairs] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    adjacent = expand_rankings([ranked], adjacent_only=True)
+    assert [(p.chosen, p.rejected) for p in adjacent] == [("r2", "r0"), ("r0", "r1")]
+    assert [p.weight for p in adjacent] == pytest.approx([0.5, 0.5])
