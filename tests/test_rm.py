@@ -13,7 +13,24 @@ from tether.reward_model import RewardModel, pad_rows, sequence_scores
 from tether.rundir import read_metrics
 from tether.stages.rm import run_rm
 
-WORDS = ("the a cat dog sun sky tree river stone bird cloud road house light green old").split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sun",
+    "sky",
+    "tree",
+    "river",
+    "stone",
+    "bird",
+    "cloud",
+    "road",
+    "house",
+    "light",
+    "green",
+    "old",
+]
 
 
 def marker_pairs(n: int, seed: int) -> list[dict]:
