@@ -185,3 +185,17 @@ def test_listwise_records_become_weighted_pairs():
     adjacent = expand_rankings([ranked], adjacent_only=True)
     assert [(p.chosen, p.rejected) for p in adjacent] == [("r2", "r0"), ("r0", "r1")]
     assert [p.weight for p in adjacent] == pytest.approx([0.5, 0.5])
+
+
+def test_reward_model_plugs_in_as_a_reward_term(trained_rm):
+    from tether.rewards import CombinedReward, build_term
+
+    reward = CombinedReward(
+        [
+            build_term(f"model:{trained_rm / 'final'}", 2.0),
+            build_term("regex", 1.0, {"pattern": "^a "}),
+        ]
+    )
+    total, parts = reward(["the sky", "the sky"], ["a banana", "a river"])
+    assert parts[f"model:{trained_rm / 'final'}"][0] > parts[f"model:{trained_rm / 'final'}"][1]
+    assert total == pytest.approx([2 * v + 1.0 for v in parts[f"model:{trained_rm / 'final'}"]])

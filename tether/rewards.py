@@ -1,0 +1,161 @@
+"""Rewards for policy optimisation: reward models, user functions and rule-based verifiers.
+
+Every reward is a callable `f(prompts, responses) -> list[float]`, one float per response,
+and several combine as a weighted sum. A reward model is one more such callable, so a
+verifier plugs in wherever a model would. Outputs are checked on every call: a function that
+raises, returns the wrong count or a non-finite value is named together with the sample, as
+the reward is the one input an RL run cannot sanity-check by itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tether.errors import TetherError
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardError(TetherError):
+    """A reward function failed or returned something unusable; names the sample."""
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def length_reward(prompts: list[str], responses: list[str], unit: str = "words") -> list[float]:
+    """Response length in words (or characters): a deliberately hackable reward for demos."""
+    measure = len if unit == "chars" else (lambda text: len(text.split()))
+    return [float(measure(r)) for r in responses]
+
+
+def regex_reward(prompts: list[str], responses: list[str], pattern: str) -> list[float]:
+    """1.0 where the response matches `pattern` (re.search), else 0.0."""
+    compiled = re.compile(pattern)
+    return [1.0 if compiled.search(r) else 0.0 for r in responses]
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def exact_answer_reward(
+    prompts: list[str], responses: list[str], answers: dict[str, str]
+) -> list[float]:
+    """1.0 where the last number in the response equals the prompt's reference answer.
+
+    `answers` maps prompt text to its answer; a prompt without one is an error, not a 0.
+    """
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if p not in answers:
+            raise RewardError(f"exact_answer: sample {i}: no reference answer for prompt {p!r}")
+        numbers = _NUMBER.findall(r)
+        out.append(1.0 if numbers and numbers[-1] == str(answers[p]).strip() else 0.0)
+    return out
+
+
+BUILTINS: dict[str, Callable[..., list[float]]] = {
+    "length": length_reward,
+    "regex": regex_reward,
+    "exact_answer": exact_answer_reward,
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_function(spec: str) -> RewardFn:
+    """`package.module:function` or `path/to/file.py:function`, imported only when named."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise RewardError(
+            f"reward function '{spec}' must look like module:function or file.py:function"
+        )
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise RewardError(f"reward function file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"tether_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise RewardError(f"cannot import reward module '{target}': {e}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardError(f"'{name}' in {target} is not a function")
+    return fn
+
+
+@dataclass
+class RewardTerm:
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+
+
+@dataclass
+class CombinedReward:
+    """Σ_k w_k · f_k(prompts, responses), each term checked; also returns the parts."""
+
+    terms: list[RewardTerm] = field(default_factory=list)
+
+    def __call__(
+        self, prompts: list[str], responses: list[str]
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        total = [0.0] * len(responses)
+        parts: dict[str, list[float]] = {}
+        for term in self.terms:
+            values = checked_call(term, prompts, responses)
+            parts[term.name] = values
+            total = [t + term.weight * v for t, v in zip(total, values, strict=True)]
+        return total, parts
+
+
+def checked_call(term: RewardTerm, prompts: list[str], responses: list[str]) -> list[float]:
+    try:
+        values = term.fn(prompts, responses)
+    except RewardError:
+        raise
+    except Exception as e:
+        raise RewardError(
+            f"reward '{term.name}' raised {type(e).__name__}: {e} "
+            f"(batch of {len(responses)}, first response {responses[0][:80]!r})"
+        ) from e
+    values = list(values.tolist() if hasattr(values, "tolist") else values)
+    if len(values) != len(responses):
+        raise RewardError(
+            f"reward '{term.name}' returned {len(values)} values for {len(responses)} responses"
+        )
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise RewardError(
+                f"reward '{term.name}' gave {v!r} for sample {i}: prompt "
+                f"{prompts[i][:80]!r}, response {responses[i][:80]!r}"
+            )
+    return [float(v) for v in values]
+
+
+def build_term(name: str, weight: float = 1.0, args: dict[str, Any] | None = None) -> RewardTerm:
+    """A reward model (`model:DIR`), a built-in (`length`, `regex`, `exact_answer`) with its
+    keyword args, or a function spec (`module:function`, `file.py:function`)."""
+    args = dict(args or {})
+    if name.startswith("model:"):  # a trained reward model dir, scored normalised
+        from tether.reward_model import RewardModel
+
+        rm = RewardModel.load(name.removeprefix("model:"), **args)
+        return RewardTerm(name, lambda p, r: rm.score(p, r).tolist(), weight)
+    if name in BUILTINS:
+        builtin = BUILTINS[name]
+        return RewardTerm(name, lambda p, r: builtin(p, r, **args), weight)
+    fn = load_function(name)
+    return RewardTerm(name, (lambda p, r: fn(p, r, **args)) if args else fn, weight)
