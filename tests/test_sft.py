@@ -16,22 +16,22 @@ from tether.stages.sft import run_sft
 TIMING_KEYS = {"throughput/tokens_per_s"}
 
 
+def sft_overrides(model_dir, data, *extra) -> list[str]:
+    return [
+        f"model.name={model_dir}",
+        f"data.train={data}",
+        "data.eval_fraction=0.25",
+        "data.max_length=64",
+        "optim.lr=0.01",
+        "optim.warmup_steps=0",
+        "train.batch_size=4",
+        "train.threads=1",
+        *extra,
+    ]
+
+
 def sft_config(model_dir, data, *extra):
-    return load_config(
-        SFTConfig,
-        None,
-        [
-            f"model.name={model_dir}",
-            f"data.train={data}",
-            "data.eval_fraction=0.25",
-            "data.max_length=64",
-            "optim.lr=0.01",
-            "optim.warmup_steps=0",
-            "train.batch_size=4",
-            "train.threads=1",
-            *extra,
-        ],
-    )
+    return load_config(SFTConfig, None, sft_overrides(model_dir, data, *extra))
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -102,17 +102,7 @@ def test_killed_run_resumes_to_identical_weights_and_metrics(
 
     killed = tmp_path / "killed"
     args = ["sft", "--out", str(killed)]
-    sets = [
-        f"model.name={tiny_model_dir}",
-        f"data.train={memorisable_sft}",
-        "data.eval_fraction=0.25",
-        "data.max_length=64",
-        "optim.lr=0.01",
-        "optim.warmup_steps=0",
-        "train.batch_size=4",
-        "train.threads=1",
-        *extra,
-    ]
+    sets = sft_overrides(tiny_model_dir, memorisable_sft, *extra)
     for s in sets:
         args += ["--set", s]
     proc = run_cli(args, {"TETHER_KILL_AT": kill_at}, check=False)

@@ -125,13 +125,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         # A model built from the config alone has no GGUF bookkeeping, so it saves cleanly.
         clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         clean.load_state_dict(gguf_model.state_dict())
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        clean.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        save_pretrained_model(clean, tokenizer, out_dir)
     return out_dir
 
 

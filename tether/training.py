@@ -183,9 +183,19 @@ def is_due(step: int, every: int, last_step: int) -> bool:
     return step == last_step or (every > 0 and step % every == 0)
 
 
+@dataclass
+class Optimization:
+    """What a training loop carries from step to step."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    progress: Progress
+    logger: MetricsLogger
+
+
 def start_optimization(
     run: RunDir, cfg: Any, model: torch.nn.Module, num_examples: int, resume_from
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, Progress, MetricsLogger]:
+) -> Optimization:
     """Optimizer, schedule, progress (restored from `resume_from` if given) and the logger."""
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps(cfg.train, num_examples))
@@ -195,23 +205,18 @@ def start_optimization(
         tqdm.write(f"resumed from {resume_from} (step {progress.step})")
     log = cfg.logging
     logger = MetricsLogger(run, progress.step, log.tensorboard, log.wandb, log.wandb_project, cfg)
-    return optimizer, scheduler, progress, logger
+    return Optimization(optimizer, scheduler, progress, logger)
 
 
 StepFn = Callable[[list[int]], tuple[dict[str, float], int]]
 
 
 def fit(
-    *,
     desc: str,
-    train: TrainConfig,
-    optim: OptimConfig,
+    cfg: Any,
     run: RunDir,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    progress: Progress,
-    logger: MetricsLogger,
+    opt: Optimization,
     num_examples: int,
     step_fn: StepFn,
     eval_fn: Callable[[], dict[str, float]] | None = None,
@@ -222,6 +227,8 @@ def fit(
     (its own micro-batching) and returns (metrics, tokens processed); this loop draws the
     indices, clips, steps, logs, evaluates, checkpoints and reports progress.
     """
+    train, optim, progress, logger = cfg.train, cfg.optim, opt.progress, opt.logger
+    optimizer, scheduler = opt.optimizer, opt.scheduler
     last_step = total_steps(train, num_examples)
     if eval_fn is not None and progress.step == 0:  # the baseline later evals are read against
         logger.log(0, eval_fn())
@@ -256,3 +263,4 @@ def fit(
             )
         faults.maybe_kill("after_step", progress.step)
     bar.close()
+    logger.close()

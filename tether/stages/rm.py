@@ -176,9 +176,7 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     train, held_out = prepare_pairs(cfg, tokenizer)
     model = load_reward_backbone(cfg.model, tokenizer, cfg.train.seed)
     model.train()
-    optimizer, scheduler, progress, logger = start_optimization(
-        run, cfg, model, len(train), resume_from
-    )
+    opt = start_optimization(run, cfg, model, len(train), resume_from)
     pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
@@ -204,19 +202,14 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
 
     fit(
         desc="rm",
-        train=cfg.train,
-        optim=cfg.optim,
+        cfg=cfg,
         run=run,
         model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        progress=progress,
-        logger=logger,
+        opt=opt,
         num_examples=len(train),
         step_fn=step_fn,
         eval_fn=eval_fn if held_out else None,
     )
-    logger.close()
 
     mean, std = 0.0, 1.0
     if cfg.reward.normalize:

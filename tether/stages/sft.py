@@ -95,9 +95,7 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
     train, held_out = prepare_data(cfg, tokenizer)
     model = load_causal_lm(cfg.model, tokenizer)
     model.train()
-    optimizer, scheduler, progress, logger = start_optimization(
-        run, cfg, model, len(train), resume_from
-    )
+    opt = start_optimization(run, cfg, model, len(train), resume_from)
 
     pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
 
@@ -118,19 +116,14 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
 
     fit(
         desc="sft",
-        train=cfg.train,
-        optim=cfg.optim,
+        cfg=cfg,
         run=run,
         model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        progress=progress,
-        logger=logger,
+        opt=opt,
         num_examples=len(train),
         step_fn=step_fn,
         eval_fn=eval_fn if held_out else None,
     )
-    logger.close()
     save_pretrained_model(model, tokenizer, run.final)
     run.unlock()
     return run.final
