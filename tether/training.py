@@ -184,6 +184,29 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 
 
 @dataclass
+class RunStart:
+    """A locked run dir, the checkpoint to resume from (or None), precision and tokenizer."""
+
+    run: RunDir
+    resume_from: Any
+    bf16: bool
+    tokenizer: Any
+
+
+def begin_run(cfg: Any, out, resume: bool) -> RunStart:
+    """Lock and check the run dir, set threads and seeds, load the tokenizer: the first lines
+    of every stage, before its data is validated and its model loaded."""
+    from tether.models import load_tokenizer
+
+    run = RunDir(out)
+    resume_from = run.prepare(cfg, resume)
+    set_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    return RunStart(run, resume_from, use_bf16(cfg.train.precision), tokenizer)
+
+
+@dataclass
 class Optimization:
     """What a training loop carries from step to step."""
 

@@ -31,7 +31,6 @@ from tether.losses import (
     score_l2_penalty,
 )
 from tether.metrics import preference_metrics
-from tether.models import load_tokenizer
 from tether.reward_model import (
     encode_response,
     load_reward_backbone,
@@ -39,15 +38,7 @@ from tether.reward_model import (
     save_reward_model,
     sequence_scores,
 )
-from tether.rundir import RunDir
-from tether.training import (
-    autocast,
-    fit,
-    seed_everything,
-    set_threads,
-    start_optimization,
-    use_bf16,
-)
+from tether.training import autocast, begin_run, fit, start_optimization
 
 
 @dataclass(frozen=True)
@@ -166,17 +157,12 @@ def evaluate_pairs(model, pairs, batch_size, pad_id, bf16) -> dict[str, float]:
 
 def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     """Train a reward model and return the path of `final/`."""
-    run = RunDir(out)
-    resume_from = run.prepare(cfg, resume)
-    set_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    bf16 = use_bf16(cfg.train.precision)
-
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    begun = begin_run(cfg, out, resume)
+    run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     train, held_out = prepare_pairs(cfg, tokenizer)
     model = load_reward_backbone(cfg.model, tokenizer, cfg.train.seed)
     model.train()
-    opt = start_optimization(run, cfg, model, len(train), resume_from)
+    opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
     pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:

@@ -23,16 +23,8 @@ from tether.data import (
     tokenize_sft,
 )
 from tether.losses import sft_loss
-from tether.models import load_causal_lm, load_tokenizer, save_pretrained_model
-from tether.rundir import RunDir
-from tether.training import (
-    autocast,
-    fit,
-    seed_everything,
-    set_threads,
-    start_optimization,
-    use_bf16,
-)
+from tether.models import load_causal_lm, save_pretrained_model
+from tether.training import autocast, begin_run, fit, start_optimization
 
 
 def tokenize_all(examples, tokenizer, max_length: int, report) -> list[TokenizedSFT]:
@@ -85,17 +77,12 @@ def evaluate(model, data: list[TokenizedSFT], batch_size: int, pad_id: int, bf16
 
 def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
     """Train and return the path of `final/`."""
-    run = RunDir(out)
-    resume_from = run.prepare(cfg, resume)
-    set_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    bf16 = use_bf16(cfg.train.precision)
-
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    begun = begin_run(cfg, out, resume)
+    run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     train, held_out = prepare_data(cfg, tokenizer)
     model = load_causal_lm(cfg.model, tokenizer)
     model.train()
-    opt = start_optimization(run, cfg, model, len(train), resume_from)
+    opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
 
     pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
 
