@@ -1,0 +1,49 @@
+"""TRL's RewardTrainer on tether's JSONL split; run by rm_vs_trl.py inside benchmarks/.venv-trl."""
+
+import argparse
+import json
+
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from trl import RewardConfig, RewardTrainer
+
+parser = argparse.ArgumentParser()
+for flag in ("--model", "--train", "--out"):
+    parser.add_argument(flag, required=True)
+parser.add_argument("--steps", type=int, required=True)
+parser.add_argument("--batch-size", type=int, required=True)
+parser.add_argument("--max-length", type=int, required=True)
+parser.add_argument("--lr", type=float, required=True)
+args = parser.parse_args()
+
+records = [json.loads(line) for line in open(args.train)]
+rows = [
+    {
+        "chosen": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}],
+        "rejected": r["prompt"] + [{"role": "assistant", "content": r["rejected"]}],
+    }
+    for r in records
+]
+tokenizer = AutoTokenizer.from_pretrained(args.model)
+tokenizer.pad_token = "<|endoftext|>"  # as tether does: a pad distinct from EOS
+model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
+model.config.pad_token_id = tokenizer.pad_token_id
+config = RewardConfig(
+    output_dir=args.out,
+    per_device_train_batch_size=args.batch_size,
+    max_steps=args.steps,
+    learning_rate=args.lr,
+    max_length=args.max_length,
+    bf16=True,
+    save_strategy="no",
+    report_to="none",
+    logging_steps=10,
+    lr_scheduler_type="cosine",
+    use_cpu=True,
+)
+trainer = RewardTrainer(
+    model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+)
+trainer.train()
+trainer.save_model(args.out)
+tokenizer.save_pretrained(args.out)

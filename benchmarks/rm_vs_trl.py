@@ -1,0 +1,176 @@
+"""Reward-model training on HH-RLHF: tether vs TRL's RewardTrainer, same data, model, length,
+batch and steps, in one run.
+
+    .venv/bin/python benchmarks/rm_vs_trl.py                 # the full benchmark (1600/200)
+    .venv/bin/python benchmarks/rm_vs_trl.py --train-pairs 16 --val-pairs 16   # smoke run
+
+TRL is installed into its own venv (benchmarks/.venv-trl) by this script. Each side runs in
+a subprocess so its peak RSS is its own; both report validation accuracy computed by the same
+tether code (`tether rm-eval`) on the same 200 held-out pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = ROOT.parent / "shared/data/hh-rlhf/harmless-base-1800.jsonl.gz"
+TRL_VENV = ROOT / "benchmarks/.venv-trl"
+TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.16.0", "peft", "gguf"]
+
+
+def split_hh(work: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[Path, Path]:
+    """Seeded split of the parsed HH pairs into tether-format JSONL files."""
+    from tether.data import load_preference_data
+
+    pairs, _ = load_preference_data(HH)
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    files = []
+    for name, idx in (("train", order[:n_train]), ("val", order[n_train : n_train + n_val])):
+        path = work / f"{name}.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "prompt": pairs[i].prompt,
+                        "chosen": pairs[i].chosen,
+                        "rejected": pairs[i].rejected,
+                    }
+                )
+                + "\n"
+                for i in idx
+            )
+        )
+        files.append(path)
+    return files[0], files[1]
+
+
+_PEAK_RSS = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)"
+)
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of a command, measured in a fresh wrapper process so each
+    side's peak is its own."""
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, *cmd], stderr=subprocess.PIPE, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    wall = time.perf_counter() - started
+    return wall, int(proc.stderr.strip().splitlines()[-1]) / 2**20
+
+
+def ensure_trl_venv() -> Path:
+    python = TRL_VENV / "bin/python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+        for req in TRL_REQUIREMENTS:  # torch first: a bare torch pulls a CUDA build
+            subprocess.run([str(python), "-m", "pip", "install", "-q", req], check=True)
+    return python
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train-pairs", type=int, default=1600)
+    parser.add_argument("--val-pairs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench-rm")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    train, val = split_hh(args.work, args.train_pairs, args.val_pairs)
+    steps = args.train_pairs // args.batch_size
+    from tether.models import resolve_model_source
+
+    model_dir = resolve_model_source("smollm2-135m-instruct")
+
+    results = {}
+    tether_out = args.work / "tether"
+    subprocess.run(["rm", "-rf", str(tether_out)], check=True)
+    wall, rss = timed(
+        [
+            str(ROOT / ".venv/bin/tether"),
+            "rm",
+            "--model",
+            model_dir,
+            "--data",
+            str(train),
+            "--out",
+            str(tether_out),
+            "--max-steps",
+            str(steps),
+            "--set",
+            f"data.eval={val}",
+            "--set",
+            f"data.max_length={args.max_length}",
+            "--set",
+            f"train.batch_size={args.batch_size}",
+            "--set",
+            f"optim.lr={args.lr}",
+            "--set",
+            "train.save_every=0",
+        ]
+    )
+    results["tether"] = {"wall_s": wall, "peak_rss_gib": rss, "final": str(tether_out / "final")}
+
+    trl_python = ensure_trl_venv()
+    trl_out = args.work / "trl"
+    wall, rss = timed(
+        [
+            str(trl_python),
+            str(ROOT / "benchmarks/_trl_rm.py"),
+            "--model",
+            model_dir,
+            "--train",
+            str(train),
+            "--out",
+            str(trl_out),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+            "--lr",
+            str(args.lr),
+        ]
+    )
+    results["trl"] = {"wall_s": wall, "peak_rss_gib": rss, "final": str(trl_out)}
+
+    for side in results.values():
+        proc = subprocess.run(
+            [
+                str(ROOT / ".venv/bin/tether"),
+                "rm-eval",
+                "--model",
+                side["final"],
+                "--data",
+                str(val),
+                "--json",
+                "--max-length",
+                str(args.max_length),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        side["val"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        side["pairs_per_s"] = args.train_pairs / side["wall_s"]
+    results["ratio_pairs_per_s"] = results["tether"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
