@@ -44,6 +44,8 @@ config = RewardConfig(
 trainer = RewardTrainer(
     model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
 )
-trainer.train()
+result = trainer.train()
+with open(f"{args.out}/train_metrics.json", "w") as fh:
+    json.dump(result.metrics, fh)
 trainer.save_model(args.out)
 tokenizer.save_pretrained(args.out)

@@ -167,7 +167,13 @@ def main() -> None:
             text=True,
         )
         side["val"] = json.loads(proc.stdout.strip().splitlines()[-1])
-        side["pairs_per_s"] = args.train_pairs / side["wall_s"]
+    # Training time only (no model load, evals or saves), the same span for both sides.
+    tether_metrics = [json.loads(line) for line in (tether_out / "metrics.jsonl").open()]
+    results["tether"]["train_s"] = sum(m.get("time/step_s", 0.0) for m in tether_metrics)
+    trl_metrics = json.loads((trl_out / "train_metrics.json").read_text())
+    results["trl"]["train_s"] = float(trl_metrics["train_runtime"])
+    for side in ("tether", "trl"):
+        results[side]["pairs_per_s"] = steps * args.batch_size / results[side]["train_s"]
     results["ratio_pairs_per_s"] = results["tether"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
     print(json.dumps(results, indent=2))
 

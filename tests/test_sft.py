@@ -13,7 +13,7 @@ from tether.config import SFTConfig, load_config
 from tether.rundir import read_metrics
 from tether.stages.sft import run_sft
 
-TIMING_KEYS = {"throughput/tokens_per_s"}
+TIMING_KEYS = {"throughput/tokens_per_s", "time/step_s"}
 
 
 def sft_overrides(model_dir, data, *extra) -> list[str]:

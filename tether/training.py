@@ -267,7 +267,8 @@ def fit(
         progress.step += 1
         progress.cursor += len(indices)
         metrics["train/epoch"] = progress.cursor / num_examples
-        metrics["throughput/tokens_per_s"] = tokens / (time.perf_counter() - started)
+        metrics["time/step_s"] = time.perf_counter() - started
+        metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
         evaluated = eval_fn is not None and is_due(progress.step, train.eval_every, last_step)
         if evaluated:
             metrics.update(eval_fn())
