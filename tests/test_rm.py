@@ -199,3 +199,38 @@ def test_reward_model_plugs_in_as_a_reward_term(trained_rm):
     total, parts = reward(["the sky", "the sky"], ["a banana", "a river"])
     assert parts[f"model:{trained_rm / 'final'}"][0] > parts[f"model:{trained_rm / 'final'}"][1]
     assert total == pytest.approx([2 * v + 1.0 for v in parts[f"model:{trained_rm / 'final'}"]])
+
+
+def test_reward_model_loading_is_seeded_and_leaves_the_global_rng_alone(tiny_model_dir):
+    from tether.config import ModelConfig
+    from tether.models import load_tokenizer
+    from tether.reward_model import load_reward_backbone
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_reward_backbone(ModelConfig(name=str(tiny_model_dir)), tokenizer, seed=7)
+    assert torch.equal(torch.rand(3), expected)  # a PPO run's random stream is untouched
+    second = load_reward_backbone(ModelConfig(name=str(tiny_model_dir)), tokenizer, seed=7)
+    assert torch.equal(first.score.weight, second.score.weight)
+    hidden = first.score.weight.shape[1]  # N(0, 1/sqrt(d+1)) head, not HF's 0.02
+    assert first.score.weight.std().item() == pytest.approx((hidden + 1) ** -0.5, rel=0.3)
+
+
+def test_score_refuses_a_directory_as_output_before_loading(tmp_path):
+    data = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "response": "r"}])
+    proc = run_cli(
+        [
+            "score",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+        ],
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "is a directory; --out takes a file path" in proc.stderr

@@ -254,9 +254,9 @@ def _parse_sft(record: dict) -> SFTExample:
             raise _Bad("messages", "has no assistant message to learn from")
         return SFTExample(messages)
     if "prompt" in record or "completion" in record:
-        prompt = _messages(record.get("prompt"), "prompt") if "prompt" in record else None
-        if prompt is None:
+        if "prompt" not in record:
             raise _Bad("prompt", "missing")
+        prompt = _messages(record["prompt"], "prompt")
         completion = _text(record, "completion")
         return SFTExample([*prompt, {"role": "assistant", "content": completion}])
     raise _Bad("messages", "missing (an SFT record has 'messages' or 'prompt' + 'completion')")

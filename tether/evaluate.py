@@ -38,12 +38,12 @@ def score_file(
     model_dir: str, data: str, out: Path, max_length: int = 256, batch_size: int = 16
 ) -> int:
     """Writes each input record with a normalised `score` added."""
+    out = Path(out)
+    if out.is_dir():  # checked before the model loads and the scoring runs
+        raise DataError(f"{out} is a directory; --out takes a file path")
     rows, _ = load_scored_responses(data)
     rm = RewardModel.load(model_dir, max_length=max_length)
     scores = rm.score([p for _, p, _ in rows], [r for _, _, r in rows], batch_size)
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise DataError(f"{out} is a directory; --out takes a file path")
     tmp = out.with_suffix(out.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         for (record, _, _), score in zip(rows, scores.tolist(), strict=True):

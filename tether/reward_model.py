@@ -71,26 +71,28 @@ def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.
     """A sequence-classification model from a causal LM (new head) or a saved reward model.
 
     A new head is drawn from N(0, 1/sqrt(d+1)) (lm-human-preferences), seeded, so two runs
-    with one seed start identically.
+    with one seed start identically. The global RNG is left as it was: loading a reward model
+    inside a run (PPO scoring) must not change that run's random stream.
     """
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(config.name)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=1,
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=config.trust_remote_code,
-        )
-    except OSError as e:
-        raise ModelLoadError(f"cannot load a reward backbone from '{config.name}': {e}") from e
-    if not _has_trained_head(source):
-        hidden = model.score.weight.shape[1]
-        torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(hidden + 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=1,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=config.trust_remote_code,
+            )
+        except OSError as e:
+            raise ModelLoadError(f"cannot load a reward backbone from '{config.name}': {e}") from e
+        if not _has_trained_head(source):
+            hidden = model.score.weight.shape[1]
+            torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(hidden + 1))
     model.config.pad_token_id = tokenizer.pad_token_id
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()

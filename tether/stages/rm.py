@@ -149,8 +149,9 @@ def score_all(
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def evaluate_pairs(model, pairs, batch_size, pad_id, bf16) -> dict[str, float]:
-    chosen, rejected = score_all(model, pairs, batch_size, pad_id, bf16)
+def pair_metrics(
+    pairs: list[TokenizedPair], chosen: torch.Tensor, rejected: torch.Tensor
+) -> dict[str, float]:
     lengths = torch.tensor([[p.chosen_response_len, p.rejected_response_len] for p in pairs])
     return preference_metrics(chosen, rejected, lengths[:, 0], lengths[:, 1])
 
@@ -182,9 +183,12 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
             tokens += sum(len(p.chosen) + len(p.rejected) for p in micro)
         return sums, tokens
 
+    latest_eval: list[tuple[torch.Tensor, torch.Tensor]] = []
+
     def eval_fn() -> dict[str, float]:
-        metrics = evaluate_pairs(model, held_out, per_micro * 2, pad_id, bf16)
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        chosen, rejected = score_all(model, held_out, per_micro * 2, pad_id, bf16)
+        latest_eval[:] = [(chosen, rejected)]
+        return {f"eval/{k}": v for k, v in pair_metrics(held_out, chosen, rejected).items()}
 
     fit(
         desc="rm",
@@ -199,8 +203,12 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
 
     mean, std = 0.0, 1.0
     if cfg.reward.normalize:
-        reference = held_out or train[:256]
-        chosen, rejected = score_all(model, reference, per_micro * 2, pad_id, bf16)
+        if held_out and latest_eval:  # the last eval ran on the final weights: reuse it
+            chosen, rejected = latest_eval[0]
+        else:
+            chosen, rejected = score_all(
+                model, held_out or train[:256], per_micro * 2, pad_id, bf16
+            )
         scores = torch.cat([chosen, rejected])
         mean, std = scores.mean().item(), max(scores.std(unbiased=False).item(), 1e-6)
         tqdm.write(
