@@ -5,33 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from tether.data import DataError, load_preference_data, load_scored_responses
-from tether.metrics import preference_metrics
 from tether.reward_model import RewardModel
-from tether.stages.rm import expand_rankings
+from tether.stages.rm import expand_rankings, pair_metrics, score_all, tokenize_pairs
 
 
 def evaluate_reward_model(
     model_dir: str, data: str, max_length: int = 256, batch_size: int = 16
 ) -> dict[str, float | int]:
-    """Pairwise metrics (see tether.metrics.preference_metrics) on raw scores."""
-    items, _ = load_preference_data(data)
-    pairs = expand_rankings(items, adjacent_only=False)
+    """Pairwise metrics (see tether.metrics.preference_metrics) on raw scores, computed by the
+    same tokenisation, scoring and metric code as the reward stage's in-training eval."""
+    items, report = load_preference_data(data)
     rm = RewardModel.load(model_dir, max_length=max_length)
-    prompts = [p.prompt for p in pairs]
-    chosen = rm.score(prompts, [p.chosen for p in pairs], batch_size, normalize=False)
-    rejected = rm.score(prompts, [p.rejected for p in pairs], batch_size, normalize=False)
-
-    def lengths(texts):
-        return torch.tensor(
-            [len(rm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        )
-
-    return preference_metrics(
-        chosen, rejected, lengths([p.chosen for p in pairs]), lengths([p.rejected for p in pairs])
+    pairs = tokenize_pairs(
+        expand_rankings(items, adjacent_only=False), rm.tokenizer, max_length, report
     )
+    if not pairs:
+        raise DataError(f"{data}: no pair left to evaluate ({report.summary()})")
+    pairs_per_batch = max(1, batch_size // 2)  # a pair is two rows of one forward pass
+    chosen, rejected = score_all(
+        rm.model, pairs, pairs_per_batch, rm.tokenizer.pad_token_id, bf16=False
+    )
+    return pair_metrics(pairs, chosen, rejected)
 
 
 def score_file(

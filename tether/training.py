@@ -19,7 +19,12 @@ from tqdm.auto import tqdm
 from tether import faults
 from tether.checkpoint import load_checkpoint, save_checkpoint
 from tether.config import OptimConfig, TrainConfig
-from tether.models import bf16_available, load_trainable_state_dict, trainable_state_dict
+from tether.models import (
+    bf16_available,
+    load_tokenizer,
+    load_trainable_state_dict,
+    trainable_state_dict,
+)
 from tether.rundir import MetricsLogger, RunDir
 
 
@@ -196,8 +201,6 @@ class RunStart:
 def begin_run(cfg: Any, out, resume: bool) -> RunStart:
     """Lock and check the run dir, set threads and seeds, load the tokenizer: the first lines
     of every stage, before its data is validated and its model loaded."""
-    from tether.models import load_tokenizer
-
     run = RunDir(out)
     resume_from = run.prepare(cfg, resume)
     set_threads(cfg.train.threads)
