@@ -9,7 +9,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,23 +87,58 @@ def total_steps(train: TrainConfig, num_examples: int) -> int:
     return train.epochs * max(1, math.ceil(num_examples / per_step))
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+# Steps per length-sorted "megabatch" (as in Hugging Face's LengthGroupedSampler): large enough
+# that each step's examples have similar lengths, small enough to stay close to a shuffle.
+LENGTH_GROUP_STEPS = 64
+
+
+def epoch_order(
+    num_examples: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[int] | None = None,
+    step_size: int = 1,
+) -> list[int]:
+    """A seeded shuffle of range(num_examples), one per epoch.
+
+    With `lengths`, consecutive runs of `step_size` examples (one optimizer step) have similar
+    lengths, so a batch padded to its longest row wastes little compute: the shuffle is cut
+    into megabatches of LENGTH_GROUP_STEPS steps, each sorted by length and cut into steps,
+    and the steps are shuffled again so lengths do not rise and fall in a sawtooth.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_examples, generator=generator).tolist()
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    if lengths is None or step_size >= num_examples:
+        return order
+    mega = LENGTH_GROUP_STEPS * step_size
+    steps: list[list[int]] = []
+    for start in range(0, num_examples, mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+        steps += [chunk[k : k + step_size] for k in range(0, len(chunk), step_size)]
+    shuffled = torch.randperm(len(steps), generator=generator).tolist()
+    return [i for s in shuffled for i in steps[s]]
 
 
-def example_indices(cursor: int, count: int, num_examples: int, seed: int) -> list[int]:
-    """The `count` examples after `cursor` examples consumed, over seeded per-epoch shuffles.
+def example_indices(
+    cursor: int,
+    count: int,
+    num_examples: int,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+) -> list[int]:
+    """The `count` examples after `cursor` examples consumed, over seeded per-epoch orders.
 
     The data position of a run is this one integer, so a resumed run draws exactly the
-    batches an uninterrupted run would have drawn, across epoch boundaries too.
+    batches an uninterrupted run would have drawn, across epoch boundaries too. With
+    `lengths`, each epoch's order is length-grouped in steps of `count` (see epoch_order).
     """
     out: list[int] = []
     order_epoch, order = -1, []
     for position in range(cursor, cursor + count):
         epoch, index = divmod(position, num_examples)
         if epoch != order_epoch:
-            order_epoch, order = epoch, epoch_order(num_examples, seed, epoch)
+            order_epoch = epoch
+            order = epoch_order(num_examples, seed, epoch, lengths, count)
         out.append(order[index])
     return out
 
@@ -246,12 +281,14 @@ def fit(
     num_examples: int,
     step_fn: StepFn,
     eval_fn: Callable[[], dict[str, float]] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> None:
     """The optimizer-step loop every offline stage shares.
 
     `step_fn(indices)` runs forward and backward over the examples of one optimizer step
     (its own micro-batching) and returns (metrics, tokens processed); this loop draws the
-    indices, clips, steps, logs, evaluates, checkpoints and reports progress.
+    indices, clips, steps, logs, evaluates, checkpoints and reports progress. `lengths` (token
+    count per example) turns on length-grouped steps when `data.group_by_length` is set.
     """
     train, optim, progress, logger = cfg.train, cfg.optim, opt.progress, opt.logger
     optimizer, scheduler = opt.optimizer, opt.scheduler
@@ -262,7 +299,11 @@ def fit(
     while progress.step < last_step:
         started = time.perf_counter()
         indices = example_indices(
-            progress.cursor, train.batch_size * train.grad_accum, num_examples, train.seed
+            progress.cursor,
+            train.batch_size * train.grad_accum,
+            num_examples,
+            train.seed,
+            lengths if cfg.data.group_by_length else None,
         )
         metrics, tokens = step_fn(indices)
         metrics["train/lr"] = scheduler.get_last_lr()[0]

@@ -199,6 +199,7 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
         num_examples=len(train),
         step_fn=step_fn,
         eval_fn=eval_fn if held_out else None,
+        lengths=[max(len(p.chosen), len(p.rejected)) for p in train],
     )
 
     mean, std = 0.0, 1.0

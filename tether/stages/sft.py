@@ -110,6 +110,7 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
         num_examples=len(train),
         step_fn=step_fn,
         eval_fn=eval_fn if held_out else None,
+        lengths=[len(x.input_ids) for x in train],
     )
     save_pretrained_model(model, tokenizer, run.final)
     run.unlock()

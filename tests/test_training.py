@@ -1,0 +1,54 @@
+"""The data order every offline stage draws from: seeded, resumable, optionally length-grouped."""
+
+import random
+
+from tether.training import LENGTH_GROUP_STEPS, epoch_order, example_indices, lr_multiplier
+
+
+def padded_tokens(order: list[int], lengths: list[int], step: int) -> int:
+    """Tokens a right-padded batch computes: every row padded to its step's longest."""
+    return sum(
+        max(lengths[i] for i in order[s : s + step]) * len(order[s : s + step])
+        for s in range(0, len(order), step)
+    )
+
+
+def test_every_epoch_is_a_permutation_with_and_without_grouping():
+    lengths = [random.Random(i).randint(5, 300) for i in range(203)]
+    for grouped in (None, lengths):
+        orders = [epoch_order(203, seed=3, epoch=e, lengths=grouped, step_size=8) for e in (0, 1)]
+        assert all(sorted(o) == list(range(203)) for o in orders)
+        assert orders[0] != orders[1]  # a new shuffle each epoch
+
+
+def test_grouping_cuts_padding_and_keeps_the_order_seeded():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 256) for _ in range(8 * LENGTH_GROUP_STEPS * 3)]
+    plain = epoch_order(len(lengths), seed=1, epoch=0)
+    grouped = epoch_order(len(lengths), seed=1, epoch=0, lengths=lengths, step_size=8)
+    assert grouped == epoch_order(len(lengths), seed=1, epoch=0, lengths=lengths, step_size=8)
+    real = sum(lengths)
+    # Uniform lengths in [20, 256]: a random batch of 8 pads to ~230; grouped steps to ~own length.
+    assert padded_tokens(plain, lengths, 8) > 1.5 * real
+    assert padded_tokens(grouped, lengths, 8) < 1.05 * real
+    # Steps are shuffled after grouping: step lengths do not simply fall within a megabatch.
+    step_max = [max(lengths[i] for i in grouped[s : s + 8]) for s in range(0, 8 * 64, 8)]
+    assert step_max != sorted(step_max, reverse=True)
+
+
+def test_consecutive_steps_cover_each_epoch_once_even_across_the_boundary():
+    lengths = [random.Random(i).randint(5, 100) for i in range(50)]
+    for grouped in (None, lengths):
+        # 12 does not divide 50: the 5th step straddles epochs 0 and 1.
+        drawn = [i for c in range(0, 96, 12) for i in example_indices(c, 12, 50, 7, grouped)]
+        assert sorted(drawn[:50]) == list(range(50))
+        assert len(set(drawn[50:96])) == 46  # epoch 1 so far: no repeats
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    assert lr_multiplier(0, 10, 2, "cosine") == 0.5
+    assert lr_multiplier(1, 10, 2, "cosine") == 1.0
+    assert lr_multiplier(2, 10, 2, "cosine") == 1.0
+    assert abs(lr_multiplier(6, 10, 2, "cosine") - 0.5) < 1e-12
+    assert lr_multiplier(10, 10, 2, "cosine") == 0.0
+    assert lr_multiplier(6, 10, 2, "linear") == 0.5
