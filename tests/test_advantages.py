@@ -168,3 +168,30 @@ def test_a2c_advantages() -> None:
     values = torch.tensor([[0.5, 0.5, float("nan")]])
     adv = a2c_advantages(returns, values, torch.tensor([[1, 1, 0]]))
     assert torch.equal(adv, torch.tensor([[0.5, 1.5, 0.0]]))
+
+
+def test_kl_penalized_rewards_hand_values() -> None:
+    from tether.advantages import kl_penalized_rewards
+
+    scores = torch.tensor([2.0, -1.0, 5.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, -0.2, 9.0], [1.0, 1.0, 1.0]])
+    # Row 0: 3 response tokens; row 1: 2 (last position is padding); row 2: none at all.
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    rewards = kl_penalized_rewards(scores, kl, mask, kl_coef=0.5)
+    expected = torch.tensor(
+        [
+            [-0.05, -0.1, -0.15 + 2.0],  # −β·KL_t everywhere, the score on the last token
+            [-0.2, 0.1 - 1.0, 0.0],  # negative k1 KL is a bonus; padding gets nothing
+            [0.0, 0.0, 0.0],  # no response token: no score either
+        ]
+    )
+    assert torch.allclose(rewards, expected)
+
+
+def test_kl_penalized_rewards_left_padded_score_lands_on_last_real_token() -> None:
+    from tether.advantages import kl_penalized_rewards
+
+    rewards = kl_penalized_rewards(
+        torch.tensor([1.0]), torch.zeros(1, 4), torch.tensor([[0, 1, 1, 0]]), kl_coef=0.1
+    )
+    assert rewards.tolist() == [[0.0, 0.0, 1.0, 0.0]]

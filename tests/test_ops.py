@@ -158,3 +158,39 @@ def test_sequence_logprobs_sums_masked_tokens() -> None:
     token_logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
     assert torch.equal(sequence_logprobs(token_logprobs, mask), torch.tensor([-5.0, -1.0]))
+
+
+def test_explained_variance_hand_values() -> None:
+    from tether.ops import explained_variance
+
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # Var(R) over 3 tokens = 2/3; perfect values -> 1; constant mean -> 0.
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == 0.0
+    # V = R + (1, −1, 0): Var(R − V) = 2/3 -> 1 − 1 = 0; V = 0 -> Var(R − V) = Var(R) -> 0.
+    off = returns + torch.tensor([[1.0, -1.0, 0.0, 0.0]])
+    assert explained_variance(off, returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+    worse = returns + torch.tensor([[3.0, -3.0, 0.0, 0.0]])  # Var(err) = 6 -> 1 − 9 = −8
+    assert explained_variance(worse, returns, mask).item() == pytest.approx(-8.0)
+    assert explained_variance(returns, torch.ones_like(returns), mask).item() == 0.0
+
+
+def test_running_moments_equal_the_moments_of_everything_seen() -> None:
+    from tether.ops import RunningMoments
+
+    moments = RunningMoments()
+    assert (moments.mean, moments.std) == (0.0, 1.0)  # nothing seen: the identity transform
+    moments.update(torch.tensor([1.0, 3.0]))
+    assert (moments.mean, moments.std) == (2.0, 1.0)
+    moments.update(torch.tensor([5.0, 7.0, 9.0]))  # all five: mean 5, population var 8
+    assert moments.mean == pytest.approx(5.0)
+    assert moments.std == pytest.approx(8.0**0.5)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    restored.update(torch.tensor([-4.0]))
+    moments.update(torch.tensor([-4.0]))
+    everything = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0, -4.0], dtype=torch.float64)
+    assert restored.mean == pytest.approx(everything.mean().item())
+    assert restored.std == pytest.approx(everything.std(unbiased=False).item())
+    assert restored.state_dict() == moments.state_dict()

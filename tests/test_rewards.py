@@ -54,3 +54,17 @@ def test_bad_specs_are_clear():
         build_term("no_such_module_xyz:f")
     with pytest.raises(RewardError, match="no reference answer"):
         build_term("exact_answer", args={"answers": {}}).fn(PROMPTS, ["1", "2"])
+
+
+def test_missing_eos_rule_subtract_replace_none() -> None:
+    import torch
+
+    from tether.rewards import apply_missing_eos
+
+    scores = torch.tensor([2.0, 2.0, -0.5])
+    ended = torch.tensor([True, False, False])
+    assert apply_missing_eos(scores, ended, "subtract", 1.0).tolist() == [2.0, 1.0, -1.5]
+    assert apply_missing_eos(scores, ended, "replace", 1.0).tolist() == [2.0, -1.0, -1.0]
+    assert apply_missing_eos(scores, ended, "none", 1.0).tolist() == [2.0, 2.0, -0.5]
+    with pytest.raises(ValueError, match="subtract, replace, none"):
+        apply_missing_eos(scores, ended, "drop", 1.0)

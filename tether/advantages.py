@@ -40,6 +40,28 @@ def gae(
     return advantages, returns
 
 
+@torch.no_grad()
+def kl_penalized_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards of PPO for LMs (Ziegler et al. 2019): [B], [B, T], [B, T] -> [B, T].
+
+        r_t = −β·KL_t on every response token, plus the sequence score on the last one
+
+    The score is end-of-sequence: the reward model judged the whole response, so it lands on
+    the token that finished it. "Last" is the rightmost unmasked position; a row with no
+    response token gets nothing. 0 on padding.
+    """
+    keep = mask.bool()
+    rewards = torch.where(keep, -kl_coef * kl, torch.zeros_like(kl))
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * keep).argmax(dim=1)  # [B]
+    has_any = keep.any(dim=1)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last] += torch.where(has_any, scores.to(rewards.dtype), 0.0)
+    return rewards
+
+
 def _groups(rewards: torch.Tensor, group_size: int, min_size: int) -> torch.Tensor:
     """[B] -> [B / k, k], validating the layout."""
     if rewards.dim() != 1:

@@ -38,6 +38,11 @@ STAGES: dict[str, Stage] = {
         config="tether.config:RMConfig",
         runner="tether.stages.rm:run_rm",
     ),
+    "ppo": Stage(
+        help="online PPO against a reward (model or function) with a KL penalty to a reference",
+        config="tether.config:PPOConfig",
+        runner="tether.stages.ppo:run_ppo",
+    ),
 }
 
 

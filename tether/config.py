@@ -209,6 +209,185 @@ class RMConfig:
         self.reward.validate()
 
 
+@dataclass
+class RolloutConfig:
+    """How responses are sampled from the policy during training."""
+
+    max_new_tokens: int = 64
+    # Log-probs, ratios and KL are computed from logits / temperature, the same T as sampling.
+    temperature: float = 1.0
+    # Truncated sampling (top_p < 1, top_k > 0) draws from a renormalised distribution while
+    # ratios and KL use the full one, so every ratio is off by the kept mass (RLHF-NOTES).
+    # Training rollouts refuse it; evaluation sampling (demo, best-of-n) may use it.
+    top_p: float = 1.0
+    top_k: int = 0
+    # Responses cut at max_new_tokens without EOS: "subtract" the penalty from their score,
+    # "replace" the score by -penalty (OpenAI), or "none". Without it policies learn to ramble.
+    missing_eos: Literal["subtract", "replace", "none"] = "subtract"
+    missing_eos_penalty: float = 1.0
+    # Rollouts per generate() call; 0 = the whole batch at once.
+    generation_batch_size: int = 0
+    # Write prompt, response, score, KL (and gold) of every rollout to samples.jsonl every N
+    # steps (and at the first and last step); 0 = never.
+    samples_every: int = 10
+
+    def validate(self) -> None:
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _check(
+            self.top_p == 1.0 and self.top_k == 0,
+            "rollout.top_p/top_k",
+            "must stay off (1.0 / 0) for training rollouts: truncated sampling makes ratios and "
+            "KL disagree with the distribution sampled from; lower rollout.temperature instead",
+        )
+        _check(self.missing_eos_penalty >= 0, "rollout.missing_eos_penalty", "must be >= 0")
+        _check(self.generation_batch_size >= 0, "rollout.generation_batch_size", "must be >= 0")
+        _check(self.samples_every >= 0, "rollout.samples_every", "must be >= 0")
+
+
+@dataclass
+class RewardSpecConfig:
+    """What the policy is optimised against, and what it is judged by."""
+
+    # Weighted sum of terms, each {name, weight, args}: `model:DIR` (a reward model), a
+    # built-in (`length`, `regex`, `exact_answer`) or `module:function` / `file.py:function`.
+    terms: list[dict[str, Any]] = field(default_factory=list)
+    # A judge logged as gold/mean and never trained on (the same spec as a term, or "").
+    gold: str = ""
+    gold_args: dict[str, Any] = field(default_factory=dict)
+    # Whiten scores with running mean/std over all rollouts so far, then clip to ±clip (0: off).
+    normalize: bool = False
+    clip: float = 0.0
+
+    def validate(self) -> None:
+        _check(bool(self.terms), "reward.terms", "needs at least one {name, weight} entry")
+        for i, term in enumerate(self.terms):
+            key = f"reward.terms[{i}]"
+            _check(isinstance(term, dict), key, "must be a mapping {name, weight, args}")
+            unknown = set(term) - {"name", "weight", "args"}
+            _check(not unknown, key, f"has unknown keys {sorted(unknown)}")
+            _check(isinstance(term.get("name"), str) and bool(term["name"]), key, "needs a name")
+            weight = term.get("weight", 1.0)
+            _check(
+                isinstance(weight, int | float) and not isinstance(weight, bool),
+                f"{key}.weight",
+                "must be a number",
+            )
+            _check(isinstance(term.get("args", {}), dict), f"{key}.args", "must be a mapping")
+        _check(self.clip >= 0, "reward.clip", "must be >= 0 (0 disables)")
+
+
+@dataclass
+class KLConfig:
+    """The per-token penalty β·KL_t folded into the reward."""
+
+    coef: float = 0.05
+    # Adaptive control (Ziegler et al. 2019) steers the per-sequence KL towards `target`.
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+    # k1 = log π − log π_ref (the unbiased penalty of the papers); k2, k3 are ≥ 0 per token.
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+
+    def validate(self) -> None:
+        _check(self.coef >= 0, "ppo.kl.coef", "must be >= 0")
+        _check(self.target > 0, "ppo.kl.target", "must be > 0")
+        _check(self.horizon > 0, "ppo.kl.horizon", "must be > 0")
+
+
+@dataclass
+class PPOLossConfig:
+    """The PPO update: epochs over the rollout, clipping, coefficients, GAE."""
+
+    ppo_epochs: int = 4
+    # Optimizer steps per epoch; the rollout batch is split into this many minibatches
+    # (each of which may be further split into train.grad_accum micro-batches).
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # Rescale per-token rewards by their std (mean kept: the score's sign carries meaning).
+    whiten_rewards: bool = False
+    kl: KLConfig = field(default_factory=KLConfig)
+
+    def validate(self) -> None:
+        _check(self.ppo_epochs >= 1, "ppo.ppo_epochs", "must be >= 1")
+        _check(self.num_minibatches >= 1, "ppo.num_minibatches", "must be >= 1")
+        _check(self.clip_eps > 0, "ppo.clip_eps", "must be > 0")
+        _check(self.value_clip_eps >= 0, "ppo.value_clip_eps", "must be >= 0 (0 disables)")
+        _check(self.vf_coef >= 0, "ppo.vf_coef", "must be >= 0")
+        _check(0.0 <= self.gamma <= 1.0, "ppo.gamma", "must be in [0, 1]")
+        _check(0.0 <= self.lam <= 1.0, "ppo.lam", "must be in [0, 1]")
+        self.kl.validate()
+
+
+@dataclass
+class CriticConfig:
+    """The value function trained jointly with the policy (A2C-style)."""
+
+    # "head": a linear value head on the policy's own backbone (one model in memory);
+    # "separate": its own backbone, initialised from `init` (a reward model dir is the usual
+    # choice, RLHF-NOTES) or from the policy when `init` is empty.
+    kind: Literal["head", "separate"] = "head"
+    init: str = ""
+
+    def validate(self) -> None:
+        _check(
+            self.kind == "separate" or not self.init,
+            "critic.init",
+            "only applies to critic.kind: separate",
+        )
+
+
+@dataclass
+class PPOConfig:
+    """Online PPO against a reward, with a KL penalty to a frozen reference policy."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The frozen reference π_ref; empty = the policy's initial weights. With a LoRA policy the
+    # reference is the same backbone with the adapters disabled (one copy in memory).
+    reference: str = ""
+    # data.train: prompts ({"prompt": text or messages}); data.max_length: longest prompt in
+    # tokens (longer ones are skipped and counted).
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-5, eps=1e-5, schedule="linear")
+    )
+    # train.batch_size: prompts per rollout; train.max_steps: PPO iterations (0: one per
+    # `epochs` pass over the prompts); save/log every N iterations.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(save_every=10))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardSpecConfig = field(default_factory=RewardSpecConfig)
+    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.rollout.validate()
+        self.reward.validate()
+        self.ppo.validate()
+        self.critic.validate()
+        minibatch = self.train.batch_size // self.ppo.num_minibatches
+        _check(
+            minibatch >= 1 and self.train.batch_size % self.ppo.num_minibatches == 0,
+            "ppo.num_minibatches",
+            f"must divide train.batch_size ({self.train.batch_size})",
+        )
+        _check(
+            minibatch % self.train.grad_accum == 0,
+            "train.grad_accum",
+            f"must divide the minibatch of {minibatch} rollouts",
+        )
+
+
 # --------------------------------------------------------------------------- loading
 
 C = TypeVar("C")

@@ -61,6 +61,56 @@ def masked_whiten(
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """1 − Var(R − V) / Var(R) over unmasked tokens (a scalar).
+
+    1 means the critic predicts the returns, 0 no better than their mean, < 0 worse than a
+    constant. Var(R) = 0 gives 0 rather than a division by zero.
+    """
+    var_returns = masked_var(returns, mask)
+    var_error = masked_var(returns - values, mask)
+    if float(var_returns) == 0.0:
+        return torch.zeros((), dtype=values.dtype)
+    return 1.0 - var_error / var_returns
+
+
+class RunningMoments:
+    """Mean and (population) std of every value seen so far, updated a batch at a time.
+
+    Batches merge with Chan et al.'s parallel formula: with counts n_a, n_b, means μ_a, μ_b
+    and sums of squared deviations M_a, M_b,
+        δ = μ_b − μ_a,  n = n_a + n_b,  μ = μ_a + δ·n_b/n,  M = M_a + M_b + δ²·n_a·n_b/n
+    so the result equals the moments of all values concatenated, in any batching.
+    """
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        if x.numel() == 0:
+            return
+        n_b, mean_b = x.numel(), float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta**2 * self.count * n_b / n
+        self.count = n
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5 if self.count else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": float(self.count), "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), state["mean"], state["m2"]
+
+
 def _chunked(
     fn: Callable[..., torch.Tensor], logits: torch.Tensor, *extra: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tether.errors import TetherError
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -66,6 +68,25 @@ BUILTINS: dict[str, Callable[..., list[float]]] = {
     "regex": regex_reward,
     "exact_answer": exact_answer_reward,
 }
+
+
+def apply_missing_eos(
+    scores: torch.Tensor, ended: torch.Tensor, mode: str, penalty: float
+) -> torch.Tensor:
+    """The score of a response cut at the token limit without EOS: [B], [B] bool -> [B].
+
+    "subtract": s − penalty (TRL's missing_eos_penalty); "replace": −penalty (OpenAI's
+    summarisation PPO); "none": s. Finished responses keep their score. Without a penalty a
+    policy can learn to ramble to the limit, where an unfinished answer is never judged as such.
+    """
+    cut = ~ended.bool()
+    if mode == "subtract":
+        return torch.where(cut, scores - penalty, scores)
+    if mode == "replace":
+        return torch.where(cut, torch.full_like(scores, -penalty), scores)
+    if mode == "none":
+        return scores
+    raise ValueError(f"unknown missing_eos mode {mode!r}; valid: subtract, replace, none")
 
 
 # --------------------------------------------------------------------------- loading

@@ -120,7 +120,7 @@ class MetricsLogger:
         config: Any = None,
     ) -> None:
         self.path = run.metrics_path
-        self._truncate_after(resume_step)
+        truncate_jsonl(self.path, resume_step)
         self._fh = open(self.path, "a", encoding="utf-8")
         self._tb = self._wandb = None
         if tensorboard:
@@ -142,21 +142,6 @@ class MetricsLogger:
                 config=config_to_dict(config) if config else None,
                 resume="allow",
             )
-
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-            if record.get("step", math.inf) <= step:
-                kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -188,6 +173,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN; keep it visible
     return value
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` (and drop a line torn by a crash mid-write), so
+    steps replayed after a resume are not logged twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", math.inf) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

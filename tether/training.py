@@ -80,10 +80,15 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def total_steps(train: TrainConfig, num_examples: int) -> int:
+def examples_per_step(train: TrainConfig) -> int:
+    """Examples drawn per step of `fit`: a batch per micro-step, grad_accum micro-steps."""
+    return train.batch_size * train.grad_accum
+
+
+def total_steps(train: TrainConfig, num_examples: int, per_step: int | None = None) -> int:
     if train.max_steps:
         return train.max_steps
-    per_step = train.batch_size * train.grad_accum
+    per_step = per_step or examples_per_step(train)
     return train.epochs * max(1, math.ceil(num_examples / per_step))
 
 
@@ -202,18 +207,15 @@ def restore_training_state(path, model, optimizer, scheduler) -> tuple[Progress,
 
 
 def clip_and_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    max_grad_norm: float,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
 ) -> float:
-    """Clip (if asked), step, zero grads; returns the pre-clip gradient norm."""
+    """Clip (if asked), step, zero grads; returns the pre-clip gradient norm. The learning-rate
+    schedule advances once per `fit` step, not here: a PPO iteration takes several of these."""
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(
         params, max_grad_norm if max_grad_norm > 0 else float("inf")
     )
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 
@@ -246,30 +248,46 @@ def begin_run(cfg: Any, out, resume: bool) -> RunStart:
 
 @dataclass
 class Optimization:
-    """What a training loop carries from step to step."""
+    """What a training loop carries from step to step. `extra` is the stage's own state from
+    the checkpoint resumed (KL controller, score statistics), empty on a fresh start."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: Progress
     logger: MetricsLogger
+    extra: dict[str, Any]
 
 
 def start_optimization(
-    run: RunDir, cfg: Any, model: torch.nn.Module, num_examples: int, resume_from
+    run: RunDir,
+    cfg: Any,
+    model: torch.nn.Module,
+    num_examples: int,
+    resume_from,
+    per_step: int | None = None,
 ) -> Optimization:
     """Optimizer, schedule, progress (restored from `resume_from` if given) and the logger."""
     optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps(cfg.train, num_examples))
-    progress = Progress()
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps(cfg.train, num_examples, per_step))
+    progress, extra = Progress(), {}
     if resume_from is not None:
-        progress, _ = restore_training_state(resume_from, model, optimizer, scheduler)
+        progress, extra = restore_training_state(resume_from, model, optimizer, scheduler)
         tqdm.write(f"resumed from {resume_from} (step {progress.step})")
     log = cfg.logging
     logger = MetricsLogger(run, progress.step, log.tensorboard, log.wandb, log.wandb_project, cfg)
-    return Optimization(optimizer, scheduler, progress, logger)
+    return Optimization(optimizer, scheduler, progress, logger, extra)
 
 
 StepFn = Callable[[list[int]], tuple[dict[str, float], int]]
+
+# What the progress bar shows, where a stage logs it.
+PROGRESS_KEYS = {
+    "train/loss": "loss",
+    "reward/score_mean": "score",
+    "kl/mean": "kl",
+    "train/lr": "lr",
+    "throughput/tokens_per_s": "tok_s",
+}
 
 
 def fit(
@@ -282,6 +300,9 @@ def fit(
     step_fn: StepFn,
     eval_fn: Callable[[], dict[str, float]] | None = None,
     lengths: Sequence[int] | None = None,
+    per_step: int | None = None,
+    steps_itself: bool = False,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """The optimizer-step loop every offline stage shares.
 
@@ -289,10 +310,15 @@ def fit(
     (its own micro-batching) and returns (metrics, tokens processed); this loop draws the
     indices, clips, steps, logs, evaluates, checkpoints and reports progress. `lengths` (token
     count per example) turns on length-grouped steps when `data.group_by_length` is set.
+
+    An online stage draws `per_step` prompts per step and, with `steps_itself`, takes its own
+    optimizer steps inside `step_fn` (PPO: epochs x minibatches); `extra_state()` is saved
+    with every checkpoint and comes back as `opt.extra` on resume.
     """
     train, optim, progress, logger = cfg.train, cfg.optim, opt.progress, opt.logger
     optimizer, scheduler = opt.optimizer, opt.scheduler
-    last_step = total_steps(train, num_examples)
+    per_step = per_step or examples_per_step(train)
+    last_step = total_steps(train, num_examples, per_step)
     if eval_fn is not None and progress.step == 0:  # the baseline later evals are read against
         logger.log(0, eval_fn())
     bar = tqdm(total=last_step, initial=progress.step, desc=desc, unit="step")
@@ -300,19 +326,21 @@ def fit(
         started = time.perf_counter()
         indices = example_indices(
             progress.cursor,
-            train.batch_size * train.grad_accum,
+            per_step,
             num_examples,
             train.seed,
             lengths if cfg.data.group_by_length else None,
         )
         metrics, tokens = step_fn(indices)
         metrics["train/lr"] = scheduler.get_last_lr()[0]
-        metrics["train/grad_norm"] = clip_and_step(model, optimizer, scheduler, optim.max_grad_norm)
+        if not steps_itself:
+            metrics["train/grad_norm"] = clip_and_step(model, optimizer, optim.max_grad_norm)
+        scheduler.step()
         progress.step += 1
         progress.cursor += len(indices)
         metrics["train/epoch"] = progress.cursor / num_examples
         metrics["time/step_s"] = time.perf_counter() - started
-        metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
+        metrics.setdefault("throughput/tokens_per_s", tokens / metrics["time/step_s"])
         evaluated = eval_fn is not None and is_due(progress.step, train.eval_every, last_step)
         if evaluated:
             metrics.update(eval_fn())
@@ -320,14 +348,18 @@ def fit(
             logger.log(progress.step, metrics)
         bar.update(1)
         bar.set_postfix(
-            loss=f"{metrics['train/loss']:.4f}",
-            lr=f"{metrics['train/lr']:.2e}",
-            tok_s=f"{metrics['throughput/tokens_per_s']:.0f}",
+            {name: f"{metrics[key]:.4g}" for key, name in PROGRESS_KEYS.items() if key in metrics}
         )
         if is_due(progress.step, train.save_every, last_step):
             logger.sync()
             save_training_state(
-                run.checkpoints, model, optimizer, scheduler, progress, train.keep_last
+                run.checkpoints,
+                model,
+                optimizer,
+                scheduler,
+                progress,
+                train.keep_last,
+                extra_state() if extra_state else None,
             )
         faults.maybe_kill("after_step", progress.step)
     bar.close()

@@ -1,0 +1,296 @@
+"""PPO on a tiny real Llama: rollout layout, learning, the effect of β, LoRA reference, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tether.config import ConfigError, PPOConfig, load_config
+from tether.rundir import read_metrics
+from tether.stages.ppo import run_ppo
+
+TIMING_KEYS = {"throughput/tokens_per_s", "time/step_s", "time/rollout_s", "time/train_s"}
+WORDS = ["cats", "dogs", "rain", "tea", "maps", "ships", "bread", "snow", "kites", "clocks"]
+
+# The rule reward of these tests: the share of the response's characters that are vowels. A
+# random tiny model starts near its vocabulary's average; PPO can raise it by preferring
+# vowel-heavy tokens, a dense signal that moves within a few dozen small steps.
+REWARD_CODE = """
+def vowel_share(prompts, responses):
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+
+def response_chars(prompts, responses):
+    return [float(len(r)) for r in responses]
+"""
+
+
+@pytest.fixture(scope="module")
+def ppo_files(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ppo-data")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Write about {w}."}) + "\n" for w in WORDS))
+    reward = root / "rule_reward.py"
+    reward.write_text(REWARD_CODE)
+    return prompts, reward
+
+
+def ppo_overrides(model_dir, files, *extra) -> list[str]:
+    prompts, reward = files
+    return [
+        f"model.name={model_dir}",
+        f"data.train={prompts}",
+        f"reward.terms=[{{name: '{reward}:vowel_share'}}]",
+        "rollout.max_new_tokens=8",
+        "rollout.missing_eos=none",  # a random model never says EOS: the penalty is a constant
+        "train.batch_size=10",
+        "train.threads=1",
+        "train.precision=fp32",
+        "train.save_every=0",
+        "optim.lr=0.01",
+        "optim.schedule=constant",
+        "ppo.ppo_epochs=2",
+        *extra,
+    ]
+
+
+def ppo_config(model_dir, files, *extra) -> PPOConfig:
+    return load_config(PPOConfig, None, ppo_overrides(model_dir, files, *extra))
+
+
+def series(run_dir: Path, key: str) -> list[float]:
+    return [m[key] for m in read_metrics(run_dir / "metrics.jsonl") if key in m]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+# --------------------------------------------------------------------------- rollout layout
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tether.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def test_response_logprobs_match_an_unpadded_full_forward(tiny):
+    from tether.rollout import build_batch, sequence_logprobs_of
+
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+    responses = [[21, 22], [23, 24, 25, 26], [27]]
+    batch = build_batch(prompts, responses, pad_id=0)
+    assert batch.prompt_width == 5 and batch.response_mask.tolist() == [
+        [1, 1, 0, 0],
+        [1, 1, 1, 1],
+        [1, 0, 0, 0],
+    ]
+    with torch.no_grad():
+        batched = sequence_logprobs_of(model, batch, temperature=0.7)
+        for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            logits = model(torch.tensor([p + r])).logits[0] / 0.7
+            logp = torch.log_softmax(logits, -1)
+            expected = torch.stack([logp[len(p) - 1 + t, tok] for t, tok in enumerate(r)])
+            assert torch.allclose(batched[row, : len(r)], expected, atol=1e-5), row
+
+
+def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny):
+    from tether.rollout import encode_prompt, generate
+
+    model, tokenizer = tiny
+    prompts = ["Hi", "Tell me about the sea and the sky.", "Why?"]
+    out = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
+    for prompt, response in zip(prompts, out.response_ids, strict=True):
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+        alone = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert response == alone[0, ids.shape[1] :].tolist()[: len(response)]
+    assert out.ended == [False] * 3 and all(len(r) == 6 for r in out.response_ids)
+
+
+def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny):
+    from tether.rollout import generate
+
+    model, tokenizer = tiny
+    state = torch.get_rng_state()
+    a = generate(model, tokenizer, ["Hi", "Yo"], max_new_tokens=5, seed=3)
+    b = generate(model, tokenizer, ["Hi", "Yo"], max_new_tokens=5, seed=3)
+    assert a.response_ids == b.response_ids
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_first_update_starts_at_ratio_one_and_logs_every_metric(
+    tiny_model_dir, ppo_files, tmp_path
+):
+    """With one epoch of one minibatch, the update's forward pass must reproduce the rollout's
+    log-probs exactly: any mismatch (temperature, positions, dropout) shows as approx_kl > 0."""
+    cfg = ppo_config(tiny_model_dir, ppo_files, "train.max_steps=2", "ppo.ppo_epochs=1")
+    run_ppo(cfg, tmp_path / "run")
+    first = read_metrics(tmp_path / "run/metrics.jsonl")[0]
+    assert first["policy/approx_kl"] < 1e-7 and first["policy/clipfrac"] == 0.0
+    assert first["kl/mean"] == 0.0  # policy == reference before any update
+    required = [
+        "reward/score_mean",
+        "reward/score_std",
+        "reward/total_mean",
+        "kl/mean",
+        "kl/coef",
+        "policy/loss",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "policy/entropy",
+        "value/loss",
+        "value/clipfrac",
+        "value/explained_var",
+        "response/length_mean",
+        "response/eos_frac",
+        "time/rollout_s",
+        "time/train_s",
+        "throughput/tokens_per_s",
+    ]
+    assert not [k for k in required if k not in first]
+    samples = [json.loads(x) for x in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and len(samples) == 20
+    assert {"prompt", "response", "score", "kl", "ended"} <= samples[0].keys()
+
+
+def test_rule_reward_rises_while_kl_stays_bounded(tiny_model_dir, ppo_files, tmp_path):
+    cfg = ppo_config(tiny_model_dir, ppo_files, "train.max_steps=24", "ppo.kl.coef=0.05")
+    run_ppo(cfg, tmp_path / "run")
+    score, kl = series(tmp_path / "run", "reward/score_mean"), series(tmp_path / "run", "kl/mean")
+    assert mean(score[-4:]) > mean(score[:4]) + 0.1, score
+    assert max(kl) < 20.0, kl  # 8 tokens: under 2.5 nats per token
+
+
+def test_kl_coefficient_sets_how_far_the_policy_moves(tiny_model_dir, ppo_files, tmp_path):
+    """β is the regularisation strength: huge β pins the policy to the reference (KL ~ 0,
+    reward flat); β = 0 lets KL grow much faster than a moderate β does."""
+    kl_end, score = {}, {}
+    for beta in (0.0, 0.05, 50.0):
+        out = tmp_path / f"beta-{beta}"
+        cfg = ppo_config(tiny_model_dir, ppo_files, "train.max_steps=16", f"ppo.kl.coef={beta}")
+        run_ppo(cfg, out)
+        kl_end[beta] = mean(series(out, "kl/mean")[-4:])
+        score[beta] = series(out, "reward/score_mean")
+    assert abs(kl_end[50.0]) < 0.1, kl_end
+    assert abs(mean(score[50.0][-4:]) - mean(score[50.0][:4])) < 0.05, score[50.0]
+    assert kl_end[0.0] > 2 * kl_end[0.05] > 0, kl_end
+
+
+def test_lora_reference_is_the_same_backbone_with_adapters_off(tiny_model_dir, ppo_files):
+    from transformers import AutoModelForCausalLM
+
+    from tether.actor_critic import load_actor_critic
+    from tether.models import load_tokenizer
+    from tether.rollout import build_batch, sequence_logprobs_of
+
+    cfg = ppo_config(tiny_model_dir, ppo_files, "model.lora.enabled=true", "model.lora.r=4")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ac, reference = load_actor_critic(cfg, tokenizer)
+    assert reference is None  # no second copy of the weights
+    with torch.no_grad():  # move the adapters so policy and reference differ
+        for name, p in ac.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = build_batch([[5, 6, 7]], [[8, 9, 10]], tokenizer.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        with ac.as_reference() as ref:
+            ref_logprobs = sequence_logprobs_of(ref, batch, 1.0)
+        policy_logprobs = sequence_logprobs_of(ac.policy, batch, 1.0)
+        base_logprobs = sequence_logprobs_of(base, batch, 1.0)
+    assert torch.allclose(ref_logprobs, base_logprobs, atol=1e-5)
+    assert not torch.allclose(policy_logprobs, base_logprobs, atol=1e-3)
+
+
+def test_separate_critic_and_gold_judge(tiny_model_dir, ppo_files, tmp_path):
+    _, reward = ppo_files
+    cfg = ppo_config(
+        tiny_model_dir,
+        ppo_files,
+        "train.max_steps=2",
+        "critic.kind=separate",
+        f"reward.gold={reward}:response_chars",
+        "rollout.samples_every=1",
+    )
+    run_ppo(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run/metrics.jsonl")
+    samples = [json.loads(x) for x in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
+    step1 = [s for s in samples if s["step"] == 1]
+    assert metrics[0]["gold/mean"] == pytest.approx(mean([len(s["response"]) for s in step1]))
+    assert all(s["gold"] == len(s["response"]) for s in samples)
+
+
+# --------------------------------------------------------------------------- resume, bad input
+
+
+def run_cli(args, env_extra=None, check=True):
+    env = dict(os.environ, **(env_extra or {}))
+    command = [sys.executable, "-m", "tether", *args]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def test_killed_ppo_run_resumes_as_if_uninterrupted(tiny_model_dir, ppo_files, tmp_path):
+    extra = ["train.max_steps=6", "train.save_every=2", "ppo.kl.adaptive=true"]
+    extra += ["ppo.kl.horizon=100", "reward.normalize=true", "rollout.samples_every=1"]
+    sets = ppo_overrides(tiny_model_dir, ppo_files, *extra)
+    reference = tmp_path / "uninterrupted"
+    run_ppo(ppo_config(tiny_model_dir, ppo_files, *extra), reference)
+
+    killed = tmp_path / "killed"
+    args = ["ppo", "--out", str(killed)] + [a for s in sets for a in ("--set", s)]
+    proc = run_cli(args, {"TETHER_KILL_AT": "after_step:5"}, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run_cli(["ppo", "--out", str(killed), "--resume"])
+
+    a = load_file(reference / "final/model.safetensors")
+    b = load_file(killed / "final/model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ma, mb = read_metrics(reference / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [m["step"] for m in mb] == list(range(1, 7))
+    for ra, rb in zip(ma, mb, strict=True):
+        for key in ra.keys() - TIMING_KEYS:
+            assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
+    assert ma[-1]["kl/coef"] != ma[0]["kl/coef"]  # the controller moved, and resumed in step
+    # Samples replayed after the resume replace the killed run's, not add to them.
+    sa = (reference / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in sa] == [
+        json.loads(x) for x in (killed / "samples.jsonl").read_text().splitlines()
+    ]
+
+
+def test_truncated_sampling_is_refused_before_anything_loads(tiny_model_dir, ppo_files, tmp_path):
+    with pytest.raises(ConfigError, match=r"rollout\.top_p/top_k"):
+        ppo_config(tiny_model_dir, ppo_files, "rollout.top_p=0.9")
+    with pytest.raises(ConfigError, match=r"ppo\.num_minibatches"):
+        ppo_config(tiny_model_dir, ppo_files, "ppo.num_minibatches=3")  # 3 does not divide 10
+
+
+def test_bad_prompt_file_fails_with_file_and_line(tiny_model_dir, ppo_files, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 42}\n')
+    _, reward = ppo_files
+    args = ["ppo", "--model", str(tiny_model_dir), "--data", str(bad), "--out", str(tmp_path / "r")]
+    args += ["--set", f"reward.terms=[{{name: '{reward}:vowel_share'}}]"]
+    proc = run_cli(args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{bad}:2: field 'prompt'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r/checkpoints").exists()

@@ -1,0 +1,85 @@
+"""The trainable parts of PPO as one module: the policy LM plus its critic.
+
+One module means one optimizer, one gradient clip and one checkpoint cover policy and critic
+together (A2C-style joint training). The critic is either a linear value head on the policy's
+own backbone (one model in memory) or a separate backbone with its own head, usually
+initialised from the reward model (RLHF-NOTES). The reference policy is kept outside: with a
+LoRA policy it is the same backbone with the adapters disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from tether.config import ModelConfig, PPOConfig
+from tether.models import load_causal_lm
+from tether.reward_model import hf_model, load_reward_backbone
+from tether.rollout import RolloutBatch, response_hidden, token_logprobs
+
+
+class ActorCritic(nn.Module):
+    def __init__(
+        self, policy: nn.Module, value_head: nn.Module, critic: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.policy = policy  # a causal LM, optionally peft-wrapped
+        self.value_head = value_head  # hidden -> 1; on the critic's backbone when separate
+        self.critic = critic  # a separate backbone (sequence-classification model) or None
+
+    def forward_responses(
+        self, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log-probs [B, R], values [B, R], entropy [B, R] or None) of the response tokens.
+
+        With a value head on the policy, one backbone pass gives all three.
+        """
+        hidden = response_hidden(self.policy, batch)
+        logprobs, entropy = token_logprobs(self.policy, hidden, batch, temperature, with_entropy)
+        if self.critic is not None:
+            hidden = response_hidden(self.critic, batch)
+        values = self.value_head(hidden).squeeze(-1).float()
+        return logprobs, values, entropy
+
+    @contextlib.contextmanager
+    def as_reference(self) -> Iterator[nn.Module]:
+        """The LoRA policy with its adapters disabled: π_ref without a second copy."""
+        with self.policy.disable_adapter():
+            yield self.policy
+
+
+def load_actor_critic(cfg: PPOConfig, tokenizer) -> tuple[ActorCritic, nn.Module | None]:
+    """(actor-critic, reference model or None when the LoRA policy serves as its own reference).
+
+    A new value head starts at 0 (weight and bias), so the first values are 0 and the first
+    value loss is the plain squared return: no random offset for the critic to unlearn.
+    """
+    policy = load_causal_lm(cfg.model, tokenizer)
+    hidden_size = hf_model(policy).config.hidden_size
+    critic = None
+    if cfg.critic.kind == "separate":
+        critic_cfg = ModelConfig(
+            name=cfg.critic.init or cfg.model.name,
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
+            lora=cfg.model.lora,
+        )
+        critic = load_reward_backbone(critic_cfg, tokenizer, cfg.train.seed)
+        value_head = hf_model(critic).score
+    else:
+        value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+    reference = None
+    if not cfg.model.lora.enabled or cfg.reference:
+        ref_cfg = ModelConfig(
+            name=cfg.reference or cfg.model.name,
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        reference = load_causal_lm(ref_cfg, tokenizer).eval().requires_grad_(False)
+    return ActorCritic(policy, value_head, critic), reference

@@ -1,0 +1,194 @@
+"""Rollouts: sample responses from a policy, lay them out as tensors, score the response tokens.
+
+Layout of a rollout batch (B rows):
+
+    ids   [B, P + R]   prompt left-padded to width P | response right-padded to width R
+    mask  [B, P + R]   1 on real tokens (prompt and response up to and including EOS)
+    response_mask [B, R]   the response part of `mask`
+
+Position ids come from the mask, so left padding does not shift positions (RLHF-NOTES). The
+state that emits response token t is position P + t − 1, so log-probs, entropies and values
+of the response are all read from hidden[:, P − 1 : −1]: the LM head runs on R positions per
+row instead of P + R, and no [B, P + R, V] logits tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tether.data import Message
+from tether.ops import entropy_from_logits, logprobs_from_logits
+from tether.reward_model import hf_model, position_ids_from_mask
+
+
+@dataclass
+class Generation:
+    """Sampled responses, one per prompt: token ids (EOS included when it was produced)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    texts: list[str]
+    ended: list[bool]  # True where the response stopped at EOS, False where it hit the limit
+
+
+def encode_prompt(tokenizer, prompt: str | list[Message]) -> list[int]:
+    """Chat-template token ids of a prompt, ending with the assistant header."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, W] ids and mask with each row pushed to the right end (generation's layout)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[Message]] | Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    ignore_eos: bool = False,
+    seed: int | None = None,
+    batch_size: int = 0,
+) -> Generation:
+    """Sample one response per prompt (strings, message lists or token-id lists).
+
+    Uses Hugging Face `generate` on left-padded batches (it derives position ids from the
+    mask). With `seed`, sampling uses its own RNG and leaves the global one untouched; without,
+    it draws from the global RNG (whose state a checkpoint saves, so a resumed run samples the
+    same). temperature 0 means greedy decoding.
+    """
+    from transformers import GenerationConfig
+
+    rows = [p if _is_ids(p) else encode_prompt(tokenizer, p) for p in prompts]
+    eos = tokenizer.eos_token_id
+    batch_size = batch_size or len(rows)
+    inner = hf_model(model)
+    was_training = model.training
+    model.eval()
+    responses: list[list[int]] = []
+    # A complete config, so no default from the model's generation_config.json (a top_k of
+    # 50, a repetition penalty) silently changes the distribution sampled from.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if ignore_eos else 0,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=top_p,
+        top_k=top_k,
+        eos_token_id=None if ignore_eos else eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(rows), batch_size):
+            ids, mask = left_pad(rows[start : start + batch_size], tokenizer.pad_token_id)
+            out = inner.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
+            )[:, ids.shape[1] :]
+            responses += [_cut_at_eos(row.tolist(), eos, ignore_eos) for row in out]
+    model.train(was_training)
+    ended = [bool(r) and r[-1] == eos and not ignore_eos for r in responses]
+    texts = tokenizer.batch_decode(
+        [r[:-1] if e else r for r, e in zip(responses, ended, strict=True)],
+        skip_special_tokens=True,
+    )
+    return Generation(rows, responses, texts, ended)
+
+
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int))
+
+
+def _cut_at_eos(row: list[int], eos: int, ignore_eos: bool) -> list[int]:
+    """Up to and including the first EOS; generate pads finished rows after it."""
+    if not ignore_eos and eos in row:
+        return row[: row.index(eos) + 1]
+    return row
+
+
+@dataclass
+class RolloutBatch:
+    """A rollout laid out as tensors (see the module docstring)."""
+
+    ids: torch.Tensor  # [B, P + R]
+    mask: torch.Tensor  # [B, P + R]
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # [B, R]
+
+    def rows(self, index: torch.Tensor | list[int]) -> RolloutBatch:
+        return RolloutBatch(
+            self.ids[index], self.mask[index], self.prompt_width, self.response_mask[index]
+        )
+
+
+def build_batch(
+    prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int
+) -> RolloutBatch:
+    prompt, prompt_mask = left_pad(prompt_ids, pad_id)
+    width = max(1, max(len(r) for r in response_ids))
+    response = torch.full((len(response_ids), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(response_ids), width), dtype=torch.long)
+    for i, r in enumerate(response_ids):
+        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = 1
+    return RolloutBatch(
+        torch.cat([prompt, response], dim=1),
+        torch.cat([prompt_mask, response_mask], dim=1),
+        prompt.shape[1],
+        response_mask,
+    )
+
+
+def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
+    """[B, R, H] final hidden states at the positions that emit each response token.
+
+    `model` is a Hugging Face model (causal LM or sequence classifier), optionally wrapped by
+    peft; its backbone runs once over prompt + response.
+    """
+    inner = hf_model(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(
+        input_ids=batch.ids,
+        attention_mask=batch.mask,
+        position_ids=position_ids_from_mask(batch.mask),
+    ).last_hidden_state
+    return hidden[:, batch.prompt_width - 1 : -1]
+
+
+def token_logprobs(
+    model, hidden: torch.Tensor, batch: RolloutBatch, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(response token) [B, R] (and entropy [B, R]) from response hidden states.
+
+    Padding positions hold garbage; callers mask with `batch.response_mask`.
+    """
+    logits = hf_model(model).lm_head(hidden)  # [B, R, V], R response positions only
+    labels = batch.ids[:, batch.prompt_width :]
+    logprobs = logprobs_from_logits(logits, labels, temperature)
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logprobs, entropy
+
+
+def sequence_logprobs_of(model, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+    """[B, R] token log-probs of the responses under `model` (a policy or the reference)."""
+    return token_logprobs(model, response_hidden(model, batch), batch, temperature, False)[0]

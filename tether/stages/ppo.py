@@ -1,0 +1,333 @@
+"""Online PPO against a reward, with a per-token KL penalty to a frozen reference policy.
+
+One iteration, top to bottom (Ziegler et al. 2019; Ouyang et al. 2022):
+  1. draw a batch of prompts; sample one response each from π_θ (stop at EOS)
+  2. score each finished response once; a response cut at max_new_tokens without EOS is
+     penalised (rollout.missing_eos); optionally normalise scores with running moments
+  3. token log-probs under π_θ (old) and π_ref, values from the critic; per-token reward
+     r_t = −β·KL_t, plus the score on the last token
+  4. GAE advantages and returns; advantages whitened
+  5. ppo_epochs passes over shuffled minibatches: clipped policy loss + vf_coef · clipped
+     value loss − ent_coef · entropy; gradient clipping; gradient accumulation
+  6. β fixed, or adapted towards a KL target
+The maths is in tether.losses / advantages / kl / ops; this file only orders the calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tether.actor_critic import ActorCritic, load_actor_critic
+from tether.advantages import gae, kl_penalized_rewards
+from tether.config import PPOConfig
+from tether.data import DataError, Message, load_prompts
+from tether.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tether.losses import ppo_policy_loss, value_loss
+from tether.models import save_pretrained_model
+from tether.ops import RunningMoments, explained_variance, masked_mean, masked_sum, masked_whiten
+from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, build_term, checked_call
+from tether.rollout import (
+    Generation,
+    RolloutBatch,
+    build_batch,
+    encode_prompt,
+    generate,
+    sequence_logprobs_of,
+)
+from tether.rundir import truncate_jsonl
+from tether.training import (
+    Optimization,
+    autocast,
+    begin_run,
+    clip_and_step,
+    fit,
+    start_optimization,
+    total_steps,
+)
+
+
+@dataclass
+class Rollout:
+    """One iteration's experience; every [B, R] tensor is 0 (or garbage) off response_mask."""
+
+    batch: RolloutBatch
+    generation: Generation
+    scores: torch.Tensor  # [B] after the missing-EOS rule, before normalisation
+    logprobs: torch.Tensor  # [B, R] π_old
+    values: torch.Tensor  # [B, R]
+    kl: torch.Tensor  # [B, R] the penalty's estimator, the same one logged
+    advantages: torch.Tensor  # [B, R]
+    returns: torch.Tensor  # [B, R]
+
+
+def prompt_for_reward(messages: list[Message]) -> str | list[Message]:
+    """Reward functions see a lone user turn as its text, a longer dialogue as its messages."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
+
+
+def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[Message]], list[list[int]]]:
+    """Read and tokenise prompts; raises DataError before any model loads."""
+    prompts, report = load_prompts(cfg.data.train, cfg.data.format)
+    kept, rows = [], []
+    for messages in prompts:
+        ids = encode_prompt(tokenizer, messages)
+        if len(ids) > cfg.data.max_length:
+            report.skipped[f"prompt longer than data.max_length={cfg.data.max_length}"] += 1
+            continue
+        kept.append(messages)
+        rows.append(ids)
+    tqdm.write(report.summary())
+    if not kept:
+        raise DataError(f"{cfg.data.train}: no prompt fits data.max_length={cfg.data.max_length}")
+    return kept, rows
+
+
+def build_reward(cfg: PPOConfig) -> tuple[CombinedReward, RewardTerm | None]:
+    terms = [build_term(t["name"], t.get("weight", 1.0), t.get("args")) for t in cfg.reward.terms]
+    gold = build_term(cfg.reward.gold, 1.0, cfg.reward.gold_args) if cfg.reward.gold else None
+    return CombinedReward(terms), gold
+
+
+@torch.no_grad()
+def collect_rollout(
+    ac: ActorCritic,
+    reference: torch.nn.Module | None,
+    tokenizer,
+    messages: list[list[Message]],
+    rows: list[list[int]],
+    reward: CombinedReward,
+    gold: RewardTerm | None,
+    kl_coef: float,
+    moments: RunningMoments,
+    cfg: PPOConfig,
+    bf16: bool,
+) -> tuple[Rollout, dict[str, float], list[dict]]:
+    """Steps 1-4 of the iteration: sample, score, log-probs, values, rewards, advantages."""
+    ro_cfg, ppo = cfg.rollout, cfg.ppo
+    with autocast(bf16):
+        gen = generate(
+            ac.policy,
+            tokenizer,
+            rows,
+            max_new_tokens=ro_cfg.max_new_tokens,
+            temperature=ro_cfg.temperature,
+            batch_size=ro_cfg.generation_batch_size,
+        )
+    batch = build_batch(gen.prompt_ids, gen.response_ids, tokenizer.pad_token_id)
+    reward_prompts = [prompt_for_reward(m) for m in messages]
+    raw, _ = reward(reward_prompts, gen.texts)
+    ended = torch.tensor(gen.ended)
+    scores = apply_missing_eos(
+        torch.tensor(raw), ended, ro_cfg.missing_eos, ro_cfg.missing_eos_penalty
+    )
+    trained_scores = scores
+    if cfg.reward.normalize:
+        moments.update(scores)
+        trained_scores = (scores - moments.mean) / moments.std
+    if cfg.reward.clip:
+        trained_scores = trained_scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+
+    mask = batch.response_mask
+    logprobs, values, entropy, ref_logprobs = [], [], [], []
+    ac.eval()
+    micro = cfg.train.batch_size // ppo.num_minibatches // cfg.train.grad_accum
+    for start in range(0, mask.shape[0], micro):
+        sub = batch.rows(slice(start, start + micro))
+        with autocast(bf16):
+            lp, v, ent = ac.forward_responses(sub, ro_cfg.temperature, with_entropy=True)
+            if reference is None:
+                with ac.as_reference() as ref_model:
+                    ref = sequence_logprobs_of(ref_model, sub, ro_cfg.temperature)
+            else:
+                ref = sequence_logprobs_of(reference, sub, ro_cfg.temperature)
+        logprobs.append(lp)
+        values.append(v)
+        entropy.append(ent)
+        ref_logprobs.append(ref)
+    ac.train()
+    logprobs, values = torch.cat(logprobs), torch.cat(values)
+    entropy, ref_logprobs = torch.cat(entropy), torch.cat(ref_logprobs)
+
+    kl = torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, ppo.kl.estimator), 0.0)
+    rewards = kl_penalized_rewards(trained_scores, kl, mask, kl_coef)
+    shaped = masked_whiten(rewards, mask, shift_mean=False) if ppo.whiten_rewards else rewards
+    advantages, returns = gae(shaped, values, mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+
+    seq_kl = masked_sum(kl, mask, dim=1)
+    lengths = mask.sum(dim=1).float()
+    stats = {
+        "reward/score_mean": scores.mean().item(),
+        "reward/score_std": scores.std(unbiased=False).item(),
+        "reward/total_mean": masked_sum(rewards, mask, dim=1).mean().item(),
+        "kl/mean": seq_kl.mean().item(),
+        "kl/coef": kl_coef,
+        "policy/entropy": masked_mean(entropy, mask).item(),
+        "value/explained_var": explained_variance(values, returns, mask).item(),
+        "response/length_mean": lengths.mean().item(),
+        "response/eos_frac": ended.float().mean().item(),
+    }
+    samples = [
+        {
+            "prompt": p if isinstance(p, str) else p[-1]["content"],
+            "response": text,
+            "score": s,
+            "kl": k,
+            "ended": e,
+        }
+        for p, text, s, k, e in zip(
+            reward_prompts, gen.texts, scores.tolist(), seq_kl.tolist(), gen.ended, strict=True
+        )
+    ]
+    if gold is not None:
+        gold_values = checked_call(gold, reward_prompts, gen.texts)
+        stats["gold/mean"] = sum(gold_values) / len(gold_values)
+        for sample, g in zip(samples, gold_values, strict=True):
+            sample["gold"] = g
+    rollout = Rollout(batch, gen, scores, logprobs, values, kl, advantages, returns)
+    return rollout, stats, samples
+
+
+def ppo_update(
+    ac: ActorCritic, opt: Optimization, ro: Rollout, cfg: PPOConfig, step: int, bf16: bool
+) -> dict[str, float]:
+    """Step 5: ppo_epochs x num_minibatches optimizer steps over the rollout.
+
+    Each minibatch's loss is a token mean over the whole minibatch, split into grad_accum
+    micro-batches weighted by their token share, so accumulation changes nothing but memory.
+    Shuffles come from a generator seeded by (seed, step): a resumed run shuffles the same.
+    """
+    ppo, rows = cfg.ppo, ro.batch.ids.shape[0]
+    minibatch = rows // ppo.num_minibatches
+    micro = minibatch // cfg.train.grad_accum
+    shuffle = torch.Generator().manual_seed(cfg.train.seed * 100_003 + step)
+    keys = ("train/loss", "policy/loss", "policy/clipfrac", "policy/approx_kl")
+    keys += ("value/loss", "value/clipfrac", "train/grad_norm")
+    sums = dict.fromkeys(keys, 0.0)
+    updates = ppo.ppo_epochs * ppo.num_minibatches
+    for _ in range(ppo.ppo_epochs):
+        order = torch.randperm(rows, generator=shuffle)
+        for mb_start in range(0, rows, minibatch):
+            mb = order[mb_start : mb_start + minibatch]
+            mb_tokens = ro.batch.response_mask[mb].sum().clamp(min=1)
+            for start in range(0, minibatch, micro):
+                idx = mb[start : start + micro]
+                sub = ro.batch.rows(idx)
+                mask = sub.response_mask
+                with autocast(bf16):
+                    logprobs, values, entropy = ac.forward_responses(
+                        sub, cfg.rollout.temperature, with_entropy=ppo.ent_coef > 0
+                    )
+                pg_loss, pg = ppo_policy_loss(
+                    logprobs, ro.logprobs[idx], ro.advantages[idx], mask, ppo.clip_eps
+                )
+                v_loss, v = value_loss(
+                    values, ro.values[idx], ro.returns[idx], mask, ppo.value_clip_eps or None
+                )
+                loss = pg_loss + ppo.vf_coef * v_loss
+                if ppo.ent_coef > 0:
+                    loss = loss - ppo.ent_coef * masked_mean(entropy, mask)
+                share = (mask.sum() / mb_tokens).item()
+                (loss * share).backward()
+                weight = share / updates
+                sums["train/loss"] += loss.item() * weight
+                sums["policy/loss"] += pg_loss.item() * weight
+                sums["value/loss"] += v_loss.item() * weight
+                for name, value in (("policy", pg), ("value", v)):
+                    for stat, x in value.items():
+                        if f"{name}/{stat}" in sums:
+                            sums[f"{name}/{stat}"] += float(x) * weight
+            norm = clip_and_step(ac, opt.optimizer, cfg.optim.max_grad_norm)
+            sums["train/grad_norm"] += norm / updates
+    return sums
+
+
+def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
+    """Train a policy with PPO and return the path of `final/`."""
+    begun = begin_run(cfg, out, resume)
+    run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
+    messages, rows = prepare_prompts(cfg, tokenizer)
+    reward, gold = build_reward(cfg)
+    ac, reference = load_actor_critic(cfg, tokenizer)
+    ac.train()
+    opt = start_optimization(
+        run, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size
+    )
+    kl = cfg.ppo.kl
+    kl_ctl = (
+        AdaptiveKLController(kl.coef, kl.target, kl.horizon)
+        if kl.adaptive
+        else FixedKLController(kl.coef)
+    )
+    moments = RunningMoments()
+    if opt.extra:
+        kl_ctl.load_state_dict(opt.extra["kl"])
+        moments.load_state_dict(opt.extra["score_moments"])
+    samples_path = run.path / "samples.jsonl"
+    truncate_jsonl(samples_path, opt.progress.step)
+    last_step = total_steps(cfg.train, len(rows), per_step=cfg.train.batch_size)
+
+    def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
+        step = opt.progress.step + 1  # the step this call completes
+        started = time.perf_counter()
+        ro, stats, samples = collect_rollout(
+            ac,
+            reference,
+            tokenizer,
+            [messages[i] for i in indices],
+            [rows[i] for i in indices],
+            reward,
+            gold,
+            kl_ctl.value,
+            moments,
+            cfg,
+            bf16,
+        )
+        stats["time/rollout_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        stats.update(ppo_update(ac, opt, ro, cfg, step, bf16))
+        stats["time/train_s"] = time.perf_counter() - started
+        kl_ctl.update(stats["kl/mean"], n_steps=len(indices))
+        every = cfg.rollout.samples_every
+        if every and (step == 1 or step % every == 0 or step == last_step):
+            write_samples(samples_path, step, samples)
+        response_tokens = int(ro.batch.response_mask.sum())
+        stats["throughput/tokens_per_s"] = response_tokens / (
+            stats["time/rollout_s"] + stats["time/train_s"]
+        )
+        return stats, response_tokens
+
+    fit(
+        desc="ppo",
+        cfg=cfg,
+        run=run,
+        model=ac,
+        opt=opt,
+        num_examples=len(rows),
+        step_fn=step_fn,
+        per_step=cfg.train.batch_size,
+        steps_itself=True,
+        extra_state=lambda: {"kl": kl_ctl.state_dict(), "score_moments": moments.state_dict()},
+    )
+    save_pretrained_model(ac.policy, tokenizer, run.final)
+    run.unlock()
+    return run.final
+
+
+def write_samples(path: Path, step: int, samples: list[dict]) -> None:
+    """Append and fsync: samples of a step are on disk before its checkpoint is."""
+    with open(path, "a", encoding="utf-8") as fh:
+        for sample in samples:
+            fh.write(json.dumps({"step": step, **sample}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
