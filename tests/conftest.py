@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,50 @@ def memorisable_sft(tmp_path_factory) -> Path:
             }
         )
     return write_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", records)
+
+
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sun",
+    "sky",
+    "tree",
+    "river",
+    "stone",
+    "bird",
+    "cloud",
+    "road",
+    "house",
+    "light",
+    "green",
+    "old",
+]
+
+
+def marker_pairs(n: int, seed: int) -> list[dict]:
+    """Chosen answers contain 'banana' where rejected ones have an ordinary word (same length)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
+        spot = rng.randrange(len(words))
+        chosen = " ".join([*words[:spot], "banana", *words[spot + 1 :]])
+        records.append(
+            {
+                "prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
+                "chosen": chosen,
+                "rejected": " ".join(words),
+            }
+        )
+    return records
+
+
+@pytest.fixture(scope="session")
+def marker_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rm-data")
+    return (
+        write_jsonl(d / "train.jsonl", marker_pairs(192, seed=0)),
+        write_jsonl(d / "eval.jsonl", marker_pairs(64, seed=1)),
+    )

@@ -184,6 +184,20 @@ def test_score_penalties() -> None:
     assert score_l2_penalty(torch.tensor([1.0, -3.0]), 0.1).item() == pytest.approx(0.5)
 
 
+def test_list_centering_penalty_hand_values_and_k2_equals_pairs() -> None:
+    from tether.losses import list_centering_penalty
+
+    # List 0: mean of (1, 2, 3) = 2 -> (2·2)² = 16; list 1: mean of (−1, 1) = 0 -> 0.
+    scores = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 1.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert list_centering_penalty(scores, mask, 0.5).item() == pytest.approx(0.5 * 16 / 2)
+    c, r = torch.tensor([1.0, 2.0]), torch.tensor([1.0, -2.0])
+    pairs = torch.stack([c, r], dim=1)
+    assert list_centering_penalty(pairs, torch.ones(2, 2), 0.5).item() == pytest.approx(
+        score_centering_penalty(c, r, 0.5).item()
+    )
+
+
 # --- PPO -----------------------------------------------------------------------------------
 
 

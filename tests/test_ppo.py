@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sft import run_cli
 
 from tether.config import ConfigError, PPOConfig, load_config
 from tether.rundir import read_metrics
@@ -28,6 +26,9 @@ def vowel_share(prompts, responses):
 
 def response_chars(prompts, responses):
     return [float(len(r)) for r in responses]
+
+def constant(prompts, responses):
+    return [0.5 for _ in responses]
 """
 
 
@@ -131,6 +132,59 @@ def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_sampling_ignores_the_models_own_generation_defaults(tiny):
+    """A repetition penalty (or top_k, min_p...) in generation_config.json would change the
+    distribution sampled from; tether's samples must follow the plain softmax it scores."""
+    from tether.rollout import encode_prompt, generate
+
+    model, tokenizer = tiny
+    ids = torch.tensor([encode_prompt(tokenizer, "Hi")])
+    plain = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model.generation_config.repetition_penalty = 2.0
+    model.generation_config.top_k = 3
+    try:
+        penalised = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        ours = generate(model, tokenizer, ["Hi"], max_new_tokens=8, temperature=0)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+        model.generation_config.top_k = 50
+    assert not torch.equal(plain, penalised)  # the setting does bite in plain HF
+    assert ours.response_ids[0] == plain[0, ids.shape[1] :].tolist()
+    assert model.generation_config.repetition_penalty == 1.0  # restored, not overwritten
+
+
+def test_a_response_ends_at_any_of_the_models_stop_tokens(tiny):
+    from tether.rollout import _cut_at_stop, stop_token_ids
+
+    model, tokenizer = tiny
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
+    try:
+        stops = stop_token_ids(model, tokenizer)
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert stops == sorted({tokenizer.eos_token_id, 7})
+    assert _cut_at_stop([5, 6, 7, 8, tokenizer.eos_token_id], stops) == [5, 6, 7]
+    assert _cut_at_stop([5, 6], stops) == [5, 6]
+
+
+def test_dropout_is_off_in_rl_models(tiny_model_dir, ppo_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tether.actor_critic import load_actor_critic
+    from tether.models import load_tokenizer
+
+    noisy = tmp_path / "noisy"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5)
+    model.save_pretrained(noisy)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(noisy)
+    cfg = ppo_config(noisy, ppo_files, "model.lora.enabled=true", "model.lora.dropout=0.3")
+    ac, _ = load_actor_critic(cfg, load_tokenizer(str(noisy)))
+    ac.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.equal(ac.policy(ids).logits, ac.policy(ids).logits)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -218,6 +272,24 @@ def test_lora_reference_is_the_same_backbone_with_adapters_off(tiny_model_dir, p
     assert not torch.allclose(policy_logprobs, base_logprobs, atol=1e-3)
 
 
+def test_constant_scores_with_running_normalisation_stay_finite(
+    tiny_model_dir, ppo_files, tmp_path
+):
+    """A first batch whose scores are all equal has std 0: normalising must not divide by it."""
+    _, reward = ppo_files
+    cfg = ppo_config(
+        tiny_model_dir,
+        ppo_files,
+        "train.max_steps=2",
+        f"reward.terms=[{{name: '{reward}:constant'}}]",
+        "reward.normalize=true",
+    )
+    run_ppo(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert all(isinstance(m["train/loss"], float) for m in metrics)  # NaN is logged as a str
+    assert metrics[0]["reward/total_mean"] == 0.0
+
+
 def test_separate_critic_and_gold_judge(tiny_model_dir, ppo_files, tmp_path):
     _, reward = ppo_files
     cfg = ppo_config(
@@ -236,16 +308,52 @@ def test_separate_critic_and_gold_judge(tiny_model_dir, ppo_files, tmp_path):
     assert all(s["gold"] == len(s["response"]) for s in samples)
 
 
+# --------------------------------------------------------------------------- critic-free
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_group_algorithms_raise_a_rule_reward(tiny_model_dir, ppo_files, tmp_path, algo):
+    cfg = ppo_config(
+        tiny_model_dir,
+        ppo_files,
+        f"algo={algo}",
+        "train.batch_size=5",
+        "rollout.samples_per_prompt=4",
+        "train.max_steps=20",
+    )
+    run_ppo(cfg, tmp_path / "run")
+    score = series(tmp_path / "run", "reward/score_mean")
+    assert mean(score[-4:]) > mean(score[:4]) + 0.1, score
+    first = read_metrics(tmp_path / "run/metrics.jsonl")[0]
+    assert "value/loss" not in first  # no critic
+    if algo == "grpo":  # KL is a loss term (k3), not part of the reward
+        assert "kl/loss" in first
+        assert first["reward/total_mean"] == pytest.approx(first["reward/score_mean"])
+
+
+def test_grpo_cli_defaults_and_group_size_check(tiny_model_dir, ppo_files, tmp_path):
+    from tether.config import GRPOConfig
+
+    cfg = load_config(GRPOConfig, None, ppo_overrides(tiny_model_dir, ppo_files))
+    assert (cfg.algo, cfg.rollout.samples_per_prompt) == ("grpo", 4)
+    assert cfg.ppo.kl.resolved(cfg.algo) == ("loss", "k3")
+    with pytest.raises(ConfigError, match=r"samples_per_prompt' must be >= 2 for algo rloo"):
+        ppo_config(tiny_model_dir, ppo_files, "algo=rloo")
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "a2c"])
+def test_single_pass_algorithms_take_one_unclipped_step(tiny_model_dir, ppo_files, tmp_path, algo):
+    """REINFORCE and A2C: one optimizer step per rollout, so the ratio is exactly 1 when the
+    loss is taken and nothing is clipped, whatever ppo.ppo_epochs says."""
+    cfg = ppo_config(tiny_model_dir, ppo_files, f"algo={algo}", "train.max_steps=3")
+    run_ppo(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert all(m["policy/approx_kl"] < 1e-7 and m["policy/clipfrac"] == 0 for m in metrics)
+    assert ("value/loss" in metrics[0]) == (algo == "a2c")
+    assert metrics[-1]["kl/mean"] != 0  # but the policy did move
+
+
 # --------------------------------------------------------------------------- resume, bad input
-
-
-def run_cli(args, env_extra=None, check=True):
-    env = dict(os.environ, **(env_extra or {}))
-    command = [sys.executable, "-m", "tether", *args]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
 
 
 def test_killed_ppo_run_resumes_as_if_uninterrupted(tiny_model_dir, ppo_files, tmp_path):

@@ -1,7 +1,6 @@
 """Reward model on a tiny real Llama: learning, score position, normalisation, saving, CLI."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,52 +11,6 @@ from tether.config import RMConfig, load_config
 from tether.reward_model import RewardModel, pad_rows, sequence_scores
 from tether.rundir import read_metrics
 from tether.stages.rm import run_rm
-
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sun",
-    "sky",
-    "tree",
-    "river",
-    "stone",
-    "bird",
-    "cloud",
-    "road",
-    "house",
-    "light",
-    "green",
-    "old",
-]
-
-
-def marker_pairs(n: int, seed: int) -> list[dict]:
-    """Chosen answers contain 'banana' where rejected ones have an ordinary word (same length)."""
-    rng = random.Random(seed)
-    records = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 9))]
-        spot = rng.randrange(len(words))
-        chosen = " ".join([*words[:spot], "banana", *words[spot + 1 :]])
-        records.append(
-            {
-                "prompt": " ".join(rng.choice(WORDS) for _ in range(4)),
-                "chosen": chosen,
-                "rejected": " ".join(words),
-            }
-        )
-    return records
-
-
-@pytest.fixture(scope="module")
-def marker_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rm-data")
-    return (
-        write_jsonl(d / "train.jsonl", marker_pairs(192, seed=0)),
-        write_jsonl(d / "eval.jsonl", marker_pairs(64, seed=1)),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +121,7 @@ def test_rm_eval_json_and_score_cli(trained_rm, marker_data, tmp_path):
 
 
 def test_listwise_records_become_weighted_pairs():
-    from tether.data import PreferencePair, RankedResponses
-    from tether.stages.rm import expand_rankings
+    from tether.data import PreferencePair, RankedResponses, expand_rankings
 
     prompt = [{"role": "user", "content": "say"}]
     ranked = RankedResponses(prompt, ["r0", "r1", "r2"], ranking=[2, 0, 1])  # r2 > r0 > r1
@@ -234,3 +186,39 @@ def test_score_refuses_a_directory_as_output_before_loading(tmp_path):
     )
     assert proc.returncode == 2
     assert "is a directory; --out takes a file path" in proc.stderr
+
+
+def test_plackett_luce_rm_learns_a_ranking_and_is_judged_pairwise(
+    tiny_model_dir, marker_data, tmp_path
+):
+    """Rankings of three (two markers > one > none) trained whole under Plackett-Luce; the
+    held-out report is the same pairwise one as for Bradley-Terry."""
+    import random
+
+    rng = random.Random(0)
+    records = []
+    for _ in range(96):
+        words = [rng.choice(["sun", "sky", "tree", "road", "stone"]) for _ in range(6)]
+        two = " ".join(["banana", *words[1:4], "banana", *words[5:]])
+        one = " ".join(["banana", *words[1:]])
+        records.append({"prompt": "say", "responses": [one, " ".join(words), two]})
+        records[-1]["ranking"] = [2, 0, 1]
+    train = write_jsonl(tmp_path / "ranked.jsonl", records)
+    cfg = load_config(
+        RMConfig,
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"data.train={train}",
+            f"data.eval={marker_data[1]}",
+            "reward.listwise_loss=plackett_luce",
+            "optim.lr=3e-3",
+            "train.max_steps=30",
+            "train.batch_size=8",
+            "train.threads=1",
+        ],
+    )
+    run_rm(cfg, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert "train/top1_accuracy" in metrics[1]
+    assert metrics[-1]["eval/accuracy"] >= 0.9, metrics[-1]

@@ -52,3 +52,15 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert abs(lr_multiplier(6, 10, 2, "cosine") - 0.5) < 1e-12
     assert lr_multiplier(10, 10, 2, "cosine") == 0.0
     assert lr_multiplier(6, 10, 2, "linear") == 0.5
+
+
+def test_grouped_steps_stay_aligned_when_steps_do_not_divide_the_epoch():
+    """203 examples in steps of 8: every step of every epoch, drawn at the run's cursor, is
+    length-grouped except the one that straddles each epoch boundary."""
+    rng = random.Random(1)
+    lengths = [rng.randint(20, 256) for _ in range(203)]
+    steps = [example_indices(c, 8, 203, 5, lengths) for c in range(0, 203 * 3 - 8, 8)]
+    spreads = [max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps]
+    loose = [k for k, spread in enumerate(spreads) if spread > 60]
+    straddling = {k for k in range(len(steps)) if (8 * k) // 203 != (8 * k + 7) // 203}
+    assert set(loose) <= straddling, (loose, straddling)

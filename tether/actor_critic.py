@@ -16,18 +16,22 @@ import torch
 from torch import nn
 
 from tether.config import ModelConfig, PPOConfig
-from tether.models import load_causal_lm
+from tether.models import disable_dropout, load_causal_lm
 from tether.reward_model import hf_model, load_reward_backbone
 from tether.rollout import RolloutBatch, response_hidden, token_logprobs
 
 
 class ActorCritic(nn.Module):
     def __init__(
-        self, policy: nn.Module, value_head: nn.Module, critic: nn.Module | None = None
+        self,
+        policy: nn.Module,
+        value_head: nn.Module | None,
+        critic: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.policy = policy  # a causal LM, optionally peft-wrapped
-        self.value_head = value_head  # hidden -> 1; on the critic's backbone when separate
+        # hidden -> 1, on the critic's backbone when separate; None for critic-free algorithms
+        self.value_head = value_head
         self.critic = critic  # a separate backbone (sequence-classification model) or None
 
     def forward_responses(
@@ -35,10 +39,13 @@ class ActorCritic(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(log-probs [B, R], values [B, R], entropy [B, R] or None) of the response tokens.
 
-        With a value head on the policy, one backbone pass gives all three.
+        With a value head on the policy, one backbone pass gives all three; without a critic
+        the values are 0.
         """
         hidden = response_hidden(self.policy, batch)
         logprobs, entropy = token_logprobs(self.policy, hidden, batch, temperature, with_entropy)
+        if self.value_head is None:
+            return logprobs, torch.zeros_like(logprobs), entropy
         if self.critic is not None:
             hidden = response_hidden(self.critic, batch)
         values = self.value_head(hidden).squeeze(-1).float()
@@ -51,16 +58,21 @@ class ActorCritic(nn.Module):
             yield self.policy
 
 
-def load_actor_critic(cfg: PPOConfig, tokenizer) -> tuple[ActorCritic, nn.Module | None]:
+def load_actor_critic(
+    cfg: PPOConfig, tokenizer, with_critic: bool = True
+) -> tuple[ActorCritic, nn.Module | None]:
     """(actor-critic, reference model or None when the LoRA policy serves as its own reference).
 
+    `with_critic=False` (RLOO, GRPO, REINFORCE) builds no value function at all.
     A new value head starts at 0 (weight and bias), so the first values are 0 and the first
-    value loss is the plain squared return: no random offset for the critic to unlearn.
+    value loss is the plain squared return: no random offset for the critic to unlearn. A
+    separate critic keeps its backbone's head: a reward model's (raw, unnormalised scores) or,
+    from a plain LM, one drawn from N(0, 1/sqrt(d+1)). Dropout is off in every model.
     """
     policy = load_causal_lm(cfg.model, tokenizer)
     hidden_size = hf_model(policy).config.hidden_size
-    critic = None
-    if cfg.critic.kind == "separate":
+    critic, value_head = None, None
+    if with_critic and cfg.critic.kind == "separate":
         critic_cfg = ModelConfig(
             name=cfg.critic.init or cfg.model.name,
             dtype=cfg.model.dtype,
@@ -70,7 +82,7 @@ def load_actor_critic(cfg: PPOConfig, tokenizer) -> tuple[ActorCritic, nn.Module
         )
         critic = load_reward_backbone(critic_cfg, tokenizer, cfg.train.seed)
         value_head = hf_model(critic).score
-    else:
+    elif with_critic:
         value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
@@ -82,4 +94,7 @@ def load_actor_critic(cfg: PPOConfig, tokenizer) -> tuple[ActorCritic, nn.Module
             trust_remote_code=cfg.model.trust_remote_code,
         )
         reference = load_causal_lm(ref_cfg, tokenizer).eval().requires_grad_(False)
+    for model in (policy, critic, reference):
+        if model is not None:
+            disable_dropout(model)
     return ActorCritic(policy, value_head, critic), reference

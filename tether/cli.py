@@ -43,6 +43,16 @@ STAGES: dict[str, Stage] = {
         config="tether.config:PPOConfig",
         runner="tether.stages.ppo:run_ppo",
     ),
+    "grpo": Stage(
+        help="GRPO: k samples per prompt, group-whitened advantages, KL as a loss term",
+        config="tether.config:GRPOConfig",
+        runner="tether.stages.ppo:run_ppo",
+    ),
+    "dpo": Stage(
+        help="direct preference optimisation (DPO, IPO, hinge) against a frozen reference",
+        config="tether.config:DPOConfig",
+        runner="tether.stages.dpo:run_dpo",
+    ),
 }
 
 

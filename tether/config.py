@@ -182,6 +182,9 @@ class RewardLossConfig:
     l2_coef: float = 0.0
     # Listwise records: every ordered pair (weighted to sum to 1 per prompt) or adjacent only.
     listwise_pairs: Literal["all", "adjacent"] = "all"
+    # "pairs": Bradley-Terry on pairs (rankings expanded as above); "plackett_luce": the
+    # likelihood of each whole ranking (a pair is a ranking of two; margins are not used).
+    listwise_loss: Literal["pairs", "plackett_luce"] = "pairs"
     # Normalise scores to mean 0, std 1 over the held-out responses after training.
     normalize: bool = True
 
@@ -225,6 +228,8 @@ class RolloutConfig:
     # "replace" the score by -penalty (OpenAI), or "none". Without it policies learn to ramble.
     missing_eos: Literal["subtract", "replace", "none"] = "subtract"
     missing_eos_penalty: float = 1.0
+    # Responses sampled per prompt (k): RLOO and GRPO compare the k answers of one prompt.
+    samples_per_prompt: int = 1
     # Rollouts per generate() call; 0 = the whole batch at once.
     generation_batch_size: int = 0
     # Write prompt, response, score, KL (and gold) of every rollout to samples.jsonl every N
@@ -241,6 +246,7 @@ class RolloutConfig:
             "KL disagree with the distribution sampled from; lower rollout.temperature instead",
         )
         _check(self.missing_eos_penalty >= 0, "rollout.missing_eos_penalty", "must be >= 0")
+        _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
         _check(self.generation_batch_size >= 0, "rollout.generation_batch_size", "must be >= 0")
         _check(self.samples_every >= 0, "rollout.samples_every", "must be >= 0")
 
@@ -286,8 +292,22 @@ class KLConfig:
     adaptive: bool = False
     target: float = 6.0
     horizon: int = 10000
-    # k1 = log π − log π_ref (the unbiased penalty of the papers); k2, k3 are ≥ 0 per token.
-    estimator: Literal["k1", "k2", "k3"] = "k1"
+    # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
+    # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.
+    placement: Literal["auto", "reward", "loss"] = "auto"
+    # k1 = log π − log π_ref (the unbiased penalty of the papers); k2, k3 are ≥ 0 per token;
+    # "auto": k1 in the reward, k3 as a loss term (its gradient is that of KL(π‖π_ref)).
+    estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+
+    def resolved(self, algo: str) -> tuple[str, str]:
+        """(placement, estimator) with "auto" resolved for `algo`."""
+        placement = self.placement
+        if placement == "auto":
+            placement = "loss" if algo == "grpo" else "reward"
+        estimator = self.estimator
+        if estimator == "auto":
+            estimator = "k3" if placement == "loss" else "k1"
+        return placement, estimator
 
     def validate(self) -> None:
         _check(self.coef >= 0, "ppo.kl.coef", "must be >= 0")
@@ -309,9 +329,14 @@ class PPOLossConfig:
     ent_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
+    # PPO and A2C: whiten the critic's advantages over the batch.
     whiten_advantages: bool = True
     # Rescale per-token rewards by their std (mean kept: the score's sign carries meaning).
     whiten_rewards: bool = False
+    # GRPO: divide by the group's std (off: Dr. GRPO's mean-centred advantages).
+    grpo_scale_by_std: bool = True
+    # REINFORCE: decay of the moving-average reward baseline.
+    baseline_decay: float = 0.9
     kl: KLConfig = field(default_factory=KLConfig)
 
     def validate(self) -> None:
@@ -322,6 +347,7 @@ class PPOLossConfig:
         _check(self.vf_coef >= 0, "ppo.vf_coef", "must be >= 0")
         _check(0.0 <= self.gamma <= 1.0, "ppo.gamma", "must be in [0, 1]")
         _check(0.0 <= self.lam <= 1.0, "ppo.lam", "must be in [0, 1]")
+        _check(0.0 <= self.baseline_decay < 1.0, "ppo.baseline_decay", "must be in [0, 1)")
         self.kl.validate()
 
 
@@ -343,10 +369,19 @@ class CriticConfig:
         )
 
 
+# Online algorithms that share the rollout and loss core; each picks its advantage estimator:
+# ppo: GAE on a critic, clipped; a2c: return − V, one unclipped pass; rloo: leave-one-out
+# mean of the prompt's k samples; grpo: group-whitened, KL as a loss term; reinforce: moving
+# average baseline, one unclipped pass.
+ALGOS_WITH_CRITIC = ("ppo", "a2c")
+ALGOS_WITH_GROUPS = ("rloo", "grpo")
+
+
 @dataclass
 class PPOConfig:
     """Online PPO against a reward, with a KL penalty to a frozen reference policy."""
 
+    algo: Literal["ppo", "rloo", "grpo", "reinforce", "a2c"] = "ppo"
     model: ModelConfig = field(default_factory=ModelConfig)
     # The frozen reference π_ref; empty = the policy's initial weights. With a LoRA policy the
     # reference is the same backbone with the adapters disabled (one copy in memory).
@@ -375,17 +410,76 @@ class PPOConfig:
         self.reward.validate()
         self.ppo.validate()
         self.critic.validate()
-        minibatch = self.train.batch_size // self.ppo.num_minibatches
         _check(
-            minibatch >= 1 and self.train.batch_size % self.ppo.num_minibatches == 0,
+            self.algo not in ALGOS_WITH_GROUPS or self.rollout.samples_per_prompt >= 2,
+            "rollout.samples_per_prompt",
+            f"must be >= 2 for algo {self.algo}: it compares the answers to one prompt",
+        )
+        rollouts = self.train.batch_size * self.rollout.samples_per_prompt
+        minibatch = rollouts // self.ppo.num_minibatches
+        _check(
+            minibatch >= 1 and rollouts % self.ppo.num_minibatches == 0,
             "ppo.num_minibatches",
-            f"must divide train.batch_size ({self.train.batch_size})",
+            f"must divide the {rollouts} rollouts of an iteration "
+            "(train.batch_size x rollout.samples_per_prompt)",
         )
         _check(
             minibatch % self.train.grad_accum == 0,
             "train.grad_accum",
             f"must divide the minibatch of {minibatch} rollouts",
         )
+
+
+@dataclass
+class DPOLossConfig:
+    """The DPO family (Rafailov et al. 2023; IPO, Azar et al. 2023; hinge, SLiC)."""
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    # Conservative DPO: labels assumed flipped with this probability (sigmoid only).
+    label_smoothing: float = 0.0
+    # Listwise records: every ordered pair (weighted to sum to 1 per prompt) or adjacent only.
+    listwise_pairs: Literal["all", "adjacent"] = "all"
+
+    def validate(self) -> None:
+        _check(self.beta > 0, "dpo.beta", "must be > 0")
+        _check(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+        _check(
+            self.label_smoothing == 0.0 or self.loss_type == "sigmoid",
+            "dpo.label_smoothing",
+            "only applies to loss_type: sigmoid",
+        )
+
+
+@dataclass
+class DPOConfig:
+    """Offline preference optimisation against a frozen reference (no reward model)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The reference π_ref; empty = the policy's initial weights. Its log-probs are computed
+    # once before training and cached in the run dir, so no second model stays in memory.
+    reference: str = ""
+    # data.max_length: prompt + response tokens; the prompt is cut from the left first.
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.dpo.validate()
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """`tether grpo`: the PPO config with GRPO's defaults (4 samples per prompt)."""
+
+    algo: Literal["ppo", "rloo", "grpo", "reinforce", "a2c"] = "grpo"
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(samples_per_prompt=4))
 
 
 # --------------------------------------------------------------------------- loading

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tether.errors import TetherError
+from tether.losses import listwise_to_pairs
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -433,6 +434,55 @@ def collate_sft(batch: Sequence[TokenizedSFT], pad_id: int) -> dict[str, torch.T
         labels[row, :n] = torch.tensor(x.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def expand_rankings(
+    items: list[PreferencePair | RankedResponses], adjacent_only: bool
+) -> list[PreferencePair]:
+    """Listwise records become their ordered pairs, weighted to sum to 1 per prompt."""
+    out: list[PreferencePair] = []
+    for item in items:
+        if isinstance(item, PreferencePair):
+            out.append(item)
+            continue
+        pairs, weights = listwise_to_pairs(item.ranking, adjacent_only=adjacent_only)
+        for (w, lo), weight in zip(pairs, weights, strict=True):
+            out.append(
+                PreferencePair(item.prompt, item.responses[w], item.responses[lo], None, weight)
+            )
+    return out
+
+
+@dataclass
+class PreferenceSplits:
+    """Train and held-out records (pairs and rankings as read) with their load reports."""
+
+    train: list[PreferencePair | RankedResponses]
+    held_out: list[PreferencePair | RankedResponses]
+    report: LoadReport
+    eval_report: LoadReport
+
+    def pairs(
+        self, listwise_pairs: str = "all"
+    ) -> tuple[list[PreferencePair], list[PreferencePair]]:
+        """Both splits with rankings expanded into weighted pairs ("all" or "adjacent")."""
+        adjacent = listwise_pairs == "adjacent"
+        return expand_rankings(self.train, adjacent), expand_rankings(self.held_out, adjacent)
+
+
+def load_preference_splits(data, seed: int) -> PreferenceSplits:
+    """`data.train` (and `data.eval`, or a seeded `data.eval_fraction` of train).
+
+    The split is by record, before rankings are expanded, so no prompt's ranking leaks into
+    both sides.
+    """
+    items, report = load_preference_data(data.train, data.format)
+    if data.eval:
+        eval_items, eval_report = load_preference_data(data.eval, data.format)
+    else:
+        items, eval_items = split_train_eval(items, data.eval_fraction, seed)
+        eval_report = report
+    return PreferenceSplits(items, eval_items, report, eval_report)
 
 
 def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:

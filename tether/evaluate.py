@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tether.data import DataError, load_preference_data, load_scored_responses
+from tether.data import DataError, expand_rankings, load_preference_data, load_scored_responses
 from tether.reward_model import RewardModel
-from tether.stages.rm import expand_rankings, pair_metrics, score_all, tokenize_pairs
+from tether.stages.rm import pair_metrics, score_all, tokenize_pairs
 
 
 def evaluate_reward_model(

@@ -120,6 +120,16 @@ def score_centering_penalty(
     return coef * ((chosen + rejected) ** 2).mean()
 
 
+def list_centering_penalty(scores: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
+    """coef · mean_n (2 · mean_k s_nk)² over each list's valid scores [N, K] (a plain tensor).
+
+    For K = 2 it is `score_centering_penalty`: (2 · (r_w + r_l)/2)² = (r_w + r_l)².
+    """
+    mask = mask.to(scores.dtype)
+    list_means = (scores * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return coef * ((2.0 * list_means) ** 2).mean()
+
+
 def score_l2_penalty(scores: torch.Tensor, coef: float) -> torch.Tensor:
     """coef · mean(s²): keeps scores small, which also bounds their offset (a plain tensor)."""
     return coef * (scores**2).mean()

@@ -160,7 +160,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 
 def load_causal_lm(config: ModelConfig, tokenizer=None) -> torch.nn.Module:
-    """A causal LM ready for training: dropout off, pad id set, optional LoRA adapters."""
+    """A causal LM ready for training: pad id set, optional LoRA adapters."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(config.name)
@@ -185,6 +185,20 @@ def load_causal_lm(config: ModelConfig, tokenizer=None) -> torch.nn.Module:
         model.config.use_cache = False
     if config.lora.enabled:
         model = apply_lora(model, config.lora)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout layer (the architecture's and LoRA's) to p = 0, in place.
+
+    RL stages compare log-probs of one model across passes (rollout vs update, policy vs
+    cached reference); dropout would make those differ even with unchanged weights, biasing
+    ratios, clip fractions and KL. `eval()` is no substitute: Hugging Face models only use
+    gradient checkpointing in training mode.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     return model
 
 

@@ -24,6 +24,7 @@ from tether.data import Message
 from tether.models import (
     ModelLoadError,
     apply_lora,
+    disable_dropout,
     load_tokenizer,
     resolve_model_source,
     save_pretrained_model,
@@ -98,7 +99,7 @@ def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.
         model.gradient_checkpointing_enable()
     if config.lora.enabled:
         model = apply_lora(model, config.lora, task_type="SEQ_CLS")
-    return model
+    return disable_dropout(model)  # RLHF-NOTES: dropout off in every model
 
 
 def _has_trained_head(source: str) -> bool:

@@ -77,14 +77,12 @@ def generate(
     from transformers import GenerationConfig
 
     rows = [p if _is_ids(p) else encode_prompt(tokenizer, p) for p in prompts]
-    eos = tokenizer.eos_token_id
+    stops = [] if ignore_eos else stop_token_ids(model, tokenizer)
     batch_size = batch_size or len(rows)
     inner = hf_model(model)
     was_training = model.training
     model.eval()
     responses: list[list[int]] = []
-    # A complete config, so no default from the model's generation_config.json (a top_k of
-    # 50, a repetition penalty) silently changes the distribution sampled from.
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens if ignore_eos else 0,
@@ -92,22 +90,25 @@ def generate(
         temperature=temperature if temperature > 0 else 1.0,
         top_p=top_p,
         top_k=top_k,
-        eos_token_id=None if ignore_eos else eos,
+        eos_token_id=stops or None,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        for start in range(0, len(rows), batch_size):
-            ids, mask = left_pad(rows[start : start + batch_size], tokenizer.pad_token_id)
-            out = inner.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=config,
-            )[:, ids.shape[1] :]
-            responses += [_cut_at_eos(row.tolist(), eos, ignore_eos) for row in out]
-    model.train(was_training)
-    ended = [bool(r) and r[-1] == eos and not ignore_eos for r in responses]
+    # `generate` fills every field left unset from the model's own generation config (a
+    # repetition penalty, min_p, suppressed tokens...), which would sample from another
+    # distribution than the one log-probs are computed on; give it a blank one meanwhile.
+    model_config, inner.generation_config = inner.generation_config, GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(rows), batch_size):
+                ids, mask = left_pad(rows[start : start + batch_size], tokenizer.pad_token_id)
+                out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                responses += [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
+    finally:
+        inner.generation_config = model_config
+        model.train(was_training)
+    ended = [bool(r) and r[-1] in stops for r in responses]
     texts = tokenizer.batch_decode(
         [r[:-1] if e else r for r, e in zip(responses, ended, strict=True)],
         skip_special_tokens=True,
@@ -115,14 +116,25 @@ def generate(
     return Generation(rows, responses, texts, ended)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus the model's own (chat models often end a turn with another
+    token, e.g. Llama 3's <|eot_id|>): a response ends at the first of them."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(hf_model(model), "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra]
+    return sorted({i for i in ids if i is not None})
+
+
 def _is_ids(prompt) -> bool:
     return isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int))
 
 
-def _cut_at_eos(row: list[int], eos: int, ignore_eos: bool) -> list[int]:
-    """Up to and including the first EOS; generate pads finished rows after it."""
-    if not ignore_eos and eos in row:
-        return row[: row.index(eos) + 1]
+def _cut_at_stop(row: list[int], stops: list[int]) -> list[int]:
+    """Up to and including the first stop token; generate pads finished rows after it."""
+    for position, token in enumerate(row):
+        if token in stops:
+            return row[: position + 1]
     return row
 
 
@@ -175,6 +187,22 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     return hidden[:, batch.prompt_width - 1 : -1]
 
 
+def output_logits(inner, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's next-token logits from final hidden states, with the transforms some
+    architectures apply inside `forward` after the LM head (and so also when sampling):
+    Gemma 2/3 soft-capping, Cohere's logit_scale, Granite's logits_scaling."""
+    logits = inner.get_output_embeddings()(hidden)
+    config = inner.config
+    if getattr(config, "final_logit_softcapping", None):
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(config, "logit_scale", None) and hasattr(inner, "logit_scale"):
+        logits = logits * inner.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    return logits
+
+
 def token_logprobs(
     model, hidden: torch.Tensor, batch: RolloutBatch, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,7 +210,7 @@ def token_logprobs(
 
     Padding positions hold garbage; callers mask with `batch.response_mask`.
     """
-    logits = hf_model(model).lm_head(hidden)  # [B, R, V], R response positions only
+    logits = output_logits(hf_model(model), hidden)  # [B, R, V], response positions only
     labels = batch.ids[:, batch.prompt_width :]
     logprobs = logprobs_from_logits(logits, labels, temperature)
     entropy = entropy_from_logits(logits, temperature) if with_entropy else None

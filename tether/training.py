@@ -106,22 +106,29 @@ def epoch_order(
 ) -> list[int]:
     """A seeded shuffle of range(num_examples), one per epoch.
 
-    With `lengths`, consecutive runs of `step_size` examples (one optimizer step) have similar
-    lengths, so a batch padded to its longest row wastes little compute: the shuffle is cut
-    into megabatches of LENGTH_GROUP_STEPS steps, each sorted by length and cut into steps,
-    and the steps are shuffled again so lengths do not rise and fall in a sawtooth.
+    With `lengths`, each optimizer step (`step_size` consecutive positions of the run's
+    cursor) draws examples of similar length, so a batch padded to its longest row wastes
+    little compute. Steps are counted from the start of the run, so an epoch whose length is
+    not a multiple of step_size opens with a few positions that complete the previous
+    epoch's last step, and ends with the positions that start the next one; those stay as
+    shuffled. The full steps in between come from megabatches of LENGTH_GROUP_STEPS steps,
+    each sorted by length and cut into steps, and the steps are shuffled again so lengths
+    do not rise and fall in a sawtooth.
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
     if lengths is None or step_size >= num_examples:
         return order
+    head = (-epoch * num_examples) % step_size  # finishes a step begun in the last epoch
+    full = (num_examples - head) // step_size * step_size
+    body, tail = order[head : head + full], order[head + full :]
     mega = LENGTH_GROUP_STEPS * step_size
     steps: list[list[int]] = []
-    for start in range(0, num_examples, mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+    for start in range(0, len(body), mega):
+        chunk = sorted(body[start : start + mega], key=lambda i: lengths[i], reverse=True)
         steps += [chunk[k : k + step_size] for k in range(0, len(chunk), step_size)]
     shuffled = torch.randperm(len(steps), generator=generator).tolist()
-    return [i for s in shuffled for i in steps[s]]
+    return order[:head] + [i for s in shuffled for i in steps[s]] + tail
 
 
 def example_indices(

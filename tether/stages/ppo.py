@@ -1,7 +1,8 @@
-"""Online PPO against a reward, with a per-token KL penalty to a frozen reference policy.
+"""Online RL against a reward with a KL penalty to a frozen reference: PPO, and the
+critic-free RLOO, GRPO and REINFORCE, and A2C, on one rollout and loss core.
 
-One iteration, top to bottom (Ziegler et al. 2019; Ouyang et al. 2022):
-  1. draw a batch of prompts; sample one response each from π_θ (stop at EOS)
+One PPO iteration, top to bottom (Ziegler et al. 2019; Ouyang et al. 2022):
+  1. draw a batch of prompts; sample k responses each from π_θ (stop at EOS)
   2. score each finished response once; a response cut at max_new_tokens without EOS is
      penalised (rollout.missing_eos); optionally normalise scores with running moments
   3. token log-probs under π_θ (old) and π_ref, values from the critic; per-token reward
@@ -10,12 +11,16 @@ One iteration, top to bottom (Ziegler et al. 2019; Ouyang et al. 2022):
   5. ppo_epochs passes over shuffled minibatches: clipped policy loss + vf_coef · clipped
      value loss − ent_coef · entropy; gradient clipping; gradient accumulation
   6. β fixed, or adapted towards a KL target
+The other algorithms change only step 3-5's choices (`ADVANTAGES`, `algo_settings`): a
+sequence-level advantage instead of GAE (RLOO, GRPO, REINFORCE), the KL as a loss term
+instead of a reward (GRPO), one unclipped pass (REINFORCE, A2C), no critic (all but PPO, A2C).
 The maths is in tether.losses / advantages / kl / ops; this file only orders the calls.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,8 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from tether.actor_critic import ActorCritic, load_actor_critic
-from tether.advantages import gae, kl_penalized_rewards
-from tether.config import PPOConfig
+from tether.advantages import (
+    MovingAverageBaseline,
+    gae,
+    grpo_advantages,
+    kl_penalized_rewards,
+    reinforce_advantages,
+    rloo_advantages,
+)
+from tether.config import ALGOS_WITH_CRITIC, ALGOS_WITH_GROUPS, PPOConfig
 from tether.data import DataError, Message, load_prompts
 from tether.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from tether.losses import ppo_policy_loss, value_loss
@@ -61,10 +73,49 @@ class Rollout:
     generation: Generation
     scores: torch.Tensor  # [B] after the missing-EOS rule, before normalisation
     logprobs: torch.Tensor  # [B, R] π_old
-    values: torch.Tensor  # [B, R]
+    ref_logprobs: torch.Tensor  # [B, R] π_ref
+    values: torch.Tensor  # [B, R] (0 without a critic)
     kl: torch.Tensor  # [B, R] the penalty's estimator, the same one logged
     advantages: torch.Tensor  # [B, R]
     returns: torch.Tensor  # [B, R]
+
+
+@dataclass(frozen=True)
+class AlgoSettings:
+    critic: bool  # a value function, trained with the policy
+    epochs: int  # passes over each rollout
+    clip_eps: float  # policy ratio clip (inf: none)
+    kl_placement: str  # "reward" or "loss"
+    kl_estimator: str
+
+
+def algo_settings(cfg: PPOConfig) -> AlgoSettings:
+    """What `cfg.algo` changes in the shared loop; everything else is common."""
+    single_pass = cfg.algo in ("reinforce", "a2c")  # on-policy gradient, no trust region
+    placement, estimator = cfg.ppo.kl.resolved(cfg.algo)
+    return AlgoSettings(
+        critic=cfg.algo in ALGOS_WITH_CRITIC,
+        epochs=1 if single_pass else cfg.ppo.ppo_epochs,
+        clip_eps=math.inf if single_pass else cfg.ppo.clip_eps,
+        kl_placement=placement,
+        kl_estimator=estimator,
+    )
+
+
+def sequence_advantages(
+    cfg: PPOConfig, returns: torch.Tensor, baseline: MovingAverageBaseline
+) -> torch.Tensor:
+    """[B] advantage per response for the critic-free algorithms, from [B] sequence returns."""
+    k = cfg.rollout.samples_per_prompt
+    if cfg.algo == "rloo":
+        return rloo_advantages(returns, k)
+    if cfg.algo == "grpo":
+        return grpo_advantages(returns, k, scale_by_std=cfg.ppo.grpo_scale_by_std)
+    if not baseline.initialized:  # no history yet: the first batch is its own baseline
+        baseline.update(returns)
+    advantages = reinforce_advantages(returns, baseline.value)
+    baseline.update(returns)  # after use: later batches are judged against this one
+    return advantages
 
 
 def prompt_for_reward(messages: list[Message]) -> str | list[Message]:
@@ -108,11 +159,15 @@ def collect_rollout(
     gold: RewardTerm | None,
     kl_coef: float,
     moments: RunningMoments,
+    baseline: MovingAverageBaseline,
     cfg: PPOConfig,
     bf16: bool,
 ) -> tuple[Rollout, dict[str, float], list[dict]]:
-    """Steps 1-4 of the iteration: sample, score, log-probs, values, rewards, advantages."""
-    ro_cfg, ppo = cfg.rollout, cfg.ppo
+    """Steps 1-4 of the iteration: sample, score, log-probs, values, rewards, advantages.
+
+    `messages`/`rows` hold each prompt k times in a row, so groups are consecutive.
+    """
+    ro_cfg, ppo, algo = cfg.rollout, cfg.ppo, algo_settings(cfg)
     with autocast(bf16):
         gen = generate(
             ac.policy,
@@ -132,14 +187,15 @@ def collect_rollout(
     trained_scores = scores
     if cfg.reward.normalize:
         moments.update(scores)
-        trained_scores = (scores - moments.mean) / moments.std
+        # Floored: a first batch of equal scores has std 0, and 0/0 would poison the run.
+        trained_scores = (scores - moments.mean) / max(moments.std, 1e-6)
     if cfg.reward.clip:
         trained_scores = trained_scores.clamp(-cfg.reward.clip, cfg.reward.clip)
 
     mask = batch.response_mask
     logprobs, values, entropy, ref_logprobs = [], [], [], []
     ac.eval()
-    micro = cfg.train.batch_size // ppo.num_minibatches // cfg.train.grad_accum
+    micro = len(rows) // ppo.num_minibatches // cfg.train.grad_accum
     for start in range(0, mask.shape[0], micro):
         sub = batch.rows(slice(start, start + micro))
         with autocast(bf16):
@@ -157,26 +213,38 @@ def collect_rollout(
     logprobs, values = torch.cat(logprobs), torch.cat(values)
     entropy, ref_logprobs = torch.cat(entropy), torch.cat(ref_logprobs)
 
-    kl = torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, ppo.kl.estimator), 0.0)
-    rewards = kl_penalized_rewards(trained_scores, kl, mask, kl_coef)
-    shaped = masked_whiten(rewards, mask, shift_mean=False) if ppo.whiten_rewards else rewards
-    advantages, returns = gae(shaped, values, mask, ppo.gamma, ppo.lam)
-    if ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    kl = torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, algo.kl_estimator), 0.0)
+    penalty_coef = kl_coef if algo.kl_placement == "reward" else 0.0
+    rewards = kl_penalized_rewards(trained_scores, kl, mask, penalty_coef)
+    stats: dict[str, float] = {}
+    if algo.critic:  # token-level: GAE on the critic (A2C: λ = 1, the plain return − V)
+        shaped = masked_whiten(rewards, mask, shift_mean=False) if ppo.whiten_rewards else rewards
+        lam = 1.0 if cfg.algo == "a2c" else ppo.lam
+        advantages, returns = gae(shaped, values, mask, ppo.gamma, lam)
+        if ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        stats["value/explained_var"] = explained_variance(values, returns, mask).item()
+    else:  # sequence-level: one advantage per response, on every one of its tokens
+        seq_advantages = sequence_advantages(cfg, masked_sum(rewards, mask, dim=1), baseline)
+        advantages = torch.where(mask.bool(), seq_advantages[:, None], 0.0)
+        returns = torch.zeros_like(values)
 
     seq_kl = masked_sum(kl, mask, dim=1)
     lengths = mask.sum(dim=1).float()
-    stats = {
+    stats |= {
         "reward/score_mean": scores.mean().item(),
         "reward/score_std": scores.std(unbiased=False).item(),
         "reward/total_mean": masked_sum(rewards, mask, dim=1).mean().item(),
         "kl/mean": seq_kl.mean().item(),
         "kl/coef": kl_coef,
         "policy/entropy": masked_mean(entropy, mask).item(),
-        "value/explained_var": explained_variance(values, returns, mask).item(),
         "response/length_mean": lengths.mean().item(),
         "response/eos_frac": ended.float().mean().item(),
     }
+    if cfg.algo in ALGOS_WITH_GROUPS:  # groups with one reward for all k carry no signal
+        groups = trained_scores.view(-1, cfg.rollout.samples_per_prompt)
+        flat = groups.amax(dim=1) == groups.amin(dim=1)
+        stats["reward/flat_group_frac"] = flat.float().mean().item()
     samples = [
         {
             "prompt": p if isinstance(p, str) else p[-1]["content"],
@@ -194,28 +262,35 @@ def collect_rollout(
         stats["gold/mean"] = sum(gold_values) / len(gold_values)
         for sample, g in zip(samples, gold_values, strict=True):
             sample["gold"] = g
-    rollout = Rollout(batch, gen, scores, logprobs, values, kl, advantages, returns)
+    rollout = Rollout(batch, gen, scores, logprobs, ref_logprobs, values, kl, advantages, returns)
     return rollout, stats, samples
 
 
 def ppo_update(
-    ac: ActorCritic, opt: Optimization, ro: Rollout, cfg: PPOConfig, step: int, bf16: bool
+    ac: ActorCritic,
+    opt: Optimization,
+    ro: Rollout,
+    cfg: PPOConfig,
+    kl_coef: float,
+    step: int,
+    bf16: bool,
 ) -> dict[str, float]:
-    """Step 5: ppo_epochs x num_minibatches optimizer steps over the rollout.
+    """Step 5: epochs x num_minibatches optimizer steps over the rollout.
 
     Each minibatch's loss is a token mean over the whole minibatch, split into grad_accum
     micro-batches weighted by their token share, so accumulation changes nothing but memory.
     Shuffles come from a generator seeded by (seed, step): a resumed run shuffles the same.
     """
-    ppo, rows = cfg.ppo, ro.batch.ids.shape[0]
+    ppo, algo, rows = cfg.ppo, algo_settings(cfg), ro.batch.ids.shape[0]
     minibatch = rows // ppo.num_minibatches
     micro = minibatch // cfg.train.grad_accum
     shuffle = torch.Generator().manual_seed(cfg.train.seed * 100_003 + step)
-    keys = ("train/loss", "policy/loss", "policy/clipfrac", "policy/approx_kl")
-    keys += ("value/loss", "value/clipfrac", "train/grad_norm")
+    keys = ["train/loss", "policy/loss", "policy/clipfrac", "policy/approx_kl", "train/grad_norm"]
+    keys += ["value/loss", "value/clipfrac"] if algo.critic else []
+    keys += ["kl/loss"] if algo.kl_placement == "loss" else []
     sums = dict.fromkeys(keys, 0.0)
-    updates = ppo.ppo_epochs * ppo.num_minibatches
-    for _ in range(ppo.ppo_epochs):
+    updates = algo.epochs * ppo.num_minibatches
+    for _ in range(algo.epochs):
         order = torch.randperm(rows, generator=shuffle)
         for mb_start in range(0, rows, minibatch):
             mb = order[mb_start : mb_start + minibatch]
@@ -229,24 +304,30 @@ def ppo_update(
                         sub, cfg.rollout.temperature, with_entropy=ppo.ent_coef > 0
                     )
                 pg_loss, pg = ppo_policy_loss(
-                    logprobs, ro.logprobs[idx], ro.advantages[idx], mask, ppo.clip_eps
+                    logprobs, ro.logprobs[idx], ro.advantages[idx], mask, algo.clip_eps
                 )
-                v_loss, v = value_loss(
-                    values, ro.values[idx], ro.returns[idx], mask, ppo.value_clip_eps or None
-                )
-                loss = pg_loss + ppo.vf_coef * v_loss
+                loss, terms = pg_loss, {"policy/loss": pg_loss}
+                terms |= {f"policy/{k}": v for k, v in pg.items()}
+                if algo.critic:
+                    value_clip = ppo.value_clip_eps if cfg.algo == "ppo" else 0.0
+                    v_loss, v = value_loss(
+                        values, ro.values[idx], ro.returns[idx], mask, value_clip or None
+                    )
+                    loss = loss + ppo.vf_coef * v_loss
+                    terms |= {"value/loss": v_loss, "value/clipfrac": v["clipfrac"]}
+                if algo.kl_placement == "loss":
+                    kl_loss = masked_mean(
+                        kl_estimate(logprobs, ro.ref_logprobs[idx], algo.kl_estimator), mask
+                    )
+                    loss = loss + kl_coef * kl_loss
+                    terms["kl/loss"] = kl_loss
                 if ppo.ent_coef > 0:
                     loss = loss - ppo.ent_coef * masked_mean(entropy, mask)
                 share = (mask.sum() / mb_tokens).item()
                 (loss * share).backward()
-                weight = share / updates
-                sums["train/loss"] += loss.item() * weight
-                sums["policy/loss"] += pg_loss.item() * weight
-                sums["value/loss"] += v_loss.item() * weight
-                for name, value in (("policy", pg), ("value", v)):
-                    for stat, x in value.items():
-                        if f"{name}/{stat}" in sums:
-                            sums[f"{name}/{stat}"] += float(x) * weight
+                terms["train/loss"] = loss
+                for key in sums.keys() & terms.keys():
+                    sums[key] += float(terms[key]) * share / updates
             norm = clip_and_step(ac, opt.optimizer, cfg.optim.max_grad_norm)
             sums["train/grad_norm"] += norm / updates
     return sums
@@ -258,7 +339,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     messages, rows = prepare_prompts(cfg, tokenizer)
     reward, gold = build_reward(cfg)
-    ac, reference = load_actor_critic(cfg, tokenizer)
+    ac, reference = load_actor_critic(cfg, tokenizer, with_critic=algo_settings(cfg).critic)
     ac.train()
     opt = start_optimization(
         run, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size
@@ -269,10 +350,11 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         if kl.adaptive
         else FixedKLController(kl.coef)
     )
-    moments = RunningMoments()
+    moments, baseline = RunningMoments(), MovingAverageBaseline(cfg.ppo.baseline_decay)
     if opt.extra:
         kl_ctl.load_state_dict(opt.extra["kl"])
         moments.load_state_dict(opt.extra["score_moments"])
+        baseline.load_state_dict(opt.extra["baseline"])
     samples_path = run.path / "samples.jsonl"
     truncate_jsonl(samples_path, opt.progress.step)
     last_step = total_steps(cfg.train, len(rows), per_step=cfg.train.batch_size)
@@ -280,24 +362,26 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
         step = opt.progress.step + 1  # the step this call completes
         started = time.perf_counter()
+        grouped = [i for i in indices for _ in range(cfg.rollout.samples_per_prompt)]
         ro, stats, samples = collect_rollout(
             ac,
             reference,
             tokenizer,
-            [messages[i] for i in indices],
-            [rows[i] for i in indices],
+            [messages[i] for i in grouped],
+            [rows[i] for i in grouped],
             reward,
             gold,
             kl_ctl.value,
             moments,
+            baseline,
             cfg,
             bf16,
         )
         stats["time/rollout_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        stats.update(ppo_update(ac, opt, ro, cfg, step, bf16))
+        stats.update(ppo_update(ac, opt, ro, cfg, kl_ctl.value, step, bf16))
         stats["time/train_s"] = time.perf_counter() - started
-        kl_ctl.update(stats["kl/mean"], n_steps=len(indices))
+        kl_ctl.update(stats["kl/mean"], n_steps=len(grouped))
         every = cfg.rollout.samples_every
         if every and (step == 1 or step % every == 0 or step == last_step):
             write_samples(samples_path, step, samples)
@@ -317,7 +401,11 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         step_fn=step_fn,
         per_step=cfg.train.batch_size,
         steps_itself=True,
-        extra_state=lambda: {"kl": kl_ctl.state_dict(), "score_moments": moments.state_dict()},
+        extra_state=lambda: {
+            "kl": kl_ctl.state_dict(),
+            "score_moments": moments.state_dict(),
+            "baseline": baseline.state_dict(),
+        },
     )
     save_pretrained_model(ac.policy, tokenizer, run.final)
     run.unlock()

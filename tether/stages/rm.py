@@ -1,10 +1,12 @@
-"""Reward-model training: −log σ(r_w − r_l − m) on preference pairs, listwise rankings as pairs.
+"""Reward-model training: −log σ(r_w − r_l − m) on preference pairs, listwise rankings as
+weighted pairs or under the Plackett-Luce likelihood.
 
-The loop: validate data -> expand rankings into weighted pairs -> tokenise prompt+response
-(cut from the left, the score is read at the end) -> each step scores chosen and rejected
-in one forward pass -> ranking loss + offset-pinning penalty -> after training, normalise
-scores to mean 0, std 1 over the held-out responses and save a HF sequence-classification
-model in `final/`.
+The loop: validate data -> expand rankings into weighted pairs (or keep them whole for
+Plackett-Luce) -> tokenise prompt+response (cut from the left, the score is read at the end)
+-> each step scores all responses of its micro-batch in one forward pass -> ranking loss +
+offset-pinning penalty -> after training, normalise scores to mean 0, std 1 over the held-out
+responses and save a HF sequence-classification model in `final/`. Held-out evaluation is
+always pairwise, so both losses are judged by the same metrics.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from tether.data import (
     LoadReport,
     PreferencePair,
     RankedResponses,
-    load_preference_data,
-    split_train_eval,
+    load_preference_splits,
 )
 from tether.losses import (
-    listwise_to_pairs,
+    list_centering_penalty,
     pairwise_ranking_loss,
+    plackett_luce_loss,
     score_centering_penalty,
     score_l2_penalty,
 )
@@ -50,22 +52,17 @@ class TokenizedPair:
     chosen_response_len: int
     rejected_response_len: int
 
+    @property
+    def rows(self) -> list[list[int]]:
+        return [self.chosen, self.rejected]
 
-def expand_rankings(
-    items: list[PreferencePair | RankedResponses], adjacent_only: bool
-) -> list[PreferencePair]:
-    """Listwise records become their ordered pairs, weighted to sum to 1 per prompt."""
-    out: list[PreferencePair] = []
-    for item in items:
-        if isinstance(item, PreferencePair):
-            out.append(item)
-            continue
-        pairs, weights = listwise_to_pairs(item.ranking, adjacent_only=adjacent_only)
-        for (w, lo), weight in zip(pairs, weights, strict=True):
-            out.append(
-                PreferencePair(item.prompt, item.responses[w], item.responses[lo], None, weight)
-            )
-    return out
+
+@dataclass(frozen=True)
+class TokenizedRanking:
+    """One prompt's responses, best first, for the Plackett-Luce loss (a pair has two)."""
+
+    rows: list[list[int]]
+    weight: float = 1.0
 
 
 def tokenize_pairs(
@@ -91,21 +88,41 @@ def tokenize_pairs(
     return out
 
 
-def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """Read, validate, expand and tokenise; raises DataError before any model loads."""
-    adjacent = cfg.reward.listwise_pairs == "adjacent"
-    items, report = load_preference_data(cfg.data.train, cfg.data.format)
-    if cfg.data.eval:
-        eval_items, eval_report = load_preference_data(cfg.data.eval, cfg.data.format)
+def tokenize_rankings(
+    items: list[PreferencePair | RankedResponses], tokenizer, max_length: int, report: LoadReport
+) -> list[TokenizedRanking]:
+    out = []
+    for item in items:
+        if isinstance(item, PreferencePair):
+            texts = [item.chosen, item.rejected]
+        else:
+            texts = [item.responses[i] for i in item.ranking]
+        rows = [encode_response(tokenizer, item.prompt, t, max_length) for t in texts]
+        if len({tuple(r) for r in rows}) < len(rows):
+            report.skipped["identical responses after truncation"] += 1
+            continue
+        out.append(TokenizedRanking(rows))
+    return out
+
+
+TrainItem = TokenizedPair | TokenizedRanking
+
+
+def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[TokenizedPair]]:
+    """Read, validate, split and tokenise; raises DataError before any model loads.
+
+    Training items are pairs, or whole rankings with `reward.listwise_loss: plackett_luce`;
+    held-out items are always pairs.
+    """
+    splits = load_preference_splits(cfg.data, cfg.train.seed)
+    train_pairs, held_out_pairs = splits.pairs(cfg.reward.listwise_pairs)
+    max_len = cfg.data.max_length
+    if cfg.reward.listwise_loss == "plackett_luce":
+        train = tokenize_rankings(splits.train, tokenizer, max_len, splits.report)
     else:
-        # Split by record, before expansion, so no prompt's ranking leaks into both sides.
-        items, eval_items = split_train_eval(items, cfg.data.eval_fraction, cfg.train.seed)
-        eval_report = report
-    train = tokenize_pairs(expand_rankings(items, adjacent), tokenizer, cfg.data.max_length, report)
-    held_out = tokenize_pairs(
-        expand_rankings(eval_items, adjacent), tokenizer, cfg.data.max_length, eval_report
-    )
-    tqdm.write(report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
+        train = tokenize_pairs(train_pairs, tokenizer, max_len, splits.report)
+    held_out = tokenize_pairs(held_out_pairs, tokenizer, max_len, splits.eval_report)
+    tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out")
     if not train:
         raise DataError(f"{cfg.data.train}: no usable preference pairs")
     return train, held_out
@@ -134,6 +151,31 @@ def reward_loss(
     return loss, metrics
 
 
+def ranking_loss(
+    items: list[TokenizedRanking], model, pad_id: int, bf16: bool, cfg: RewardLossConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Plackett-Luce NLL of a micro-batch of rankings, all responses in ONE forward pass."""
+    ids, mask = pad_rows([r for item in items for r in item.rows], pad_id)
+    with autocast(bf16):
+        flat = sequence_scores(model, ids, mask)
+    width = max(len(item.rows) for item in items)
+    valid = torch.tensor([[k < len(item.rows) for k in range(width)] for item in items])
+    scores = flat.new_zeros(valid.shape).masked_scatter(valid, flat)  # [N, K], best first
+    loss, metrics = plackett_luce_loss(scores, valid)
+    if cfg.center_coef:
+        loss = loss + list_centering_penalty(scores, valid, cfg.center_coef)
+    if cfg.l2_coef:
+        loss = loss + score_l2_penalty(flat, cfg.l2_coef)
+    return loss, metrics
+
+
+def pair_loss(
+    items: list[TokenizedPair], model, pad_id: int, bf16: bool, cfg: RewardLossConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    chosen, rejected = score_pairs(model, items, pad_id, bf16)
+    return reward_loss(chosen, rejected, items, cfg)
+
+
 @torch.no_grad()
 def score_all(
     model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, bf16: bool
@@ -160,27 +202,27 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     """Train a reward model and return the path of `final/`."""
     begun = begin_run(cfg, out, resume)
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
-    train, held_out = prepare_pairs(cfg, tokenizer)
+    train, held_out = prepare_data(cfg, tokenizer)
     model = load_reward_backbone(cfg.model, tokenizer, cfg.train.seed)
     model.train()
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
     pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
 
+    micro_loss = ranking_loss if cfg.reward.listwise_loss == "plackett_luce" else pair_loss
+
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
-        pairs = [train[i] for i in indices]
-        total_weight = sum(p.weight for p in pairs)
-        sums = {"train/loss": 0.0, "train/accuracy": 0.0, "train/margin": 0.0}
+        items = [train[i] for i in indices]
+        total_weight = sum(x.weight for x in items)
+        sums: dict[str, float] = {}
         tokens = 0
-        for start in range(0, len(pairs), per_micro):
-            micro = pairs[start : start + per_micro]
-            chosen, rejected = score_pairs(model, micro, pad_id, bf16)
-            loss, metrics = reward_loss(chosen, rejected, micro, cfg.reward)
-            share = sum(p.weight for p in micro) / total_weight  # exact under accumulation
+        for start in range(0, len(items), per_micro):
+            micro = items[start : start + per_micro]
+            loss, metrics = micro_loss(micro, model, pad_id, bf16, cfg.reward)
+            share = sum(x.weight for x in micro) / total_weight  # exact under accumulation
             (loss * share).backward()
-            sums["train/loss"] += loss.item() * share
-            sums["train/accuracy"] += float(metrics["accuracy"]) * share
-            sums["train/margin"] += float(metrics["margin"]) * share
-            tokens += sum(len(p.chosen) + len(p.rejected) for p in micro)
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[f"train/{key}"] = sums.get(f"train/{key}", 0.0) + float(value) * share
+            tokens += sum(len(r) for x in micro for r in x.rows)
         return sums, tokens
 
     latest_eval: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -199,7 +241,7 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
         num_examples=len(train),
         step_fn=step_fn,
         eval_fn=eval_fn if held_out else None,
-        lengths=[max(len(p.chosen), len(p.rejected)) for p in train],
+        lengths=[max(len(r) for r in x.rows) for x in train],
     )
 
     mean, std = 0.0, 1.0

@@ -1,0 +1,232 @@
+"""Direct preference optimisation (and IPO, hinge) on preference pairs and rankings.
+
+The loop: read and split preference data, expand rankings into weighted pairs, tokenise
+prompt | answer (the answer as the chat template renders it, ending with EOS) -> compute the
+reference's sequence log-probs of every answer ONCE and cache them in the run dir (a resumed
+run reads them back; no reference model stays in memory) -> each step scores chosen and
+rejected in one forward pass and applies `dpo_loss` -> `final/`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from tether.config import DPOConfig, ModelConfig
+from tether.data import DataError, LoadReport, Message, PreferencePair, load_preference_splits
+from tether.losses import dpo_loss
+from tether.models import disable_dropout, load_causal_lm, save_pretrained_model
+from tether.ops import sequence_logprobs
+from tether.rollout import build_batch, encode_prompt, sequence_logprobs_of
+from tether.training import autocast, begin_run, fit, start_optimization
+
+REFERENCE_CACHE = "reference_logps.safetensors"
+
+
+@dataclass(frozen=True)
+class TokenizedPreference:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    weight: float
+
+
+def encode_answer(tokenizer, prompt: list[Message], answer: str) -> list[int]:
+    """Token ids of `answer` as the chat template renders it after `prompt`, through EOS.
+
+    Tokenised on its own after the prompt's ids, exactly as a sampled answer continues the
+    prompt during generation, so DPO scores what the policy would produce.
+    """
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    text = full[len(head) :] if full.startswith(head) else answer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else [*ids, eos]
+
+
+def tokenize_preferences(
+    pairs: list[PreferencePair], tokenizer, max_length: int, report: LoadReport
+) -> list[TokenizedPreference]:
+    """Fit prompt + the longer answer into max_length: the prompt is cut from the left (down
+    to half the budget), then answers from the right."""
+    out = []
+    for p in pairs:
+        prompt = encode_prompt(tokenizer, p.prompt)
+        chosen = encode_answer(tokenizer, p.prompt, p.chosen)
+        rejected = encode_answer(tokenizer, p.prompt, p.rejected)
+        longest = max(len(chosen), len(rejected))
+        keep_prompt = max(max_length - longest, min(len(prompt), max_length // 2))
+        prompt = prompt[-keep_prompt:]
+        chosen, rejected = chosen[: max_length - len(prompt)], rejected[: max_length - len(prompt)]
+        if chosen == rejected:
+            report.skipped["identical after truncation"] += 1
+            continue
+        out.append(TokenizedPreference(prompt, chosen, rejected, p.weight))
+    return out
+
+
+def pair_logps(model, pairs: list[TokenizedPreference], pad_id: int, bf16: bool) -> torch.Tensor:
+    """[B, 2] sequence log-probs (chosen, rejected) from ONE forward pass over 2B rows."""
+    prompts = [p.prompt for p in pairs] * 2
+    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    batch = build_batch(prompts, answers, pad_id)
+    with autocast(bf16):
+        token_logps = sequence_logprobs_of(model, batch, temperature=1.0)
+    logps = sequence_logprobs(token_logps, batch.response_mask)
+    return torch.stack([logps[: len(pairs)], logps[len(pairs) :]], dim=1)
+
+
+@torch.no_grad()
+def all_pair_logps(
+    model, pairs: list[TokenizedPreference], batch_size: int, pad_id: int, bf16: bool, desc: str
+) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = [
+        pair_logps(model, pairs[i : i + batch_size], pad_id, bf16)
+        for i in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", leave=False)
+    ]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def reference_logps(
+    cfg: DPOConfig,
+    path: Path,
+    policy,
+    splits: dict[str, list[TokenizedPreference]],
+    tokenizer,
+    bf16: bool,
+) -> dict[str, torch.Tensor]:
+    """The reference's [N, 2] log-probs per split, read from `path` or computed and cached.
+
+    Computed before any training step, from `cfg.reference` or else from the policy's initial
+    weights, and written atomically; a cache whose shapes do not match the data is redone.
+    """
+    if path.is_file():
+        cached = load_file(path)
+        if all(k in cached and cached[k].shape == (len(v), 2) for k, v in splits.items()):
+            return cached
+        tqdm.write(f"warning: {path} does not match the data; recomputing reference log-probs")
+    model = policy
+    if cfg.reference:
+        ref_cfg = ModelConfig(name=cfg.reference, trust_remote_code=cfg.model.trust_remote_code)
+        model = disable_dropout(load_causal_lm(ref_cfg, tokenizer))
+    pad, size = tokenizer.pad_token_id, cfg.train.batch_size
+    logps = {
+        k: all_pair_logps(model, v, size, pad, bf16, desc=f"reference log-probs ({k})")
+        for k, v in splits.items()
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(logps, str(tmp))
+    os.replace(tmp, path)
+    return logps
+
+
+def dpo_metrics(
+    losses: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    logps: torch.Tensor,
+    weights: torch.Tensor,
+) -> dict[str, float]:
+    """Weighted means; accuracy counts ties as half, as the reward model's does."""
+
+    def mean(x: torch.Tensor) -> float:
+        return float((x.float() * weights).sum() / weights.sum())
+
+    diff = chosen_rewards - rejected_rewards
+    return {
+        "dpo/loss": mean(losses.detach()),
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracy": mean((diff > 0).float() + 0.5 * (diff == 0).float()),
+        "rewards/margin": mean(diff),
+        "logps/chosen": mean(logps[:, 0].detach()),
+        "logps/rejected": mean(logps[:, 1].detach()),
+    }
+
+
+def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
+    """Train with DPO and return the path of `final/`."""
+    begun = begin_run(cfg, out, resume)
+    run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
+    splits = load_preference_splits(cfg.data, cfg.train.seed)
+    train_pairs, held_out_pairs = splits.pairs(cfg.dpo.listwise_pairs)
+    max_len = cfg.data.max_length
+    train = tokenize_preferences(train_pairs, tokenizer, max_len, splits.report)
+    held_out = tokenize_preferences(held_out_pairs, tokenizer, max_len, splits.eval_report)
+    tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
+    if not train:
+        raise DataError(f"{cfg.data.train}: no usable preference pairs")
+    model = disable_dropout(load_causal_lm(cfg.model, tokenizer))
+    model.train()
+    ref = reference_logps(
+        cfg,
+        run.path / REFERENCE_CACHE,
+        model,
+        {"train": train, "held_out": held_out},
+        tokenizer,
+        bf16,
+    )
+    opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
+    pad_id, per_micro, loss_cfg = tokenizer.pad_token_id, cfg.train.batch_size, cfg.dpo
+
+    def losses_of(logps: torch.Tensor, ref_logps: torch.Tensor):
+        return dpo_loss(
+            logps[:, 0],
+            logps[:, 1],
+            ref_logps[:, 0],
+            ref_logps[:, 1],
+            loss_cfg.beta,
+            loss_cfg.loss_type,
+            loss_cfg.label_smoothing,
+        )
+
+    def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
+        total_weight = sum(train[i].weight for i in indices)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for start in range(0, len(indices), per_micro):
+            micro_idx = indices[start : start + per_micro]
+            micro = [train[i] for i in micro_idx]
+            weights = torch.tensor([p.weight for p in micro])
+            logps = pair_logps(model, micro, pad_id, bf16)
+            losses, chosen_r, rejected_r = losses_of(logps, ref["train"][micro_idx])
+            share = float(weights.sum()) / total_weight  # exact under accumulation
+            ((losses * weights).sum() / weights.sum() * share).backward()
+            for key, value in dpo_metrics(losses, chosen_r, rejected_r, logps, weights).items():
+                sums[key] = sums.get(key, 0.0) + value * share
+            tokens += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in micro)
+        sums["train/loss"] = sums["dpo/loss"]
+        return sums, tokens
+
+    def eval_fn() -> dict[str, float]:
+        logps = all_pair_logps(model, held_out, per_micro * 2, pad_id, bf16, desc="eval")
+        losses, chosen_r, rejected_r = losses_of(logps, ref["held_out"])
+        weights = torch.tensor([p.weight for p in held_out])
+        metrics = dpo_metrics(losses, chosen_r, rejected_r, logps, weights)
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    fit(
+        desc="dpo",
+        cfg=cfg,
+        run=run,
+        model=model,
+        opt=opt,
+        num_examples=len(train),
+        step_fn=step_fn,
+        eval_fn=eval_fn if held_out else None,
+        lengths=[len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train],
+    )
+    save_pretrained_model(model, tokenizer, run.final)
+    run.unlock()
+    return run.final
