@@ -13,71 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared/data/hh-rlhf/harmless-base-1800.jsonl.gz"
-TRL_VENV = ROOT / "benchmarks/.venv-trl"
-TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.16.0", "peft", "gguf"]
-
-
-def split_hh(work: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[Path, Path]:
-    """Seeded split of the parsed HH pairs into tether-format JSONL files."""
-    from tether.data import load_preference_data
-
-    pairs, _ = load_preference_data(HH)
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    files = []
-    for name, idx in (("train", order[:n_train]), ("val", order[n_train : n_train + n_val])):
-        path = work / f"{name}.jsonl"
-        path.write_text(
-            "".join(
-                json.dumps(
-                    {
-                        "prompt": pairs[i].prompt,
-                        "chosen": pairs[i].chosen,
-                        "rejected": pairs[i].rejected,
-                    }
-                )
-                + "\n"
-                for i in idx
-            )
-        )
-        files.append(path)
-    return files[0], files[1]
-
-
-_PEAK_RSS = (
-    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)"
-)
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of a command, measured in a fresh wrapper process so each
-    side's peak is its own."""
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS, *cmd], stderr=subprocess.PIPE, text=True
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    wall = time.perf_counter() - started
-    return wall, int(proc.stderr.strip().splitlines()[-1]) / 2**20
-
-
-def ensure_trl_venv() -> Path:
-    python = TRL_VENV / "bin/python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-        for req in TRL_REQUIREMENTS:  # torch first: a bare torch pulls a CUDA build
-            subprocess.run([str(python), "-m", "pip", "install", "-q", req], check=True)
-    return python
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, ensure_trl_venv, split_hh, timed
 
 
 def main() -> None:

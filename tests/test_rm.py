@@ -222,3 +222,19 @@ def test_plackett_luce_rm_learns_a_ranking_and_is_judged_pairwise(
     metrics = read_metrics(tmp_path / "run/metrics.jsonl")
     assert "train/top1_accuracy" in metrics[1]
     assert metrics[-1]["eval/accuracy"] >= 0.9, metrics[-1]
+
+
+def test_normalisation_without_held_out_uses_training_rankings(tiny_model_dir, tmp_path):
+    records = [
+        {"prompt": "say", "responses": [f"one {w}", f"two {w} {w}", w], "ranking": [1, 0, 2]}
+        for w in ("sun", "sky", "tree", "road", "stone", "bird")
+    ]
+    train = write_jsonl(tmp_path / "ranked.jsonl", records)
+    overrides = [f"model.name={tiny_model_dir}", f"data.train={train}", "data.eval_fraction=0"]
+    overrides += ["reward.listwise_loss=plackett_luce", "train.max_steps=2", "train.threads=1"]
+    overrides += ["train.precision=fp32"]  # scored below in fp32: the same numbers
+    final = run_rm(load_config(RMConfig, None, overrides), tmp_path / "run")
+    rm = RewardModel.load(str(final))
+    rows = [r for rec in records for r in rec["responses"]]
+    scores = rm.score(["say"] * len(rows), rows)
+    assert rm.std > 0 and abs(scores.mean().item()) < 1e-3  # mean 0 over those 18 responses

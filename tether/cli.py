@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-length", type=int, default=256)
     sc.add_argument("--batch-size", type=int, default=16)
     sc.set_defaults(func=_run_score)
+    doc = sub.add_parser(
+        "doctor", help="diagnose a run: reward hacking, KL blow-up, instability, collapse"
+    )
+    doc.add_argument("run_dir", type=Path, help="a tether run dir (holds metrics.jsonl)")
+    doc.add_argument("--json", action="store_true", help='print {"findings": [...]}')
+    doc.set_defaults(func=_run_doctor)
     demo = sub.add_parser("demo", help="the main job on the embedded SmolLM2 (make demo)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=int, default=30)
@@ -131,6 +137,20 @@ def _run_score(args: argparse.Namespace) -> int:
     n = score_file(args.model, args.data, args.out, args.max_length, args.batch_size)
     print(f"scored {n} responses -> {args.out}")
     return 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    """Exit status 0 healthy, 1 warnings, 2 critical, so scripts and CI can gate on it."""
+    import json
+
+    from tether.doctor import diagnose, exit_status, format_findings, read_run
+
+    findings = diagnose(read_run(args.run_dir))
+    if args.json:
+        print(json.dumps({"findings": [f.to_json() for f in findings]}))
+    else:
+        print(format_findings(findings, str(args.run_dir)))
+    return exit_status(findings)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -177,6 +177,22 @@ def pair_loss(
 
 
 @torch.no_grad()
+def score_rows(
+    model, rows: list[list[int]], batch_size: int, pad_id: int, bf16: bool
+) -> torch.Tensor:
+    """[N] raw scores of tokenised prompt+response rows, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = pad_rows(rows[start : start + batch_size], pad_id)
+        with autocast(bf16):
+            out.append(sequence_scores(model, ids, mask))
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def score_all(
     model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, bf16: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,12 +263,10 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     mean, std = 0.0, 1.0
     if cfg.reward.normalize:
         if held_out and latest_eval:  # the last eval ran on the final weights: reuse it
-            chosen, rejected = latest_eval[0]
-        else:
-            chosen, rejected = score_all(
-                model, held_out or train[:256], per_micro * 2, pad_id, bf16
-            )
-        scores = torch.cat([chosen, rejected])
+            scores = torch.cat(latest_eval[0])
+        else:  # no held-out set: the responses of the first training items
+            rows = [r for x in (held_out or train[:256]) for r in x.rows]
+            scores = score_rows(model, rows, per_micro * 2, pad_id, bf16)
         mean, std = scores.mean().item(), max(scores.std(unbiased=False).item(), 1e-6)
         tqdm.write(
             f"score normalisation over {scores.numel()} reference responses: "

@@ -1,0 +1,169 @@
+"""The run doctor on synthetic logs: one per finding, and a healthy run that yields none."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from test_sft import run_cli
+
+from tether.doctor import Run, diagnose, exit_status, read_run
+
+STEPS = 30
+
+
+def healthy(**changes) -> dict:
+    """Per-step series of a run that learns and stays sane; `changes` replace series."""
+    rng = random.Random(0)
+    noise = [rng.gauss(0, 1) for _ in range(STEPS)]
+    series = {
+        "reward/score_mean": [0.03 * i + 0.05 * noise[i] for i in range(STEPS)],
+        "reward/score_std": [1.0] * STEPS,
+        "gold/mean": [0.02 * i + 0.03 * noise[i] for i in range(STEPS)],
+        "kl/mean": [0.1 * i + 0.05 * abs(noise[i]) for i in range(STEPS)],
+        "kl/coef": [0.05] * STEPS,
+        "policy/entropy": [2.0 - 0.01 * i for i in range(STEPS)],
+        "policy/approx_kl": [0.01 + 0.002 * abs(noise[i]) for i in range(STEPS)],
+        "policy/clipfrac": [0.1 + 0.02 * noise[i] for i in range(STEPS)],
+        "policy/loss": [-0.02 + 0.01 * noise[i] for i in range(STEPS)],
+        "value/loss": [0.5 - 0.01 * i + 0.02 * noise[i] for i in range(STEPS)],
+        "value/explained_var": [0.1 + 0.01 * i for i in range(STEPS)],
+        "train/grad_norm": [1.0 + 0.1 * noise[i] for i in range(STEPS)],
+        "response/length_mean": [20 + noise[i] for i in range(STEPS)],
+        "response/eos_frac": [0.9] * STEPS,
+    }
+    series.update(changes)
+    return series
+
+
+def run_of(series: dict, samples=None, config=None) -> Run:
+    metrics = [{"step": i + 1, **{k: v[i] for k, v in series.items()}} for i in range(STEPS)]
+    return Run(metrics, samples or [], config or {})
+
+
+def codes(run: Run) -> dict[str, str]:
+    return {f.code: f.severity for f in diagnose(run)}
+
+
+def ramp(start: float, end: float) -> list[float]:
+    return [start + (end - start) * i / (STEPS - 1) for i in range(STEPS)]
+
+
+def diverse_samples(step: int, n: int = 8) -> list[dict]:
+    return [
+        {"step": step, "prompt": f"p{i}", "response": f"answer {i} about topic {step} {i * 7}"}
+        for i in range(n)
+    ]
+
+
+def test_a_healthy_run_has_no_finding():
+    samples = diverse_samples(1) + diverse_samples(30)
+    run = run_of(healthy(), samples)
+    assert diagnose(run) == []
+    assert exit_status(diagnose(run)) == 0
+
+
+def test_score_up_gold_down_is_reward_hacking():
+    gold = [0.05 * i if i < 10 else 0.5 - 0.08 * (i - 10) for i in range(STEPS)]
+    findings = diagnose(run_of(healthy(**{"reward/score_mean": ramp(0, 3), "gold/mean": gold})))
+    hacking = next(f for f in findings if f.code == "reward_hacking")
+    assert hacking.severity == "critical" and hacking.steps == (11, 30)  # from the gold peak
+    assert hacking.evidence["gold_late"] < hacking.evidence["gold_early"]
+    assert findings[0].severity == "critical"  # most severe first
+
+
+def test_without_gold_hacking_is_read_from_kl_length_and_samples():
+    series = healthy(**{"reward/score_mean": ramp(0, 3), "kl/mean": ramp(0, 25)})
+    series["response/length_mean"] = ramp(20, 60)
+    del series["gold/mean"]
+    late = [{"step": 30, "prompt": f"p{i}", "response": "great great great"} for i in range(8)]
+    finding = next(
+        f for f in diagnose(run_of(series, diverse_samples(1) + late)) if f.code == "reward_hacking"
+    )
+    assert finding.severity == "warning"
+    assert set(finding.evidence["signals"]) == {"kl", "length", "repetition", "same_answer"}
+
+
+def test_kl_blowup_fixed_and_adaptive():
+    assert codes(run_of(healthy(**{"kl/mean": ramp(1, 60)})))["kl_blowup"] == "critical"
+    adaptive = {"ppo": {"kl": {"adaptive": True, "target": 6.0}}}
+    climbing = healthy(**{"kl/mean": ramp(5, 20), "kl/coef": ramp(0.1, 0.3)})
+    assert "kl_blowup" in codes(run_of(climbing, config=adaptive))
+    held = healthy(**{"kl/mean": ramp(5, 20), "kl/coef": ramp(0.3, 0.1)})  # β falling: no
+    assert "kl_blowup" not in codes(run_of(held, config=adaptive))
+
+
+def test_negative_kl():
+    kl = [0.2] * 20 + [-1.5] * 10
+    assert codes(run_of(healthy(**{"kl/mean": kl})))["negative_kl"] == "warning"
+
+
+def test_instability_from_trust_region_and_gradient_spikes():
+    series = healthy(**{"policy/approx_kl": [0.01] * 20 + [0.4] * 10})
+    series["policy/clipfrac"] = [0.1] * 20 + [0.6] * 10
+    series["train/grad_norm"] = [1.0] * 25 + [80.0] + [1.0] * 4
+    finding = next(f for f in diagnose(run_of(series)) if f.code == "instability")
+    assert finding.severity == "critical"
+    assert finding.evidence["grad_norm_explosions"] == [[26, 80.0]]
+    assert "policy/clipfrac_late_mean" in finding.evidence
+
+
+def test_nan_is_critical_and_names_the_key():
+    series = healthy()
+    series["policy/loss"] = series["policy/loss"][:12] + ["nan"] * 18
+    finding = next(f for f in diagnose(run_of(series)) if f.code == "nan")
+    assert finding.steps[0] == 13 and finding.evidence["keys"] == ["policy/loss"]
+
+
+def test_entropy_and_length_collapse():
+    found = codes(run_of(healthy(**{"policy/entropy": ramp(2.0, 0.01)})))
+    assert found["entropy_collapse"] == "warning"  # late mean ~0.2: a tenth of the start
+    found = codes(run_of(healthy(**{"policy/entropy": [2.0] * 20 + [0.01] * 10})))
+    assert found["entropy_collapse"] == "critical"  # deterministic: under the floor
+    found = codes(run_of(healthy(**{"response/eos_frac": ramp(0.9, 0.02)})))
+    assert found["length_collapse"] == "warning"
+
+
+def test_stagnation_flat_reward_flat_groups_and_a_useless_critic():
+    series = healthy(**{"reward/score_mean": [0.5 + 0.01 * (i % 2) for i in range(STEPS)]})
+    series["reward/flat_group_frac"] = [0.95] * STEPS
+    series["value/explained_var"] = [-0.5] * STEPS
+    finding = next(f for f in diagnose(run_of(series)) if f.code == "stagnation")
+    assert {"score_gain", "flat_group_frac_late", "explained_var_late"} <= finding.evidence.keys()
+
+
+def test_over_regularized_explains_the_flat_reward():
+    series = healthy(**{"reward/score_mean": [0.5] * STEPS, "kl/mean": [0.01] * STEPS})
+    series["kl/coef"] = [2.0] * STEPS
+    found = codes(run_of(series))
+    assert found.get("over_regularized") == "warning" and "stagnation" not in found
+
+
+def test_cli_json_and_exit_status(tmp_path):
+    series = healthy(**{"kl/mean": ramp(1, 60)})
+    lines = [json.dumps({"step": i + 1, **{k: v[i] for k, v in series.items()}}) for i in range(30)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 31, "kl/me')  # torn
+    proc = run_cli(["doctor", str(tmp_path), "--json"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    findings = json.loads(proc.stdout)["findings"]
+    blowup = next(f for f in findings if f["code"] == "kl_blowup")
+    assert blowup["severity"] == "critical" and blowup["steps"] == [1, 30]
+    assert blowup["remedies"] and math.isclose(blowup["evidence"]["kl_late"], 56.2, abs_tol=1)
+    assert len(read_run(tmp_path).metrics) == 30  # the torn last line is skipped
+    text = run_cli(["doctor", str(tmp_path)], check=False)
+    assert "[CRITICAL] kl_blowup" in text.stdout
+
+
+def test_doctor_on_a_dir_without_metrics_is_a_clear_error(tmp_path):
+    proc = run_cli(["doctor", str(tmp_path)], check=False)
+    assert proc.returncode == 2 and "has no metrics.jsonl" in proc.stderr
+
+
+@pytest.mark.parametrize("severity,status", [("info", 0), ("warning", 1), ("critical", 2)])
+def test_exit_status_by_worst_severity(severity, status):
+    from tether.doctor import Finding
+
+    findings = [Finding("x", "info", (1, 1), ""), Finding("y", severity, (1, 1), "")]
+    assert exit_status(findings) == status
