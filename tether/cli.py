@@ -109,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("run_dir", type=Path, help="a tether run dir (holds metrics.jsonl)")
     doc.add_argument("--json", action="store_true", help='print {"findings": [...]}')
     doc.set_defaults(func=_run_doctor)
+    ins = sub.add_parser(
+        "inspect", help="per-token log-probs under policy and reference: where the KL comes from"
+    )
+    ins.add_argument("--policy", required=True, help="policy model (dir, .gguf or name)")
+    ins.add_argument("--reference", required=True, help="reference model (dir, .gguf or name)")
+    ins.add_argument("--prompt", help="the prompt (a user message)")
+    ins.add_argument(
+        "--response", action="append", default=[], help="a response to inspect (repeatable)"
+    )
+    ins.add_argument("--data", type=Path, help="JSONL/Parquet of {prompt, response} records")
+    ins.add_argument("--reward-model", help="also score each response with this reward model")
+    ins.add_argument("--beta", type=float, default=0.05, help="KL coefficient for the penalty")
+    ins.add_argument("--temperature", type=float, default=1.0)
+    ins.add_argument("--html", type=Path, help="also write a self-contained HTML page")
+    ins.add_argument("--no-color", action="store_true")
+    ins.set_defaults(func=_run_inspect)
     demo = sub.add_parser("demo", help="the main job on the embedded SmolLM2 (make demo)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=int, default=30)
@@ -151,6 +167,36 @@ def _run_doctor(args: argparse.Namespace) -> int:
     else:
         print(format_findings(findings, str(args.run_dir)))
     return exit_status(findings)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from tether.data import load_scored_responses
+    from tether.inspector import Inspector, format_terminal, write_html
+
+    groups: dict[str, tuple[object, list[str]]] = {}
+    if args.data:  # checked in full before any model loads
+        records, _ = load_scored_responses(args.data)
+        for _, messages, response in records:
+            key = repr(messages)
+            groups.setdefault(key, (messages, []))[1].append(response)
+    if args.prompt is not None:
+        if not args.response:
+            raise TetherError("--prompt needs at least one --response")
+        groups[repr(args.prompt)] = (args.prompt, list(args.response))
+    if not groups:
+        raise TetherError("give --prompt with --response, or --data FILE")
+    inspector = Inspector(args.policy, args.reference, args.temperature, args.reward_model)
+    results = []
+    for prompt, responses in groups.values():
+        found = inspector.inspect(prompt, responses)
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        print(f"prompt: {text!r}\n")
+        print(format_terminal(found, args.beta, color=not args.no_color and sys.stdout.isatty()))
+        results.append((text, found))
+    if args.html:
+        write_html([r for _, found in results for r in found], args.beta, results[0][0], args.html)
+        print(f"wrote {args.html}")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

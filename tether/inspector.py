@@ -1,0 +1,174 @@
+"""The KL inspector: where a response's KL penalty comes from, token by token.
+
+For a prompt and one or more responses it shows, per response token, log π_θ, log π_ref, the
+log-ratio log π_θ − log π_ref (the k1 KL term) and its share of the penalty β·KL. A response
+the reference finds unlikely pays for every token the policy made more likely, so a long,
+ornate answer can cost far more KL than a short one the reference already says: this makes
+that visible. Optionally a reward model's score of each response.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tether.config import ModelConfig
+from tether.data import Message
+from tether.models import disable_dropout, load_causal_lm, load_tokenizer
+from tether.rollout import build_batch, encode_prompt, sequence_logprobs_of
+
+
+@dataclass
+class TokenRow:
+    text: str
+    logprob: float
+    ref_logprob: float
+
+    @property
+    def log_ratio(self) -> float:
+        return self.logprob - self.ref_logprob
+
+
+@dataclass
+class Inspection:
+    response: str
+    tokens: list[TokenRow]
+    score: float | None = None
+
+    @property
+    def kl(self) -> float:
+        """Σ_t (log π − log π_ref): the sequence's k1 KL, what β multiplies in PPO's reward."""
+        return sum(t.log_ratio for t in self.tokens)
+
+
+class Inspector:
+    """Policy, reference (and optionally a reward model), loaded once for many prompts."""
+
+    def __init__(
+        self,
+        policy: str,
+        reference: str,
+        temperature: float = 1.0,
+        reward_model: str | None = None,
+    ) -> None:
+        self.tokenizer = load_tokenizer(policy)
+        self.models = {
+            name: disable_dropout(load_causal_lm(ModelConfig(name=source), self.tokenizer)).eval()
+            for name, source in (("policy", policy), ("reference", reference))
+        }
+        self.temperature = temperature
+        self.reward_model = None
+        if reward_model:
+            from tether.reward_model import RewardModel
+
+            self.reward_model = RewardModel.load(reward_model)
+
+    @torch.no_grad()
+    def inspect(self, prompt: str | list[Message], responses: list[str]) -> list[Inspection]:
+        """Each response tokenised exactly as DPO and PPO see it (through EOS) after the prompt."""
+        from tether.stages.dpo import encode_answer
+
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        answers = [encode_answer(self.tokenizer, messages, r) for r in responses]
+        prompt_ids = encode_prompt(self.tokenizer, messages)
+        batch = build_batch([prompt_ids] * len(answers), answers, self.tokenizer.pad_token_id)
+        logprobs = {
+            name: sequence_logprobs_of(model, batch, self.temperature)
+            for name, model in self.models.items()
+        }
+        scores: list[float | None] = [None] * len(responses)
+        if self.reward_model is not None:
+            scores = self.reward_model.score([messages] * len(responses), responses).tolist()
+        return [
+            Inspection(
+                text,
+                [
+                    TokenRow(
+                        self.tokenizer.decode([token]),
+                        logprobs["policy"][row, t].item(),
+                        logprobs["reference"][row, t].item(),
+                    )
+                    for t, token in enumerate(ids)
+                ],
+                scores[row],
+            )
+            for row, (text, ids) in enumerate(zip(responses, answers, strict=True))
+        ]
+
+
+def _ansi(log_ratio: float) -> str:
+    """Red where the policy is more likely than the reference (pays penalty), blue less."""
+    if log_ratio > 1.0:
+        return "\033[1;31m"
+    if log_ratio > 0.1:
+        return "\033[31m"
+    if log_ratio < -0.1:
+        return "\033[34m"
+    return ""
+
+
+def format_terminal(results: list[Inspection], beta: float, color: bool = True) -> str:
+    lines = []
+    for i, r in enumerate(results):
+        head = f"response {i + 1}: {len(r.tokens)} tokens, KL = Σ log-ratio = {r.kl:.3f} nats"
+        head += f", penalty β·KL = {beta * r.kl:.4f} (β = {beta:g})"
+        if r.score is not None:
+            head += f", reward-model score {r.score:.3f}"
+        lines += [head, f"  {'token':<18}{'log π':>9}{'log π_ref':>11}{'log-ratio':>11}"]
+        for t in r.tokens:
+            start, end = (_ansi(t.log_ratio), "\033[0m") if color else ("", "")
+            token = repr(t.text)[1:-1][:16]
+            lines.append(
+                f"  {start}{token:<18}{t.logprob:>9.3f}{t.ref_logprob:>11.3f}"
+                f"{t.log_ratio:>11.3f}{end}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_html(results: list[Inspection], beta: float, prompt: str, path: Path) -> None:
+    """One self-contained page: each response with tokens shaded by log-ratio, and a table."""
+
+    def shade(x: float) -> str:
+        strength = min(abs(x) / 3.0, 1.0)
+        rgb = (255, int(255 * (1 - strength)), int(255 * (1 - strength)))
+        if x < 0:
+            rgb = (int(255 * (1 - strength)), int(255 * (1 - strength)), 255)
+        return f"rgb{rgb}"
+
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>tether inspect</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "span.t{white-space:pre-wrap;padding:1px}td,th{padding:2px 8px;text-align:right}"
+        "td:first-child{text-align:left;font-family:monospace}</style>",
+        f"<h1>Where the KL comes from</h1><p><b>Prompt:</b> {html.escape(prompt)}</p>",
+        "<p>Red: the policy finds the token more likely than the reference does (log π − "
+        "log π_ref &gt; 0, it adds to the KL penalty); blue: less likely.</p>",
+    ]
+    for i, r in enumerate(results):
+        score = f", reward-model score {r.score:.3f}" if r.score is not None else ""
+        parts.append(
+            f"<h2>Response {i + 1}: KL {r.kl:.3f} nats, penalty β·KL {beta * r.kl:.4f}{score}</h2>"
+        )
+        parts.append(
+            "<p>"
+            + "".join(
+                f"<span class='t' style='background:{shade(t.log_ratio)}' "
+                f"title='log-ratio {t.log_ratio:.3f}'>{html.escape(t.text)}</span>"
+                for t in r.tokens
+            )
+            + "</p>"
+        )
+        rows = "".join(
+            f"<tr><td>{html.escape(repr(t.text))}</td><td>{t.logprob:.3f}</td>"
+            f"<td>{t.ref_logprob:.3f}</td><td>{t.log_ratio:.3f}</td></tr>"
+            for t in r.tokens
+        )
+        parts.append(
+            "<table><tr><th>token</th><th>log π</th><th>log π_ref</th><th>log-ratio</th></tr>"
+            f"{rows}</table>"
+        )
+    path.write_text("\n".join(parts), encoding="utf-8")
