@@ -129,3 +129,31 @@ def marker_data(tmp_path_factory):
         write_jsonl(d / "train.jsonl", marker_pairs(192, seed=0)),
         write_jsonl(d / "eval.jsonl", marker_pairs(64, seed=1)),
     )
+
+
+PROMPT_WORDS = ["cats", "dogs", "rain", "tea", "maps", "ships", "bread", "snow", "kites", "clocks"]
+
+# The rule reward of these tests: the share of the response's characters that are vowels. A
+# random tiny model starts near its vocabulary's average; PPO can raise it by preferring
+# vowel-heavy tokens, a dense signal that moves within a few dozen small steps.
+REWARD_CODE = """
+def vowel_share(prompts, responses):
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+
+def response_chars(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+def constant(prompts, responses):
+    return [0.5 for _ in responses]
+"""
+
+
+@pytest.fixture(scope="session")
+def ppo_files(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ppo-data")
+    prompts = root / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"Write about {w}."}) + "\n" for w in PROMPT_WORDS]
+    prompts.write_text("".join(lines))
+    reward = root / "rule_reward.py"
+    reward.write_text(REWARD_CODE)
+    return prompts, reward

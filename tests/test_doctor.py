@@ -167,3 +167,49 @@ def test_exit_status_by_worst_severity(severity, status):
 
     findings = [Finding("x", "info", (1, 1), ""), Finding("y", severity, (1, 1), "")]
     assert exit_status(findings) == status
+
+
+# --------------------------------------------------------------------------- real tiny runs
+
+
+def provoked_run(tiny_model_dir, ppo_files, out, *extra):
+    from test_ppo import ppo_config
+
+    from tether.stages.ppo import run_ppo
+
+    cfg = ppo_config(tiny_model_dir, ppo_files, "rollout.samples_every=1", *extra)
+    run_ppo(cfg, out)
+    return diagnose(read_run(out))
+
+
+def test_doctor_names_hacking_in_a_real_run_with_no_kl_penalty(tiny_model_dir, ppo_files, tmp_path):
+    """β = 0 against a reward that pays for characters: the policy drifts off the reference
+    and settles on whatever long tokens it found, whatever the prompt."""
+    _, reward = ppo_files
+    findings = provoked_run(
+        tiny_model_dir,
+        ppo_files,
+        tmp_path / "run",
+        "ppo.kl.coef=0",
+        f"reward.terms=[{{name: '{reward}:response_chars'}}]",
+        "train.max_steps=30",
+    )
+    hacking = [f for f in findings if f.code == "reward_hacking"]
+    assert hacking, [f.code for f in findings]
+    assert hacking[0].evidence["score_gain"] > 0
+
+
+def test_doctor_names_instability_in_a_real_run_with_a_huge_learning_rate(
+    tiny_model_dir, ppo_files, tmp_path
+):
+    findings = provoked_run(
+        tiny_model_dir,
+        ppo_files,
+        tmp_path / "run",
+        "optim.lr=3.0",
+        "optim.max_grad_norm=0",
+        "ppo.ppo_epochs=4",
+        "train.max_steps=12",
+    )
+    assert {"instability", "nan"} & {f.code for f in findings}, [f.code for f in findings]
+    assert exit_status(findings) == 2

@@ -15,31 +15,6 @@ from tether.rundir import read_metrics
 from tether.stages.ppo import run_ppo
 
 TIMING_KEYS = {"throughput/tokens_per_s", "time/step_s", "time/rollout_s", "time/train_s"}
-WORDS = ["cats", "dogs", "rain", "tea", "maps", "ships", "bread", "snow", "kites", "clocks"]
-
-# The rule reward of these tests: the share of the response's characters that are vowels. A
-# random tiny model starts near its vocabulary's average; PPO can raise it by preferring
-# vowel-heavy tokens, a dense signal that moves within a few dozen small steps.
-REWARD_CODE = """
-def vowel_share(prompts, responses):
-    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
-
-def response_chars(prompts, responses):
-    return [float(len(r)) for r in responses]
-
-def constant(prompts, responses):
-    return [0.5 for _ in responses]
-"""
-
-
-@pytest.fixture(scope="module")
-def ppo_files(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ppo-data")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Write about {w}."}) + "\n" for w in WORDS))
-    reward = root / "rule_reward.py"
-    reward.write_text(REWARD_CODE)
-    return prompts, reward
 
 
 def ppo_overrides(model_dir, files, *extra) -> list[str]:
