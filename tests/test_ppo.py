@@ -83,12 +83,21 @@ def test_response_logprobs_match_an_unpadded_full_forward(tiny):
             assert torch.allclose(batched[row, : len(r)], expected, atol=1e-5), row
 
 
-def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny):
+@pytest.mark.parametrize("engine", ["hf", "auto"])
+def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     from tether.rollout import encode_prompt, generate
 
     model, tokenizer = tiny
     prompts = ["Hi", "Tell me about the sea and the sky.", "Why?"]
-    out = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=0)
+    out = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=6,
+        temperature=0,
+        engine=engine,
+        dtype=torch.float32,
+    )
     for prompt, response in zip(prompts, out.response_ids, strict=True):
         ids = torch.tensor([encode_prompt(tokenizer, prompt)])
         alone = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -96,13 +105,60 @@ def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny):
     assert out.ended == [False] * 3 and all(len(r) == 6 for r in out.response_ids)
 
 
-def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny):
+def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(tiny):
+    """Row 0 stops after 3 tokens (a third of the batch finishes: the cache is compacted);
+    the other rows must decode exactly as Hugging Face does alone."""
+    from tether import engine
+    from tether.rollout import encode_prompt
+
+    model, tokenizer = tiny
+    rows = [encode_prompt(tokenizer, p) for p in ["Hi", "A long question about ships?", "Ok"]]
+    alone = []
+    for r in rows:
+        out = model.generate(torch.tensor([r]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        alone.append(out[0, len(r) :].tolist())
+    stop = alone[0][2]
+    assert stop not in alone[0][:2]
+    decoded = engine.decode(
+        model,
+        rows,
+        0,
+        [stop],
+        max_new_tokens=10,
+        temperature=0,
+        top_p=1.0,
+        top_k=0,
+        min_new_tokens=0,
+        dtype=torch.float32,
+        generator=None,
+    )
+    assert decoded[0] == alone[0][:3]
+    for got, expected in zip(decoded[1:], alone[1:], strict=True):
+        cut = expected.index(stop) + 1 if stop in expected else len(expected)
+        assert got == expected[:cut]
+
+
+def test_engine_top_k_and_top_p_keep_only_the_head_of_the_distribution():
+    from tether.engine import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    top_k = sample(logits, 1.0, 1.0, 2, gen)
+    assert set(top_k.tolist()) == {0, 1}
+    assert abs((top_k == 0).float().mean().item() - 0.5 / 0.8) < 0.03  # renormalised
+    top_p = sample(logits, 1.0, 0.7, 0, gen)  # 0.5 < 0.7: the 0.3 token crosses and stays
+    assert set(top_p.tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, 1.0, 0, gen).tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("engine", ["hf", "auto"])
+def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny, engine):
     from tether.rollout import generate
 
     model, tokenizer = tiny
     state = torch.get_rng_state()
-    a = generate(model, tokenizer, ["Hi", "Yo"], max_new_tokens=5, seed=3)
-    b = generate(model, tokenizer, ["Hi", "Yo"], max_new_tokens=5, seed=3)
+    a = generate(model, tokenizer, ["Hi", "Yo"], max_new_tokens=5, seed=3, engine=engine)
+    b = generate(model, tokenizer, ["Hi", "Yo"], max_new_tokens=5, seed=3, engine=engine)
     assert a.response_ids == b.response_ids
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -119,7 +175,7 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     model.generation_config.top_k = 3
     try:
         penalised = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        ours = generate(model, tokenizer, ["Hi"], max_new_tokens=8, temperature=0)
+        ours = generate(model, tokenizer, ["Hi"], max_new_tokens=8, temperature=0, engine="hf")
     finally:
         model.generation_config.repetition_penalty = 1.0
         model.generation_config.top_k = 50

@@ -230,6 +230,9 @@ class RolloutConfig:
     missing_eos_penalty: float = 1.0
     # Responses sampled per prompt (k): RLOO and GRPO compare the k answers of one prompt.
     samples_per_prompt: int = 1
+    # "auto": tether's KV-cache engine for Llama-family models, Hugging Face `generate` for
+    # others; "hf": always `generate`.
+    engine: Literal["auto", "hf"] = "auto"
     # Rollouts per generate() call; 0 = the whole batch at once.
     generation_batch_size: int = 0
     # Write prompt, response, score, KL (and gold) of every rollout to samples.jsonl every N

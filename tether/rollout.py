@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tether import engine as tether_engine
 from tether.data import Message
+from tether.models import bf16_available
 from tether.ops import entropy_from_logits, logprobs_from_logits
 from tether.reward_model import hf_model, position_ids_from_mask
 
@@ -66,6 +68,8 @@ def generate(
     ignore_eos: bool = False,
     seed: int | None = None,
     batch_size: int = 0,
+    engine: str = "auto",
+    dtype: torch.dtype | None = None,
 ) -> Generation:
     """Sample one response per prompt (strings, message lists or token-id lists).
 
@@ -73,6 +77,10 @@ def generate(
     mask). With `seed`, sampling uses its own RNG and leaves the global one untouched; without,
     it draws from the global RNG (whose state a checkpoint saves, so a resumed run samples the
     same). temperature 0 means greedy decoding.
+
+    engine "auto" decodes Llama-family models with tether's KV-cache engine (tether.engine)
+    and others with Hugging Face `generate`; "hf" always uses `generate`. `dtype` is the
+    engine's compute dtype (default: bf16 where the CPU/GPU has it, else float32).
     """
     from transformers import GenerationConfig
 
@@ -96,6 +104,26 @@ def generate(
     # `generate` fills every field left unset from the model's own generation config (a
     # repetition penalty, min_p, suppressed tokens...), which would sample from another
     # distribution than the one log-probs are computed on; give it a blank one meanwhile.
+    if engine == "auto" and tether_engine.supports(model):
+        if dtype is None:
+            dtype = torch.bfloat16 if bf16_available() else torch.float32
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        for start in range(0, len(rows), batch_size):
+            responses += tether_engine.decode(
+                model,
+                rows[start : start + batch_size],
+                tokenizer.pad_token_id,
+                stops,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_new_tokens=max_new_tokens if ignore_eos else 0,
+                dtype=dtype,
+                generator=generator,
+            )
+        model.train(was_training)
+        return _generation(tokenizer, rows, responses, stops)
     model_config, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -108,6 +136,12 @@ def generate(
     finally:
         inner.generation_config = model_config
         model.train(was_training)
+    return _generation(tokenizer, rows, responses, stops)
+
+
+def _generation(
+    tokenizer, rows: list[list[int]], responses: list[list[int]], stops: list[int]
+) -> Generation:
     ended = [bool(r) and r[-1] in stops for r in responses]
     texts = tokenizer.batch_decode(
         [r[:-1] if e else r for r, e in zip(responses, ended, strict=True)],

@@ -176,6 +176,8 @@ def collect_rollout(
             max_new_tokens=ro_cfg.max_new_tokens,
             temperature=ro_cfg.temperature,
             batch_size=ro_cfg.generation_batch_size,
+            engine=ro_cfg.engine,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
         )
     batch = build_batch(gen.prompt_ids, gen.response_ids, tokenizer.pad_token_id)
     reward_prompts = [prompt_for_reward(m) for m in messages]

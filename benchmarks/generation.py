@@ -1,0 +1,80 @@
+"""Rollout generation: tether's KV-cache engine vs Hugging Face `generate`, in one run.
+
+    .venv/bin/python benchmarks/generation.py [--batches 16 64] [--new-tokens 64]
+
+SmolLM2-135M-Instruct, sampling at temperature 1 with EOS ignored (every row generates
+exactly --new-tokens), prompts from examples/data/ppo-prompts.jsonl. Also measures the bf16
+matmul rate of this machine (a 2048³ matmul) and reports each tokens/s as a fraction of the
+bf16 roofline: rate / (2 · parameters) tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tether.data import load_prompts
+    from tether.models import load_tokenizer, resolve_model_source
+    from tether.rollout import generate
+    from tether.training import set_threads
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    set_threads(0)
+    source = resolve_model_source("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(source)
+    prompts, _ = load_prompts(ROOT / "examples/data/ppo-prompts.jsonl")
+    params = None
+    results = {"bf16_gflops": matmul_gflops(torch.bfloat16), "fp32_gflops": matmul_gflops(torch.float32)}
+    rows = []
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+        params = sum(p.numel() for p in model.parameters() if p is not model.lm_head.weight)
+        for batch in args.batches:
+            batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
+            for engine in ("hf", "auto"):
+                kwargs = dict(max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+                generate(model, tokenizer, batch_prompts[:2], engine=engine, dtype=dtype, **kwargs)
+                started = time.perf_counter()
+                out = generate(model, tokenizer, batch_prompts, engine=engine, dtype=dtype, **kwargs)
+                seconds = time.perf_counter() - started
+                tokens = sum(len(r) for r in out.response_ids)
+                rows.append(
+                    {
+                        "engine": "tether" if engine == "auto" else "hf generate",
+                        "dtype": dtype_name,
+                        "batch": batch,
+                        "tokens_per_s": tokens / seconds,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    roofline = results["bf16_gflops"] * 1e9 / (2 * params)
+    for row in rows:
+        row["fraction_of_bf16_roofline"] = row["tokens_per_s"] / roofline
+    results |= {"params": params, "bf16_roofline_tokens_per_s": roofline, "rows": rows}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""A rollout engine for Llama-family decoders: prefill, then decode with a preallocated KV cache.
+
+Why not `model.generate`: on a CPU, a 135M model's decode step is a few small matmuls per
+layer, and generate's per-step overhead (autocast re-casting fp32 weights every op, a cache
+that grows by concatenation, logits processors over the full batch) costs more than the
+maths. Here the weights are exported once per rollout in the compute dtype (LoRA adapters
+merged in), the cache is allocated once, the LM head runs on the last position only, and
+rows that finished are compacted out of the batch.
+
+It reuses the model's own modules where the maths could vary by architecture (rotary
+embedding with its scaling rules, RMSNorm epsilon, activation), and covers the Llama layout
+(Llama, Mistral, Qwen2, SmolLM: q/k/v/o projections with optional bias, gated MLP, RMSNorm).
+`supports(model)` says whether a model fits; other models go through `generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tether.reward_model import hf_model
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+# Compact the batch once this share of its rows has finished: copying the KV cache costs
+# about one decode step, so doing it for every finished row would cost more than it saves.
+COMPACT_SHARE = 0.25
+
+
+def supports(model) -> bool:
+    inner = hf_model(model)
+    config = inner.config
+    return (
+        config.model_type in SUPPORTED
+        and not getattr(config, "sliding_window", None)  # a full cache is assumed
+        and getattr(config, "hidden_act", "silu") == "silu"
+        and hasattr(inner, "model")
+        and hasattr(inner.model, "layers")
+    )
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's effective weight: peft's LoRA layers add their active adapters."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight
+    weight = base.weight
+    if not getattr(module, "disable_adapters", False) and not getattr(module, "merged", False):
+        for adapter in module.active_adapters:
+            if adapter in getattr(module, "lora_A", {}):
+                weight = weight + module.get_delta_weight(adapter)
+    return weight
+
+
+def _bias(module: torch.nn.Module) -> torch.Tensor | None:
+    return getattr(getattr(module, "base_layer", module), "bias", None)
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    qkv: torch.Tensor  # [(H + 2·Hkv)·D, hidden]: one matmul for q, k and v
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    ln2: torch.Tensor
+    gate_up: torch.Tensor  # [2·I, hidden]
+    down: torch.Tensor
+
+
+class Weights:
+    """The model's weights in the compute dtype, exported once per rollout."""
+
+    @torch.no_grad()
+    def __init__(self, model, dtype: torch.dtype) -> None:
+        inner = hf_model(model)
+        config = inner.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.rotary = inner.model.rotary_emb
+        self.dtype = dtype
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(dtype).contiguous()
+
+        self.embed = cast(_weight(inner.model.embed_tokens))
+        self.layers = []
+        for layer in inner.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            biases = [_bias(p) for p in projections]
+            self.layers.append(
+                Layer(
+                    ln1=cast(layer.input_layernorm.weight),
+                    qkv=cast(torch.cat([_weight(p) for p in projections])),
+                    qkv_bias=cast(torch.cat(biases)) if biases[0] is not None else None,
+                    o=cast(_weight(attn.o_proj)),
+                    o_bias=cast(_bias(attn.o_proj)),
+                    ln2=cast(layer.post_attention_layernorm.weight),
+                    gate_up=cast(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)])),
+                    down=cast(_weight(mlp.down_proj)),
+                )
+            )
+        self.norm = cast(inner.model.norm.weight)
+        self.lm_head = cast(_weight(inner.get_output_embeddings()))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As Llama's: the variance in fp32, the result back in the compute dtype."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """[layers] of [B, Hkv, T_max, D] keys and values, filled up to `length`."""
+
+    def __init__(self, w: Weights, batch: int, max_len: int) -> None:
+        shape = (batch, w.kv_heads, max_len, w.head_dim)
+        self.keys = [torch.zeros(shape, dtype=w.dtype) for _ in w.layers]
+        self.values = [torch.zeros(shape, dtype=w.dtype) for _ in w.layers]
+        self.length = 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+def forward(
+    w: Weights,
+    cache: KVCache,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Run `ids` [B, T] at `positions` [B, T] through the model, appending to the cache.
+
+    key_mask [B, T_cache + T] is True for keys a query may see apart from causality (not
+    padding). Returns the final hidden state of the last position, [B, hidden].
+    """
+    batch, steps = ids.shape
+    start, end = cache.length, cache.length + steps
+    x = F.embedding(ids, w.embed)
+    cos, sin = w.rotary(x, positions)
+    cos, sin = cos.unsqueeze(1).to(w.dtype), sin.unsqueeze(1).to(w.dtype)
+    causal = torch.ones(steps, end, dtype=torch.bool).tril(diagonal=start)
+    itself = torch.zeros(steps, end, dtype=torch.bool)
+    itself[:, start:end] = torch.eye(steps, dtype=torch.bool)
+    # Every position may see itself: a padding query with no visible key would make SDPA
+    # return NaN, which would reach later layers' keys and values and, as 0 · NaN, real rows.
+    mask = ((causal[None] & key_mask[:, None, :end]) | itself[None])[:, None]  # [B,1,T,T']
+    q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
+    for i, layer in enumerate(w.layers):
+        h = _rms_norm(x, layer.ln1, w.eps)
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = _rotate(q.view(batch, steps, w.heads, w.head_dim).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(batch, steps, w.kv_heads, w.head_dim).transpose(1, 2), cos, sin)
+        cache.keys[i][:, :, start:end] = k
+        cache.values[i][:, :, start:end] = v.view(batch, steps, w.kv_heads, w.head_dim).transpose(
+            1, 2
+        )
+        attn = F.scaled_dot_product_attention(
+            q,
+            cache.keys[i][:, :, :end],
+            cache.values[i][:, :, :end],
+            attn_mask=mask,
+            enable_gqa=w.kv_heads != w.heads,
+        )
+        x = x + F.linear(attn.transpose(1, 2).reshape(batch, steps, q_size), layer.o, layer.o_bias)
+        h = _rms_norm(x, layer.ln2, w.eps)
+        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, layer.down)
+    cache.length = end
+    return _rms_norm(x[:, -1], w.norm, w.eps)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Next tokens [B] from last-position logits [B, V]: greedy at temperature 0, else
+    softmax(logits / T) restricted to the top-k and then the top-p mass, renormalised."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token crossing top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    prompt_rows: list[list[int]],
+    pad_id: int,
+    stops: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_new_tokens: int,
+    dtype: torch.dtype,
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    """Response token ids per prompt row (through the first stop token, if any)."""
+    w = Weights(model, dtype)
+    batch, width = len(prompt_rows), max(len(r) for r in prompt_rows)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    valid = torch.zeros((batch, width + max_new_tokens), dtype=torch.bool)
+    for i, r in enumerate(prompt_rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        valid[i, width - len(r) : width] = True
+    positions = (valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(w, batch, width + max_new_tokens)
+    hidden = forward(w, cache, ids, positions, valid)
+    next_position = positions[:, -1] + 1
+    rows = torch.arange(batch)  # original row of each active row
+    out: list[list[int]] = [[] for _ in range(batch)]
+    stop_ids = torch.tensor(stops or [-1])
+    for step in range(max_new_tokens):
+        logits = F.linear(hidden, w.lm_head)
+        if step < min_new_tokens and stops:
+            logits[:, stop_ids] = -torch.inf
+        tokens = sample(logits, temperature, top_p, top_k, generator)
+        for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
+            out[row].append(token)
+        done = torch.isin(tokens, stop_ids)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        valid[:, width + step] = True
+        if done.float().mean() >= COMPACT_SHARE:
+            keep = (~done).nonzero().squeeze(-1)
+            rows, tokens, next_position = rows[keep], tokens[keep], next_position[keep]
+            valid = valid[keep]
+            cache.keep(keep)
+        elif bool(done.any()):
+            # Finished rows stay until compaction; they decode a pad that is thrown away.
+            tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
+        hidden = forward(w, cache, tokens[:, None], next_position[:, None], valid)
+        next_position = next_position + 1
+    return [_until_stop(r, stops) for r in out]
+
+
+def _until_stop(row: list[int], stops: list[int]) -> list[int]:
+    for position, token in enumerate(row):
+        if token in stops:
+            return row[: position + 1]
+    return row
