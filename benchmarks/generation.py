@@ -46,7 +46,10 @@ def main() -> None:
     tokenizer = load_tokenizer(source)
     prompts, _ = load_prompts(ROOT / "examples/data/ppo-prompts.jsonl")
     params = None
-    results = {"bf16_gflops": matmul_gflops(torch.bfloat16), "fp32_gflops": matmul_gflops(torch.float32)}
+    results = {
+        "bf16_gflops": matmul_gflops(torch.bfloat16),
+        "fp32_gflops": matmul_gflops(torch.float32),
+    }
     rows = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
@@ -54,10 +57,12 @@ def main() -> None:
         for batch in args.batches:
             batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
             for engine in ("hf", "auto"):
-                kwargs = dict(max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
-                generate(model, tokenizer, batch_prompts[:2], engine=engine, dtype=dtype, **kwargs)
+                kwargs = dict(
+                    max_new_tokens=args.new_tokens, ignore_eos=True, seed=0, engine=engine
+                )
+                generate(model, tokenizer, batch_prompts[:2], dtype=dtype, **kwargs)  # warm-up
                 started = time.perf_counter()
-                out = generate(model, tokenizer, batch_prompts, engine=engine, dtype=dtype, **kwargs)
+                out = generate(model, tokenizer, batch_prompts, dtype=dtype, **kwargs)
                 seconds = time.perf_counter() - started
                 tokens = sum(len(r) for r in out.response_ids)
                 rows.append(
