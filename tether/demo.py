@@ -11,8 +11,6 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 from tether.config import SFTConfig, load_config
 from tether.rundir import read_metrics
 from tether.stages.sft import run_sft
@@ -36,32 +34,15 @@ def arithmetic_records(n: int, seed: int) -> list[dict]:
     return records
 
 
-@torch.inference_mode()
 def greedy_answers(model_dir: str, questions: list[str], max_new_tokens: int = 24) -> list[str]:
     from tether.config import ModelConfig
     from tether.models import load_causal_lm, load_tokenizer
+    from tether.rollout import generate
 
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(ModelConfig(name=model_dir), tokenizer).eval()
-    tokenizer.padding_side = "left"  # generation continues from the right edge
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
-        for q in questions
-    ]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return [
-        tokenizer.decode(row[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        for row in out
-    ]
+    out = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens, temperature=0)
+    return [text.strip() for text in out.texts]
 
 
 def run_demo(out: Path, steps: int = 30, resume: bool = False) -> dict:
