@@ -64,3 +64,42 @@ def test_grouped_steps_stay_aligned_when_steps_do_not_divide_the_epoch():
     loose = [k for k, spread in enumerate(spreads) if spread > 60]
     straddling = {k for k in range(len(steps)) if (8 * k) // 203 != (8 * k + 7) // 203}
     assert set(loose) <= straddling, (loose, straddling)
+
+
+def test_non_finite_gradients_skip_the_step_and_stop_after_max_bad_steps(tmp_path):
+    """A NaN in the loss leaves weights and optimizer state untouched (counted as
+    guard/skipped_steps); train.max_bad_steps bad steps in a row stop the run."""
+    import pytest
+    import torch
+
+    from tether.config import SFTConfig, load_config
+    from tether.rundir import RunDir, read_metrics
+    from tether.training import NonFiniteError, fit, start_optimization
+
+    cfg = load_config(
+        SFTConfig,
+        None,
+        ["data.train=unused", "train.max_steps=12", "train.batch_size=1", "train.max_bad_steps=3"],
+    )
+    run = RunDir(tmp_path)
+    run.prepare(cfg, resume=False)
+    model = torch.nn.Linear(2, 1)
+    opt = start_optimization(run, cfg, model, num_examples=4, resume_from=None)
+    poisoned = {3, 6, 7, 8}  # step 3 alone is skipped; 6, 7, 8 in a row stop the run
+    snapshots = {}
+
+    def step_fn(indices):
+        step = opt.progress.step + 1
+        snapshots[step] = model.weight.detach().clone()
+        loss = model(torch.ones(1, 2)).sum()
+        if step in poisoned:
+            loss = loss * float("nan")
+        loss.backward()
+        return {"train/loss": loss.item()}, 1
+
+    with pytest.raises(NonFiniteError, match="3 steps in a row"):
+        fit("t", cfg, run, model, opt, 4, step_fn)
+    assert torch.equal(snapshots[4], snapshots[3])  # step 3 changed nothing
+    assert not torch.equal(snapshots[3], snapshots[2])  # a good step does change weights
+    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["guard/skipped_steps"] for m in metrics] == [0, 0, 1, 1, 1, 2, 3, 4]

@@ -133,6 +133,9 @@ class TrainConfig:
     keep_last: int = 2
     # 0 = all available cores.
     threads: int = 0
+    # A step whose gradients are NaN/inf is skipped (weights and optimizer untouched) and
+    # counted as guard/skipped_steps; this many in a row stop the run with an error.
+    max_bad_steps: int = 5
 
     def validate(self) -> None:
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
@@ -142,6 +145,7 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
 
 
 @dataclass

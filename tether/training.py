@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from tether import faults
 from tether.checkpoint import load_checkpoint, save_checkpoint
 from tether.config import OptimConfig, TrainConfig
+from tether.errors import TetherError
 from tether.models import (
     bf16_available,
     load_tokenizer,
@@ -177,10 +178,11 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 @dataclass
 class Progress:
-    """Where a run is: optimizer steps taken and examples consumed."""
+    """Where a run is: steps taken, examples consumed, steps skipped for non-finite values."""
 
     step: int = 0
     cursor: int = 0
+    skipped: int = 0
 
 
 def save_training_state(
@@ -198,7 +200,7 @@ def save_training_state(
         "rng": rng_state(),
         "extra": extra or {},
     }
-    meta = {"cursor": progress.cursor}
+    meta = {"cursor": progress.cursor, "skipped": progress.skipped}
     return save_checkpoint(
         checkpoints_dir, progress.step, trainable_state_dict(model), state, meta, keep_last
     )
@@ -210,21 +212,28 @@ def restore_training_state(path, model, optimizer, scheduler) -> tuple[Progress,
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(state["rng"])
-    return Progress(step=meta["step"], cursor=meta["cursor"]), state.get("extra", {})
+    progress = Progress(meta["step"], meta["cursor"], meta.get("skipped", 0))
+    return progress, state.get("extra", {})
 
 
 def clip_and_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
 ) -> float:
-    """Clip (if asked), step, zero grads; returns the pre-clip gradient norm. The learning-rate
-    schedule advances once per `fit` step, not here: a PPO iteration takes several of these."""
+    """Clip (if asked), step, zero grads; returns the pre-clip gradient norm.
+
+    A non-finite norm (a NaN or inf anywhere in the gradients) skips the step: the weights and
+    the optimizer's moments stay as they were, so a NaN never reaches a checkpoint. The caller
+    sees the non-finite norm and counts it. The learning-rate schedule advances once per `fit`
+    step, not here: a PPO iteration takes several of these.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(
-        params, max_grad_norm if max_grad_norm > 0 else float("inf")
+    norm = float(
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     )
-    optimizer.step()
+    if math.isfinite(norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 def is_due(step: int, every: int, last_step: int) -> bool:
@@ -287,6 +296,11 @@ def start_optimization(
 
 StepFn = Callable[[list[int]], tuple[dict[str, float], int]]
 
+
+class NonFiniteError(TetherError, RuntimeError):
+    """Training produced NaN/inf gradients train.max_bad_steps times in a row."""
+
+
 # What the progress bar shows, where a stage logs it.
 PROGRESS_KEYS = {
     "train/loss": "loss",
@@ -329,6 +343,7 @@ def fit(
     if eval_fn is not None and progress.step == 0:  # the baseline later evals are read against
         logger.log(0, eval_fn())
     bar = tqdm(total=last_step, initial=progress.step, desc=desc, unit="step")
+    bad_in_a_row = 0
     while progress.step < last_step:
         started = time.perf_counter()
         indices = example_indices(
@@ -342,6 +357,22 @@ def fit(
         metrics["train/lr"] = scheduler.get_last_lr()[0]
         if not steps_itself:
             metrics["train/grad_norm"] = clip_and_step(model, optimizer, optim.max_grad_norm)
+        bad = metrics.get("guard/skipped_updates", 0) > 0 or not math.isfinite(
+            metrics.get("train/grad_norm", 0.0)
+        )
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
+        progress.skipped += bad
+        metrics["guard/skipped_steps"] = progress.skipped
+        if bad_in_a_row >= train.max_bad_steps:
+            logger.log(progress.step + 1, metrics)
+            logger.close()
+            raise NonFiniteError(
+                f"{bad_in_a_row} steps in a row (up to step {progress.step + 1}) had NaN/inf "
+                "gradients and were skipped; the weights are those of step "
+                f"{progress.step + 1 - bad_in_a_row}. Lower optim.lr, check the reward for "
+                "NaN/inf, or try train.precision: fp32; resume from the last checkpoint with "
+                "--resume."
+            )
         scheduler.step()
         progress.step += 1
         progress.cursor += len(indices)

@@ -291,7 +291,7 @@ def ppo_update(
     keys += ["value/loss", "value/clipfrac"] if algo.critic else []
     keys += ["kl/loss"] if algo.kl_placement == "loss" else []
     sums = dict.fromkeys(keys, 0.0)
-    updates = algo.epochs * ppo.num_minibatches
+    updates, skipped = algo.epochs * ppo.num_minibatches, 0
     for _ in range(algo.epochs):
         order = torch.randperm(rows, generator=shuffle)
         for mb_start in range(0, rows, minibatch):
@@ -331,7 +331,11 @@ def ppo_update(
                 for key in sums.keys() & terms.keys():
                     sums[key] += float(terms[key]) * share / updates
             norm = clip_and_step(ac, opt.optimizer, cfg.optim.max_grad_norm)
-            sums["train/grad_norm"] += norm / updates
+            if math.isfinite(norm):
+                sums["train/grad_norm"] += norm / updates
+            else:
+                skipped += 1
+    sums["guard/skipped_updates"] = skipped
     return sums
 
 
