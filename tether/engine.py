@@ -234,6 +234,7 @@ def decode(
     hidden = forward(w, cache, ids, positions, valid)
     next_position = positions[:, -1] + 1
     rows = torch.arange(batch)  # original row of each active row
+    finished = torch.zeros(batch, dtype=torch.bool)  # per active row: has emitted a stop
     out: list[list[int]] = [[] for _ in range(batch)]
     stop_ids = torch.tensor(stops or [-1])
     for step in range(max_new_tokens):
@@ -241,27 +242,20 @@ def decode(
         if step < min_new_tokens and stops:
             logits[:, stop_ids] = -torch.inf
         tokens = sample(logits, temperature, top_p, top_k, generator)
-        for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
-            out[row].append(token)
-        done = torch.isin(tokens, stop_ids)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist(), strict=True):
+            if not done:
+                out[row].append(token)
+        finished |= torch.isin(tokens, stop_ids)
+        if step == max_new_tokens - 1 or bool(finished.all()):
             break
         valid[:, width + step] = True
-        if done.float().mean() >= COMPACT_SHARE:
-            keep = (~done).nonzero().squeeze(-1)
+        if finished.float().mean() >= COMPACT_SHARE:
+            keep = (~finished).nonzero().squeeze(-1)
             rows, tokens, next_position = rows[keep], tokens[keep], next_position[keep]
-            valid = valid[keep]
+            valid, finished = valid[keep], finished[keep]
             cache.keep(keep)
-        elif bool(done.any()):
-            # Finished rows stay until compaction; they decode a pad that is thrown away.
-            tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)
+        # Rows that finished but are not compacted yet decode a pad that is thrown away.
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
         hidden = forward(w, cache, tokens[:, None], next_position[:, None], valid)
         next_position = next_position + 1
-    return [_until_stop(r, stops) for r in out]
-
-
-def _until_stop(row: list[int], stops: list[int]) -> list[int]:
-    for position, token in enumerate(row):
-        if token in stops:
-            return row[: position + 1]
-    return row
+    return out
