@@ -145,6 +145,9 @@ def response_chars(prompts, responses):
 
 def constant(prompts, responses):
     return [0.5 for _ in responses]
+
+def says_blue(prompts, responses):
+    return [1.0 if "blue" in r else 0.0 for r in responses]
 """
 
 
@@ -157,3 +160,50 @@ def ppo_files(tmp_path_factory) -> tuple[Path, Path]:
     reward = root / "rule_reward.py"
     reward.write_text(REWARD_CODE)
     return prompts, reward
+
+
+COLOURS = ["red", "blue", "green", "black", "white", "pink"]
+
+
+@pytest.fixture(scope="session")
+def peaked_model_dir(tmp_path_factory, smol_tokenizer_dir, ppo_files) -> Path:
+    """A tiny Llama that mostly says colour words or stops: an untied LM head whose rows for
+    the colour tokens and EOS point along the mean final hidden state of the test prompts.
+
+    A random tiny model spreads its mass over all 49k tokens, so a rule reward rarely fires
+    and PPO cannot learn in a test's budget; this one samples 'blue' a few percent of the
+    time, like a real SFT model with a preference to discover.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tether.models import load_tokenizer
+    from tether.rollout import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    prompts = [json.loads(line)["prompt"] for line in ppo_files[0].read_text().splitlines()]
+    chat = load_tokenizer(str(smol_tokenizer_dir))
+    with torch.no_grad():
+        rows = [torch.tensor([encode_prompt(chat, p)]) for p in prompts]
+        hidden = torch.cat([model.model(r).last_hidden_state[0] for r in rows])
+        direction = torch.nn.functional.normalize(hidden.mean(0), dim=0)
+        tokens = [tokenizer.encode(w, add_special_tokens=False)[0] for w in COLOURS]
+        for token in [*tokens, tokenizer.eos_token_id]:
+            model.lm_head.weight[token] = 3.0 * direction + 0.3 * torch.randn(64) / 8
+    out = tmp_path_factory.mktemp("peaked-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -105,20 +105,25 @@ def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     assert out.ended == [False] * 3 and all(len(r) == 6 for r in out.response_ids)
 
 
-def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(tiny):
-    """Row 0 stops after 3 tokens (a third of the batch finishes: the cache is compacted);
-    the other rows must decode exactly as Hugging Face does alone."""
+def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_model_dir):
+    """A stop token that ends one row early (a third of the batch finishes, so the cache is
+    compacted); every row must decode exactly as Hugging Face does alone, cut at the stop."""
+    from transformers import AutoModelForCausalLM
+
     from tether import engine
+    from tether.models import load_tokenizer
     from tether.rollout import encode_prompt
 
-    model, tokenizer = tiny
-    rows = [encode_prompt(tokenizer, p) for p in ["Hi", "A long question about ships?", "Ok"]]
+    # The peaked model's greedy answers vary with context (a random one repeats one token).
+    tokenizer = load_tokenizer(str(peaked_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(peaked_model_dir).eval()
+    rows = [encode_prompt(tokenizer, p) for p in ["Hi", "A question about ships?", "Ok"]]
     alone = []
     for r in rows:
         out = model.generate(torch.tensor([r]), max_new_tokens=10, do_sample=False, pad_token_id=0)
         alone.append(out[0, len(r) :].tolist())
-    stop = alone[0][2]
-    assert stop not in alone[0][:2]
+    # The first token that some row emits after a different one: that row stops mid-way.
+    stop = next(t for a in alone for i, t in enumerate(a) if i > 0 and t not in a[:i])
     decoded = engine.decode(
         model,
         rows,
@@ -132,10 +137,9 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(tiny):
         dtype=torch.float32,
         generator=None,
     )
-    assert decoded[0] == alone[0][:3]
-    for got, expected in zip(decoded[1:], alone[1:], strict=True):
-        cut = expected.index(stop) + 1 if stop in expected else len(expected)
-        assert got == expected[:cut]
+    expected = [a[: a.index(stop) + 1] if stop in a else a for a in alone]
+    assert decoded == expected
+    assert any(len(e) < 10 for e in expected)  # somebody did stop early
 
 
 def test_engine_top_k_and_top_p_keep_only_the_head_of_the_distribution():
@@ -254,26 +258,51 @@ def test_first_update_starts_at_ratio_one_and_logs_every_metric(
     assert {"prompt", "response", "score", "kl", "ended"} <= samples[0].keys()
 
 
-def test_rule_reward_rises_while_kl_stays_bounded(tiny_model_dir, ppo_files, tmp_path):
-    cfg = ppo_config(tiny_model_dir, ppo_files, "train.max_steps=24", "ppo.kl.coef=0.05")
+def blue_overrides(files) -> list[str]:
+    """The learning tests: the peaked model, rewarded for saying 'blue'."""
+    return [
+        f"reward.terms=[{{name: '{files[1]}:says_blue'}}]",
+        "model.lora.enabled=true",
+        "model.lora.r=8",
+        "model.lora.target_modules=[lm_head]",
+        "optim.lr=3e-3",
+    ]
+
+
+def test_rule_reward_rises_while_kl_stays_bounded(peaked_model_dir, ppo_files, tmp_path):
+    cfg = ppo_config(
+        peaked_model_dir,
+        ppo_files,
+        *blue_overrides(ppo_files),
+        "train.max_steps=20",
+        "ppo.kl.coef=0.05",
+    )
     run_ppo(cfg, tmp_path / "run")
     score, kl = series(tmp_path / "run", "reward/score_mean"), series(tmp_path / "run", "kl/mean")
-    assert mean(score[-4:]) > mean(score[:4]) + 0.1, score
-    assert max(kl) < 20.0, kl  # 8 tokens: under 2.5 nats per token
+    assert mean(score[-4:]) > mean(score[:4]) + 0.3, score
+    assert max(kl) < 8.0, kl  # 8 tokens: under 1 nat per token
 
 
-def test_kl_coefficient_sets_how_far_the_policy_moves(tiny_model_dir, ppo_files, tmp_path):
+def test_kl_coefficient_sets_how_far_the_policy_moves(peaked_model_dir, ppo_files, tmp_path):
     """β is the regularisation strength: huge β pins the policy to the reference (KL ~ 0,
     reward flat); β = 0 lets KL grow much faster than a moderate β does."""
     kl_end, score = {}, {}
     for beta in (0.0, 0.05, 50.0):
         out = tmp_path / f"beta-{beta}"
-        cfg = ppo_config(tiny_model_dir, ppo_files, "train.max_steps=16", f"ppo.kl.coef={beta}")
+        cfg = ppo_config(
+            peaked_model_dir,
+            ppo_files,
+            *blue_overrides(ppo_files),
+            "train.max_steps=16",
+            f"ppo.kl.coef={beta}",
+        )
         run_ppo(cfg, out)
         kl_end[beta] = mean(series(out, "kl/mean")[-4:])
         score[beta] = series(out, "reward/score_mean")
+    gain = {beta: mean(s[-4:]) - mean(s[:4]) for beta, s in score.items()}
     assert abs(kl_end[50.0]) < 0.1, kl_end
-    assert abs(mean(score[50.0][-4:]) - mean(score[50.0][:4])) < 0.05, score[50.0]
+    # Flat: within the noise of a mean of 40 binary rewards (σ ≈ 0.08), and below β = 0.05's.
+    assert abs(gain[50.0]) < 0.25 and gain[50.0] < gain[0.05], gain
     assert kl_end[0.0] > 2 * kl_end[0.05] > 0, kl_end
 
 
@@ -343,10 +372,11 @@ def test_separate_critic_and_gold_judge(tiny_model_dir, ppo_files, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
-def test_group_algorithms_raise_a_rule_reward(tiny_model_dir, ppo_files, tmp_path, algo):
+def test_group_algorithms_raise_a_rule_reward(peaked_model_dir, ppo_files, tmp_path, algo):
     cfg = ppo_config(
-        tiny_model_dir,
+        peaked_model_dir,
         ppo_files,
+        *blue_overrides(ppo_files),
         f"algo={algo}",
         "train.batch_size=5",
         "rollout.samples_per_prompt=4",
@@ -354,7 +384,7 @@ def test_group_algorithms_raise_a_rule_reward(tiny_model_dir, ppo_files, tmp_pat
     )
     run_ppo(cfg, tmp_path / "run")
     score = series(tmp_path / "run", "reward/score_mean")
-    assert mean(score[-4:]) > mean(score[:4]) + 0.1, score
+    assert mean(score[-4:]) > mean(score[:4]) + 0.3, score
     first = read_metrics(tmp_path / "run/metrics.jsonl")[0]
     assert "value/loss" not in first  # no critic
     if algo == "grpo":  # KL is a loss term (k3), not part of the reward

@@ -329,7 +329,7 @@ def ppo_update(
                 (loss * share).backward()
                 terms["train/loss"] = loss
                 for key in sums.keys() & terms.keys():
-                    sums[key] += float(terms[key]) * share / updates
+                    sums[key] += float(terms[key].detach()) * share / updates
             norm = clip_and_step(ac, opt.optimizer, cfg.optim.max_grad_norm)
             if math.isfinite(norm):
                 sums["train/grad_norm"] += norm / updates
