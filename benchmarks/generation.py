@@ -53,7 +53,9 @@ def main() -> None:
     rows = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-        params = sum(p.numel() for p in model.parameters() if p is not model.lm_head.weight)
+        # Each token costs ~2 FLOPs per weight it multiplies: every parameter once (a tied
+        # embedding is counted once, for its use as the LM head; the lookup itself is free).
+        params = sum(p.numel() for p in model.parameters())
         for batch in args.batches:
             batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
             for engine in ("hf", "auto"):

@@ -66,3 +66,22 @@ def test_cli_terminal_and_html(tiny_model_dir, shifted_policy_dir, tmp_path):
     assert "Response 2" in text and "log-ratio" in text and "http" not in text  # no network
     bad = run_cli([*args[:5], "--prompt", "hi"], check=False)
     assert bad.returncode == 2 and "--prompt needs at least one --response" in bad.stderr
+
+
+def test_critic_values_and_advantages_from_a_ppo_run(tiny_model_dir, ppo_files, tmp_path):
+    """PPO saves its value head with the policy; inspect reads it back and shows V_t and the
+    GAE advantage of each token under r_t = −β·log-ratio_t (no reward model: no score)."""
+    from test_ppo import ppo_config
+
+    from tether.stages.ppo import VALUE_HEAD_FILE, run_ppo
+
+    final = run_ppo(ppo_config(tiny_model_dir, ppo_files, "train.max_steps=2"), tmp_path / "run")
+    assert (final / VALUE_HEAD_FILE).is_file()
+    inspector = Inspector(str(final), str(tiny_model_dir), critic=str(final), beta=0.1)
+    tokens = inspector.inspect("Write about tea.", ["Tea is warm."])[0].tokens
+    assert all(t.value is not None for t in tokens)
+    last = tokens[-1]  # after the last token V = 0: A_T = r_T − V_T
+    assert last.advantage == pytest.approx(-0.1 * last.log_ratio - last.value, abs=1e-5)
+    before = tokens[-2]  # A_{T−1} = r + V_T − V_{T−1} + γλ·A_T
+    expected = -0.1 * before.log_ratio + last.value - before.value + 0.95 * last.advantage
+    assert before.advantage == pytest.approx(expected, abs=1e-5)

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("--data", type=Path, help="JSONL/Parquet of {prompt, response} records")
     ins.add_argument("--reward-model", help="also score each response with this reward model")
+    ins.add_argument(
+        "--critic",
+        help="a PPO run's final/ (or its value_head.safetensors / critic/): values, advantages",
+    )
     ins.add_argument("--beta", type=float, default=0.05, help="KL coefficient for the penalty")
     ins.add_argument("--temperature", type=float, default=1.0)
     ins.add_argument("--html", type=Path, help="also write a self-contained HTML page")
@@ -185,7 +189,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         groups[repr(args.prompt)] = (args.prompt, list(args.response))
     if not groups:
         raise TetherError("give --prompt with --response, or --data FILE")
-    inspector = Inspector(args.policy, args.reference, args.temperature, args.reward_model)
+    inspector = Inspector(
+        args.policy, args.reference, args.temperature, args.reward_model, args.critic, args.beta
+    )
     results = []
     for prompt, responses in groups.values():
         found = inspector.inspect(prompt, responses)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ModelConfig
 from tether.data import Message
 from tether.models import disable_dropout, load_causal_lm, load_tokenizer
-from tether.rollout import build_batch, encode_prompt, sequence_logprobs_of
+from tether.rollout import build_batch, encode_prompt, response_hidden, sequence_logprobs_of
 
 
 @dataclass
@@ -26,6 +27,8 @@ class TokenRow:
     text: str
     logprob: float
     ref_logprob: float
+    value: float | None = None  # the critic's V(state before this token)
+    advantage: float | None = None  # GAE with r_t = −β·log-ratio (+ the score at the end)
 
     @property
     def log_ratio(self) -> float:
@@ -53,13 +56,16 @@ class Inspector:
         reference: str,
         temperature: float = 1.0,
         reward_model: str | None = None,
+        critic: str | None = None,
+        beta: float = 0.05,
     ) -> None:
         self.tokenizer = load_tokenizer(policy)
         self.models = {
             name: disable_dropout(load_causal_lm(ModelConfig(name=source), self.tokenizer)).eval()
             for name, source in (("policy", policy), ("reference", reference))
         }
-        self.temperature = temperature
+        self.temperature, self.beta = temperature, beta
+        self.critic = load_critic(critic, self.tokenizer) if critic else None
         self.reward_model = None
         if reward_model:
             from tether.reward_model import RewardModel
@@ -82,6 +88,15 @@ class Inspector:
         scores: list[float | None] = [None] * len(responses)
         if self.reward_model is not None:
             scores = self.reward_model.score([messages] * len(responses), responses).tolist()
+        values = advantages = None
+        if self.critic is not None:
+            backbone, head = self.critic
+            values = head(response_hidden(backbone or self.models["policy"], batch))
+            values = values.squeeze(-1).float()
+            log_ratio = logprobs["policy"] - logprobs["reference"]
+            final_scores = torch.tensor([s or 0.0 for s in scores])
+            rewards = kl_penalized_rewards(final_scores, log_ratio, batch.response_mask, self.beta)
+            advantages, _ = gae(rewards, values, batch.response_mask, gamma=1.0, lam=0.95)
         return [
             Inspection(
                 text,
@@ -90,6 +105,8 @@ class Inspector:
                         self.tokenizer.decode([token]),
                         logprobs["policy"][row, t].item(),
                         logprobs["reference"][row, t].item(),
+                        None if values is None else values[row, t].item(),
+                        None if advantages is None else advantages[row, t].item(),
                     )
                     for t, token in enumerate(ids)
                 ],
@@ -97,6 +114,26 @@ class Inspector:
             )
             for row, (text, ids) in enumerate(zip(responses, answers, strict=True))
         ]
+
+
+def load_critic(path: str, tokenizer) -> tuple[torch.nn.Module | None, torch.nn.Module]:
+    """(backbone or None, value head) from a PPO run's `final/`: its value head (run on the
+    policy's hidden states) or its separate critic model."""
+    from safetensors.torch import load_file
+
+    from tether.reward_model import hf_model, load_reward_backbone
+    from tether.stages.ppo import VALUE_HEAD_FILE
+
+    root = Path(path)
+    head_file = root / VALUE_HEAD_FILE if root.is_dir() else root
+    if head_file.is_file():
+        tensors = load_file(str(head_file))
+        head = torch.nn.Linear(tensors["weight"].shape[1], 1, bias="bias" in tensors)
+        head.load_state_dict(tensors)
+        return None, head.eval()
+    critic_dir = root / "critic" if (root / "critic").is_dir() else root
+    backbone = load_reward_backbone(ModelConfig(name=str(critic_dir)), tokenizer, seed=0).eval()
+    return backbone, hf_model(backbone).score
 
 
 def _ansi(log_ratio: float) -> str:
@@ -117,13 +154,16 @@ def format_terminal(results: list[Inspection], beta: float, color: bool = True) 
         head += f", penalty β·KL = {beta * r.kl:.4f} (β = {beta:g})"
         if r.score is not None:
             head += f", reward-model score {r.score:.3f}"
-        lines += [head, f"  {'token':<18}{'log π':>9}{'log π_ref':>11}{'log-ratio':>11}"]
+        critic = r.tokens and r.tokens[0].value is not None
+        columns = f"  {'token':<18}{'log π':>9}{'log π_ref':>11}{'log-ratio':>11}"
+        lines += [head, columns + (f"{'value':>9}{'advantage':>11}" if critic else "")]
         for t in r.tokens:
             start, end = (_ansi(t.log_ratio), "\033[0m") if color else ("", "")
             token = repr(t.text)[1:-1][:16]
+            extra = f"{t.value:>9.3f}{t.advantage:>11.3f}" if critic else ""
             lines.append(
                 f"  {start}{token:<18}{t.logprob:>9.3f}{t.ref_logprob:>11.3f}"
-                f"{t.log_ratio:>11.3f}{end}"
+                f"{t.log_ratio:>11.3f}{extra}{end}"
             )
         lines.append("")
     return "\n".join(lines)
@@ -162,13 +202,15 @@ def write_html(results: list[Inspection], beta: float, prompt: str, path: Path) 
             )
             + "</p>"
         )
+        critic = bool(r.tokens) and r.tokens[0].value is not None
         rows = "".join(
             f"<tr><td>{html.escape(repr(t.text))}</td><td>{t.logprob:.3f}</td>"
-            f"<td>{t.ref_logprob:.3f}</td><td>{t.log_ratio:.3f}</td></tr>"
+            f"<td>{t.ref_logprob:.3f}</td><td>{t.log_ratio:.3f}</td>"
+            + (f"<td>{t.value:.3f}</td><td>{t.advantage:.3f}</td>" if critic else "")
+            + "</tr>"
             for t in r.tokens
         )
-        parts.append(
-            "<table><tr><th>token</th><th>log π</th><th>log π_ref</th><th>log-ratio</th></tr>"
-            f"{rows}</table>"
-        )
+        header = "<th>token</th><th>log π</th><th>log π_ref</th><th>log-ratio</th>"
+        header += "<th>value</th><th>advantage</th>" if critic else ""
+        parts.append(f"<table><tr>{header}</tr>{rows}</table>")
     path.write_text("\n".join(parts), encoding="utf-8")

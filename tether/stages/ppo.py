@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tether.actor_critic import ActorCritic, load_actor_critic
@@ -414,8 +415,23 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         },
     )
     save_pretrained_model(ac.policy, tokenizer, run.final)
+    save_critic(ac, tokenizer, run.final)
     run.unlock()
     return run.final
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def save_critic(ac: ActorCritic, tokenizer, final: Path) -> None:
+    """The critic beside the policy, for `tether inspect --critic`: a value head on the
+    policy's own hidden states (`final/value_head.safetensors`), or a separate critic model
+    (`final/critic/`, a sequence-classification model whose head gives the values)."""
+    if ac.critic is not None:
+        save_pretrained_model(ac.critic, tokenizer, final / "critic")
+    elif ac.value_head is not None:
+        tensors = {k: v.detach().contiguous() for k, v in ac.value_head.state_dict().items()}
+        save_file(tensors, str(final / VALUE_HEAD_FILE))
 
 
 def write_samples(path: Path, step: int, samples: list[dict]) -> None:
