@@ -237,7 +237,7 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
             share = sum(x.weight for x in micro) / total_weight  # exact under accumulation
             (loss * share).backward()
             for key, value in {"loss": loss, **metrics}.items():
-                sums[f"train/{key}"] = sums.get(f"train/{key}", 0.0) + float(value) * share
+                sums[f"train/{key}"] = sums.get(f"train/{key}", 0.0) + float(value.detach()) * share
             tokens += sum(len(r) for x in micro for r in x.rows)
         return sums, tokens
 
