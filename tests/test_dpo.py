@@ -9,8 +9,9 @@ from test_sft import TIMING_KEYS, run_cli
 
 from tether.config import DPOConfig, load_config
 from tether.models import load_tokenizer
+from tether.rollout import encode_answer
 from tether.rundir import read_metrics
-from tether.stages.dpo import REFERENCE_CACHE, encode_answer, run_dpo
+from tether.stages.dpo import REFERENCE_CACHE, run_dpo
 
 
 def dpo_overrides(model_dir, data, *extra) -> list[str]:

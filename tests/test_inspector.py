@@ -29,8 +29,7 @@ def full_forward_answer_logprob(model_dir, prompt: str, response: str) -> float:
     """log p(answer | prompt) from one unpadded forward pass of plain transformers."""
     from transformers import AutoModelForCausalLM
 
-    from tether.rollout import encode_prompt
-    from tether.stages.dpo import encode_answer
+    from tether.rollout import encode_answer, encode_prompt
 
     tokenizer = load_tokenizer(str(model_dir))
     messages = [{"role": "user", "content": prompt}]

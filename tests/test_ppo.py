@@ -125,7 +125,7 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_mode
     # The first token that some row emits after a different one: that row stops mid-way.
     stop = next(t for a in alone for i, t in enumerate(a) if i > 0 and t not in a[:i])
     decoded = engine.decode(
-        model,
+        engine.Weights(model, torch.float32),
         rows,
         0,
         [stop],
@@ -133,8 +133,6 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_mode
         temperature=0,
         top_p=1.0,
         top_k=0,
-        min_new_tokens=0,
-        dtype=torch.float32,
         generator=None,
     )
     expected = [a[: a.index(stop) + 1] if stop in a else a for a in alone]

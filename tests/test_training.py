@@ -14,7 +14,7 @@ def padded_tokens(order: list[int], lengths: list[int], step: int) -> int:
 
 
 def test_every_epoch_is_a_permutation_with_and_without_grouping():
-    lengths = [random.Random(i).randint(5, 300) for i in range(203)]
+    lengths = tuple(random.Random(i).randint(5, 300) for i in range(203))
     for grouped in (None, lengths):
         orders = [epoch_order(203, seed=3, epoch=e, lengths=grouped, step_size=8) for e in (0, 1)]
         assert all(sorted(o) == list(range(203)) for o in orders)
@@ -23,7 +23,7 @@ def test_every_epoch_is_a_permutation_with_and_without_grouping():
 
 def test_grouping_cuts_padding_and_keeps_the_order_seeded():
     rng = random.Random(0)
-    lengths = [rng.randint(20, 256) for _ in range(8 * LENGTH_GROUP_STEPS * 3)]
+    lengths = tuple(rng.randint(20, 256) for _ in range(8 * LENGTH_GROUP_STEPS * 3))
     plain = epoch_order(len(lengths), seed=1, epoch=0)
     grouped = epoch_order(len(lengths), seed=1, epoch=0, lengths=lengths, step_size=8)
     assert grouped == epoch_order(len(lengths), seed=1, epoch=0, lengths=lengths, step_size=8)
@@ -37,7 +37,7 @@ def test_grouping_cuts_padding_and_keeps_the_order_seeded():
 
 
 def test_consecutive_steps_cover_each_epoch_once_even_across_the_boundary():
-    lengths = [random.Random(i).randint(5, 100) for i in range(50)]
+    lengths = tuple(random.Random(i).randint(5, 100) for i in range(50))
     for grouped in (None, lengths):
         # 12 does not divide 50: the 5th step straddles epochs 0 and 1.
         drawn = [i for c in range(0, 96, 12) for i in example_indices(c, 12, 50, 7, grouped)]
@@ -58,7 +58,7 @@ def test_grouped_steps_stay_aligned_when_steps_do_not_divide_the_epoch():
     """203 examples in steps of 8: every step of every epoch, drawn at the run's cursor, is
     length-grouped except the one that straddles each epoch boundary."""
     rng = random.Random(1)
-    lengths = [rng.randint(20, 256) for _ in range(203)]
+    lengths = tuple(rng.randint(20, 256) for _ in range(203))
     steps = [example_indices(c, 8, 203, 5, lengths) for c in range(0, 203 * 3 - 8, 8)]
     spreads = [max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps]
     loose = [k for k, spread in enumerate(spreads) if spread > 60]

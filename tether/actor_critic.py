@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tether.config import ModelConfig, PPOConfig
-from tether.models import disable_dropout, load_causal_lm
+from tether.models import load_causal_lm
 from tether.reward_model import hf_model, load_reward_backbone
 from tether.rollout import RolloutBatch, response_hidden, token_logprobs
 
@@ -69,7 +69,7 @@ def load_actor_critic(
     separate critic keeps its backbone's head: a reward model's (raw, unnormalised scores) or,
     from a plain LM, one drawn from N(0, 1/sqrt(d+1)). Dropout is off in every model.
     """
-    policy = load_causal_lm(cfg.model, tokenizer)
+    policy = load_causal_lm(cfg.model, tokenizer, dropout=False)
     hidden_size = hf_model(policy).config.hidden_size
     critic, value_head = None, None
     if with_critic and cfg.critic.kind == "separate":
@@ -93,8 +93,6 @@ def load_actor_critic(
             dtype=cfg.model.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-        reference = load_causal_lm(ref_cfg, tokenizer).eval().requires_grad_(False)
-    for model in (policy, critic, reference):
-        if model is not None:
-            disable_dropout(model)
+        reference = load_causal_lm(ref_cfg, tokenizer, dropout=False)
+        reference.eval().requires_grad_(False)
     return ActorCritic(policy, value_head, critic), reference

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from tether.ops import last_token_index
+
 
 @torch.no_grad()
 def gae(
@@ -54,8 +56,7 @@ def kl_penalized_rewards(
     """
     keep = mask.bool()
     rewards = torch.where(keep, -kl_coef * kl, torch.zeros_like(kl))
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (positions * keep).argmax(dim=1)  # [B]
+    last = last_token_index(keep.long())  # [B]
     has_any = keep.any(dim=1)
     rows = torch.arange(mask.shape[0], device=mask.device)
     rewards[rows, last] += torch.where(has_any, scores.to(rewards.dtype), 0.0)

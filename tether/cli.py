@@ -200,7 +200,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(format_terminal(found, args.beta, color=not args.no_color and sys.stdout.isatty()))
         results.append((text, found))
     if args.html:
-        write_html([r for _, found in results for r in found], args.beta, results[0][0], args.html)
+        write_html(results, args.beta, args.html)
         print(f"wrote {args.html}")
     return 0
 

@@ -9,7 +9,6 @@ noisy batch neither raises nor hides a finding.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tether.rundir import read_jsonl
 
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
@@ -519,22 +520,9 @@ def read_run(run_dir: str | Path) -> Run:
 
         raise TetherError(f"{run_dir} has no metrics.jsonl: not a tether run dir")
 
-    def jsonl(path: Path) -> list[dict[str, Any]]:
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                out.append(record)
-        return out
-
     config_path = run_dir / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    return Run(jsonl(metrics_path), jsonl(run_dir / "samples.jsonl"), config or {})
+    return Run(read_jsonl(metrics_path), read_jsonl(run_dir / "samples.jsonl"), config or {})
 
 
 def exit_status(findings: list[Finding]) -> int:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tether.data import pad_rows
+from tether.ops import position_ids_from_mask
 from tether.reward_model import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -35,6 +37,7 @@ def supports(model) -> bool:
         config.model_type in SUPPORTED
         and not getattr(config, "sliding_window", None)  # a full cache is assumed
         and getattr(config, "hidden_act", "silu") == "silu"
+        and not getattr(config, "mlp_bias", False)  # the MLP below has no biases
         and hasattr(inner, "model")
         and hasattr(inner.model, "layers")
     )
@@ -169,12 +172,13 @@ def forward(
     x = F.embedding(ids, w.embed)
     cos, sin = w.rotary(x, positions)
     cos, sin = cos.unsqueeze(1).to(w.dtype), sin.unsqueeze(1).to(w.dtype)
-    causal = torch.ones(steps, end, dtype=torch.bool).tril(diagonal=start)
-    itself = torch.zeros(steps, end, dtype=torch.bool)
-    itself[:, start:end] = torch.eye(steps, dtype=torch.bool)
-    # Every position may see itself: a padding query with no visible key would make SDPA
-    # return NaN, which would reach later layers' keys and values and, as 0 · NaN, real rows.
-    mask = ((causal[None] & key_mask[:, None, :end]) | itself[None])[:, None]  # [B,1,T,T']
+    if steps > 1:  # prefill: causal over the block, padding keys hidden
+        causal = torch.ones(steps, end, dtype=torch.bool).tril(diagonal=start)
+        itself = torch.zeros(steps, end, dtype=torch.bool)
+        itself[:, start:end] = torch.eye(steps, dtype=torch.bool)
+        # Every position may see itself: a padding query with no visible key would make SDPA
+        # return NaN, which would reach later layers' keys and values and, as 0·NaN, real rows.
+        mask = ((causal[None] & key_mask[:, None, :end]) | itself[None])[:, None]  # [B,1,T,T']
     q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
     for i, layer in enumerate(w.layers):
         h = _rms_norm(x, layer.ln1, w.eps)
@@ -226,12 +230,13 @@ def sample(
     # (3M of them at batch 64) and was a quarter of a decode step.
     cdf = logits.softmax(-1).cumsum(-1)
     u = torch.rand((logits.shape[0], 1), generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    # right=True: a draw of exactly 0 must not land on a leading zero-probability token.
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
 @torch.inference_mode()
 def decode(
-    model,
+    w: Weights,
     prompt_rows: list[list[int]],
     pad_id: int,
     stops: list[int],
@@ -240,19 +245,16 @@ def decode(
     temperature: float,
     top_p: float,
     top_k: int,
-    min_new_tokens: int,
-    dtype: torch.dtype,
     generator: torch.Generator | None,
 ) -> list[list[int]]:
-    """Response token ids per prompt row (through the first stop token, if any)."""
-    w = Weights(model, dtype)
-    batch, width = len(prompt_rows), max(len(r) for r in prompt_rows)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    """Response token ids per prompt row (through the first stop token, if any); with no
+    stop tokens every row runs to max_new_tokens."""
+    batch = len(prompt_rows)
+    ids, prompt_mask = pad_rows(prompt_rows, pad_id, "left")
+    width = ids.shape[1]
     valid = torch.zeros((batch, width + max_new_tokens), dtype=torch.bool)
-    for i, r in enumerate(prompt_rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        valid[i, width - len(r) : width] = True
-    positions = (valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+    valid[:, :width] = prompt_mask.bool()
+    positions = position_ids_from_mask(prompt_mask)
     cache = KVCache(w, batch, width + max_new_tokens)
     hidden = forward(w, cache, ids, positions, valid)
     next_position = positions[:, -1] + 1
@@ -262,8 +264,6 @@ def decode(
     stop_ids = torch.tensor(stops or [-1])
     for step in range(max_new_tokens):
         logits = F.linear(hidden, w.lm_head)
-        if step < min_new_tokens and stops:
-            logits[:, stop_ids] = -torch.inf
         tokens = sample(logits, temperature, top_p, top_k, generator)
         for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist(), strict=True):
             if not done:

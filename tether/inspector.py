@@ -18,8 +18,14 @@ import torch
 from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ModelConfig
 from tether.data import Message
-from tether.models import disable_dropout, load_causal_lm, load_tokenizer
-from tether.rollout import build_batch, encode_prompt, response_hidden, sequence_logprobs_of
+from tether.models import load_causal_lm, load_tokenizer
+from tether.rollout import (
+    build_batch,
+    encode_answer,
+    encode_prompt,
+    response_hidden,
+    sequence_logprobs_of,
+)
 
 
 @dataclass
@@ -61,7 +67,7 @@ class Inspector:
     ) -> None:
         self.tokenizer = load_tokenizer(policy)
         self.models = {
-            name: disable_dropout(load_causal_lm(ModelConfig(name=source), self.tokenizer)).eval()
+            name: load_causal_lm(ModelConfig(name=source), self.tokenizer, dropout=False).eval()
             for name, source in (("policy", policy), ("reference", reference))
         }
         self.temperature, self.beta = temperature, beta
@@ -75,8 +81,6 @@ class Inspector:
     @torch.no_grad()
     def inspect(self, prompt: str | list[Message], responses: list[str]) -> list[Inspection]:
         """Each response tokenised exactly as DPO and PPO see it (through EOS) after the prompt."""
-        from tether.stages.dpo import encode_answer
-
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         answers = [encode_answer(self.tokenizer, messages, r) for r in responses]
         prompt_ids = encode_prompt(self.tokenizer, messages)
@@ -169,48 +173,48 @@ def format_terminal(results: list[Inspection], beta: float, color: bool = True) 
     return "\n".join(lines)
 
 
-def write_html(results: list[Inspection], beta: float, prompt: str, path: Path) -> None:
-    """One self-contained page: each response with tokens shaded by log-ratio, and a table."""
+def _shade(log_ratio: float) -> str:
+    """Background colour: red where the policy prefers the token more than the reference
+    does, blue where less, white at 0; full strength at |log-ratio| = 3 nats."""
+    strength = min(abs(log_ratio) / 3.0, 1.0)
+    fade = int(255 * (1 - strength))
+    return f"rgb(255, {fade}, {fade})" if log_ratio >= 0 else f"rgb({fade}, {fade}, 255)"
 
-    def shade(x: float) -> str:
-        strength = min(abs(x) / 3.0, 1.0)
-        rgb = (255, int(255 * (1 - strength)), int(255 * (1 - strength)))
-        if x < 0:
-            rgb = (int(255 * (1 - strength)), int(255 * (1 - strength)), 255)
-        return f"rgb{rgb}"
 
+def write_html(groups: list[tuple[str, list[Inspection]]], beta: float, path: Path) -> None:
+    """One self-contained page: per prompt, each response with its tokens shaded by
+    log-ratio, and a table."""
     parts = [
         "<!doctype html><meta charset='utf-8'><title>tether inspect</title>",
         "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
         "span.t{white-space:pre-wrap;padding:1px}td,th{padding:2px 8px;text-align:right}"
         "td:first-child{text-align:left;font-family:monospace}</style>",
-        f"<h1>Where the KL comes from</h1><p><b>Prompt:</b> {html.escape(prompt)}</p>",
+        "<h1>Where the KL comes from</h1>",
         "<p>Red: the policy finds the token more likely than the reference does (log π − "
         "log π_ref &gt; 0, it adds to the KL penalty); blue: less likely.</p>",
     ]
-    for i, r in enumerate(results):
-        score = f", reward-model score {r.score:.3f}" if r.score is not None else ""
-        parts.append(
-            f"<h2>Response {i + 1}: KL {r.kl:.3f} nats, penalty β·KL {beta * r.kl:.4f}{score}</h2>"
-        )
-        parts.append(
-            "<p>"
-            + "".join(
-                f"<span class='t' style='background:{shade(t.log_ratio)}' "
-                f"title='log-ratio {t.log_ratio:.3f}'>{html.escape(t.text)}</span>"
-                for t in r.tokens
-            )
-            + "</p>"
-        )
-        critic = bool(r.tokens) and r.tokens[0].value is not None
-        rows = "".join(
-            f"<tr><td>{html.escape(repr(t.text))}</td><td>{t.logprob:.3f}</td>"
-            f"<td>{t.ref_logprob:.3f}</td><td>{t.log_ratio:.3f}</td>"
-            + (f"<td>{t.value:.3f}</td><td>{t.advantage:.3f}</td>" if critic else "")
-            + "</tr>"
-            for t in r.tokens
-        )
-        header = "<th>token</th><th>log π</th><th>log π_ref</th><th>log-ratio</th>"
-        header += "<th>value</th><th>advantage</th>" if critic else ""
-        parts.append(f"<table><tr>{header}</tr>{rows}</table>")
+    for prompt, results in groups:
+        parts.append(f"<h2>Prompt: {html.escape(prompt)}</h2>")
+        parts += [_html_response(i, r, beta) for i, r in enumerate(results)]
     path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _html_response(index: int, r: Inspection, beta: float) -> str:
+    score = f", reward-model score {r.score:.3f}" if r.score is not None else ""
+    title = f"Response {index + 1}: KL {r.kl:.3f} nats, penalty β·KL {beta * r.kl:.4f}{score}"
+    spans = "".join(
+        f"<span class='t' style='background:{_shade(t.log_ratio)}' "
+        f"title='log-ratio {t.log_ratio:.3f}'>{html.escape(t.text)}</span>"
+        for t in r.tokens
+    )
+    critic = bool(r.tokens) and r.tokens[0].value is not None
+    header = "<th>token</th><th>log π</th><th>log π_ref</th><th>log-ratio</th>"
+    header += "<th>value</th><th>advantage</th>" if critic else ""
+    rows = "".join(
+        f"<tr><td>{html.escape(repr(t.text))}</td><td>{t.logprob:.3f}</td>"
+        f"<td>{t.ref_logprob:.3f}</td><td>{t.log_ratio:.3f}</td>"
+        + (f"<td>{t.value:.3f}</td><td>{t.advantage:.3f}</td>" if critic else "")
+        + "</tr>"
+        for t in r.tokens
+    )
+    return f"<h3>{html.escape(title)}</h3><p>{spans}</p><table><tr>{header}</tr>{rows}</table>"

@@ -159,8 +159,9 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(config: ModelConfig, tokenizer=None) -> torch.nn.Module:
-    """A causal LM ready for training: pad id set, optional LoRA adapters."""
+def load_causal_lm(config: ModelConfig, tokenizer=None, dropout: bool = True) -> torch.nn.Module:
+    """A causal LM ready for training: pad id set, optional LoRA adapters; `dropout=False`
+    for the RL stages, which compare one model's log-probs across passes (RLHF-NOTES)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(config.name)
@@ -185,7 +186,7 @@ def load_causal_lm(config: ModelConfig, tokenizer=None) -> torch.nn.Module:
         model.config.use_cache = False
     if config.lora.enabled:
         model = apply_lora(model, config.lora)
-    return model
+    return model if dropout else disable_dropout(model)
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -111,6 +111,17 @@ class RunningMoments:
         self.count, self.mean, self.m2 = int(state["count"]), state["mean"], state["m2"]
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the rightmost real token, for left or right padding alike."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over real tokens; left padding would otherwise shift every position."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def _chunked(
     fn: Callable[..., torch.Tensor], logits: torch.Tensor, *extra: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:

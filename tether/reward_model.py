@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tether.config import ModelConfig
-from tether.data import Message
+from tether.data import Message, pad_rows
 from tether.models import (
     ModelLoadError,
     apply_lora,
@@ -29,6 +29,7 @@ from tether.models import (
     resolve_model_source,
     save_pretrained_model,
 )
+from tether.ops import last_token_index, position_ids_from_mask
 
 NORMALIZATION_KEY = "tether_reward_normalization"
 
@@ -36,17 +37,6 @@ NORMALIZATION_KEY = "tether_reward_normalization"
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under an optional peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the rightmost real token, for left or right padding alike."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over real tokens; left padding would otherwise shift every position."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def sequence_scores(
@@ -171,14 +161,3 @@ def encode_response(tokenizer, prompt: list[Message], response: str, max_length:
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_length:]
-
-
-def pad_rows(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, T] ids and attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from tether import engine as tether_engine
-from tether.data import Message
+from tether.data import Message, pad_rows
 from tether.models import bf16_available
-from tether.ops import entropy_from_logits, logprobs_from_logits
-from tether.reward_model import hf_model, position_ids_from_mask
+from tether.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
+from tether.reward_model import hf_model
 
 
 @dataclass
@@ -41,18 +41,6 @@ def encode_prompt(tokenizer, prompt: str | list[Message]) -> list[int]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, W] ids and mask with each row pushed to the right end (generation's layout)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -87,10 +75,28 @@ def generate(
     rows = [p if _is_ids(p) else encode_prompt(tokenizer, p) for p in prompts]
     stops = [] if ignore_eos else stop_token_ids(model, tokenizer)
     batch_size = batch_size or len(rows)
+    responses: list[list[int]] = []
+    if engine == "auto" and tether_engine.supports(model):
+        if dtype is None:
+            dtype = torch.bfloat16 if bf16_available() else torch.float32
+        weights = tether_engine.Weights(model, dtype)  # once for every chunk of the batch
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        for start in range(0, len(rows), batch_size):
+            responses += tether_engine.decode(
+                weights,
+                rows[start : start + batch_size],
+                tokenizer.pad_token_id,
+                stops,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                generator=generator,
+            )
+        return _generation(tokenizer, rows, responses, stops)
     inner = hf_model(model)
     was_training = model.training
     model.eval()
-    responses: list[list[int]] = []
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens if ignore_eos else 0,
@@ -104,33 +110,14 @@ def generate(
     # `generate` fills every field left unset from the model's own generation config (a
     # repetition penalty, min_p, suppressed tokens...), which would sample from another
     # distribution than the one log-probs are computed on; give it a blank one meanwhile.
-    if engine == "auto" and tether_engine.supports(model):
-        if dtype is None:
-            dtype = torch.bfloat16 if bf16_available() else torch.float32
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        for start in range(0, len(rows), batch_size):
-            responses += tether_engine.decode(
-                model,
-                rows[start : start + batch_size],
-                tokenizer.pad_token_id,
-                stops,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                min_new_tokens=max_new_tokens if ignore_eos else 0,
-                dtype=dtype,
-                generator=generator,
-            )
-        model.train(was_training)
-        return _generation(tokenizer, rows, responses, stops)
     model_config, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(rows), batch_size):
-                ids, mask = left_pad(rows[start : start + batch_size], tokenizer.pad_token_id)
+                chunk = rows[start : start + batch_size]
+                ids, mask = pad_rows(chunk, tokenizer.pad_token_id, side="left")
                 out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
                 responses += [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
     finally:
@@ -148,6 +135,22 @@ def _generation(
         skip_special_tokens=True,
     )
     return Generation(rows, responses, texts, ended)
+
+
+def encode_answer(tokenizer, prompt: list[Message], answer: str) -> list[int]:
+    """Token ids of `answer` as the chat template renders it after `prompt`, through EOS.
+
+    Tokenised on its own after the prompt's ids, exactly as a sampled answer continues the
+    prompt during generation, so DPO scores what the policy would produce.
+    """
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    text = full[len(head) :] if full.startswith(head) else answer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else [*ids, eos]
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -190,13 +193,8 @@ class RolloutBatch:
 def build_batch(
     prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int
 ) -> RolloutBatch:
-    prompt, prompt_mask = left_pad(prompt_ids, pad_id)
-    width = max(1, max(len(r) for r in response_ids))
-    response = torch.full((len(response_ids), width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(response_ids), width), dtype=torch.long)
-    for i, r in enumerate(response_ids):
-        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, : len(r)] = 1
+    prompt, prompt_mask = pad_rows(prompt_ids, pad_id, "left")
+    response, response_mask = pad_rows(response_ids, pad_id, "right", min_width=1)
     return RolloutBatch(
         torch.cat([prompt, response], dim=1),
         torch.cat([prompt_mask, response_mask], dim=1),

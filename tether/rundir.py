@@ -175,19 +175,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep only the records of steps <= `step` (and drop a line torn by a crash mid-write), so
-    steps replayed after a resume are not logged twice."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a log (metrics.jsonl, samples.jsonl) that have a step; a line torn by a
+    crash mid-write is skipped. A missing file reads as empty."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", math.inf) <= step:
-            kept.append(line)
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` (and drop torn lines), so steps replayed after
+    a resume are not logged twice."""
+    if not path.is_file():
+        return
+    kept = [json.dumps(r) for r in read_jsonl(path) if r["step"] <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)

@@ -5,6 +5,7 @@ checkpoint and resume. Written once here; the stage loops call them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -98,11 +99,12 @@ def total_steps(train: TrainConfig, num_examples: int, per_step: int | None = No
 LENGTH_GROUP_STEPS = 64
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(
     num_examples: int,
     seed: int,
     epoch: int,
-    lengths: Sequence[int] | None = None,
+    lengths: tuple[int, ...] | None = None,
     step_size: int = 1,
 ) -> list[int]:
     """A seeded shuffle of range(num_examples), one per epoch.
@@ -115,6 +117,9 @@ def epoch_order(
     shuffled. The full steps in between come from megabatches of LENGTH_GROUP_STEPS steps,
     each sorted by length and cut into steps, and the steps are shuffled again so lengths
     do not rise and fall in a sawtooth.
+
+    Cached (a run asks for the same epoch's order at every step); callers must not mutate
+    the returned list, and `lengths` is a tuple so that it can be a cache key.
     """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
@@ -137,7 +142,7 @@ def example_indices(
     count: int,
     num_examples: int,
     seed: int,
-    lengths: Sequence[int] | None = None,
+    lengths: tuple[int, ...] | None = None,
 ) -> list[int]:
     """The `count` examples after `cursor` examples consumed, over seeded per-epoch orders.
 
@@ -342,6 +347,7 @@ def fit(
     last_step = total_steps(train, num_examples, per_step)
     if eval_fn is not None and progress.step == 0:  # the baseline later evals are read against
         logger.log(0, eval_fn())
+    lengths = tuple(lengths) if lengths is not None else None  # hashable, for the cache
     bar = tqdm(total=last_step, initial=progress.step, desc=desc, unit="step")
     bad_in_a_row = 0
     while progress.step < last_step:
@@ -369,16 +375,16 @@ def fit(
             raise NonFiniteError(
                 f"{bad_in_a_row} steps in a row (up to step {progress.step + 1}) had NaN/inf "
                 "gradients and were skipped; the weights are those of step "
-                f"{progress.step + 1 - bad_in_a_row}. Lower optim.lr, check the reward for "
-                "NaN/inf, or try train.precision: fp32; resume from the last checkpoint with "
-                "--resume."
+                f"{progress.step + 1 - bad_in_a_row} and the checkpoints hold no NaN. Check "
+                "the reward and the data for NaN/inf; if the updates themselves diverge, start "
+                "a new run with a lower optim.lr or train.precision: fp32."
             )
         scheduler.step()
         progress.step += 1
         progress.cursor += len(indices)
         metrics["train/epoch"] = progress.cursor / num_examples
         metrics["time/step_s"] = time.perf_counter() - started
-        metrics.setdefault("throughput/tokens_per_s", tokens / metrics["time/step_s"])
+        metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
         evaluated = eval_fn is not None and is_due(progress.step, train.eval_every, last_step)
         if evaluated:
             metrics.update(eval_fn())

@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tether.config import DPOConfig, ModelConfig
-from tether.data import DataError, LoadReport, Message, PreferencePair, load_preference_splits
+from tether.data import DataError, LoadReport, PreferencePair, load_preference_splits
 from tether.losses import dpo_loss
-from tether.models import disable_dropout, load_causal_lm, save_pretrained_model
+from tether.models import load_causal_lm, save_pretrained_model
 from tether.ops import sequence_logprobs
-from tether.rollout import build_batch, encode_prompt, sequence_logprobs_of
+from tether.rollout import build_batch, encode_answer, encode_prompt, sequence_logprobs_of
 from tether.training import autocast, begin_run, fit, start_optimization
 
 REFERENCE_CACHE = "reference_logps.safetensors"
@@ -34,22 +34,6 @@ class TokenizedPreference:
     chosen: list[int]
     rejected: list[int]
     weight: float
-
-
-def encode_answer(tokenizer, prompt: list[Message], answer: str) -> list[int]:
-    """Token ids of `answer` as the chat template renders it after `prompt`, through EOS.
-
-    Tokenised on its own after the prompt's ids, exactly as a sampled answer continues the
-    prompt during generation, so DPO scores what the policy would produce.
-    """
-    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(
-        [*prompt, {"role": "assistant", "content": answer}], tokenize=False
-    )
-    text = full[len(head) :] if full.startswith(head) else answer
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return ids[: ids.index(eos) + 1] if eos in ids else [*ids, eos]
 
 
 def tokenize_preferences(
@@ -119,7 +103,7 @@ def reference_logps(
     model = policy
     if cfg.reference:
         ref_cfg = ModelConfig(name=cfg.reference, trust_remote_code=cfg.model.trust_remote_code)
-        model = disable_dropout(load_causal_lm(ref_cfg, tokenizer))
+        model = load_causal_lm(ref_cfg, tokenizer, dropout=False)
     pad, size = tokenizer.pad_token_id, cfg.train.batch_size
     logps = {
         k: all_pair_logps(model, v, size, pad, bf16, desc=f"reference log-probs ({k})")
@@ -167,7 +151,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
     tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
     if not train:
         raise DataError(f"{cfg.data.train}: no usable preference pairs")
-    model = disable_dropout(load_causal_lm(cfg.model, tokenizer))
+    model = load_causal_lm(cfg.model, tokenizer, dropout=False)
     model.train()
     ref = reference_logps(
         cfg,
@@ -210,7 +194,8 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         return sums, tokens
 
     def eval_fn() -> dict[str, float]:
-        logps = all_pair_logps(model, held_out, per_micro * 2, pad_id, bf16, desc="eval")
+        # The batching of the reference pass: identical padding, so step 0 is exactly ln 2.
+        logps = all_pair_logps(model, held_out, per_micro, pad_id, bf16, desc="eval")
         losses, chosen_r, rejected_r = losses_of(logps, ref["held_out"])
         weights = torch.tensor([p.weight for p in held_out])
         metrics = dpo_metrics(losses, chosen_r, rejected_r, logps, weights)

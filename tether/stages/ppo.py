@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from tether.actor_critic import ActorCritic, load_actor_critic
 from tether.advantages import (
     MovingAverageBaseline,
+    a2c_advantages,
     gae,
     grpo_advantages,
     kl_penalized_rewards,
@@ -220,10 +221,13 @@ def collect_rollout(
     penalty_coef = kl_coef if algo.kl_placement == "reward" else 0.0
     rewards = kl_penalized_rewards(trained_scores, kl, mask, penalty_coef)
     stats: dict[str, float] = {}
-    if algo.critic:  # token-level: GAE on the critic (A2C: λ = 1, the plain return − V)
+    if algo.critic:  # token-level, on the critic: GAE (PPO) or the plain return − V (A2C)
         shaped = masked_whiten(rewards, mask, shift_mean=False) if ppo.whiten_rewards else rewards
-        lam = 1.0 if cfg.algo == "a2c" else ppo.lam
-        advantages, returns = gae(shaped, values, mask, ppo.gamma, lam)
+        if cfg.algo == "a2c":
+            _, returns = gae(shaped, values, mask, ppo.gamma, lam=1.0)  # discounted returns
+            advantages = a2c_advantages(returns, values, mask)
+        else:
+            advantages, returns = gae(shaped, values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         stats["value/explained_var"] = explained_variance(values, returns, mask).item()
@@ -392,11 +396,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         every = cfg.rollout.samples_every
         if every and (step == 1 or step % every == 0 or step == last_step):
             write_samples(samples_path, step, samples)
-        response_tokens = int(ro.batch.response_mask.sum())
-        stats["throughput/tokens_per_s"] = response_tokens / (
-            stats["time/rollout_s"] + stats["time/train_s"]
-        )
-        return stats, response_tokens
+        return stats, int(ro.batch.response_mask.sum())  # throughput: response tokens/s
 
     fit(
         desc="ppo",

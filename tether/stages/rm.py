@@ -117,7 +117,7 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
     splits = load_preference_splits(cfg.data, cfg.train.seed)
     train_pairs, held_out_pairs = splits.pairs(cfg.reward.listwise_pairs)
     max_len = cfg.data.max_length
-    if cfg.reward.listwise_loss == "plackett_luce":
+    if cfg.reward.listwise_loss == "plackett_luce":  # whole rankings, not their pairs
         train = tokenize_rankings(splits.train, tokenizer, max_len, splits.report)
     else:
         train = tokenize_pairs(train_pairs, tokenizer, max_len, splits.report)
@@ -192,19 +192,13 @@ def score_rows(
     return torch.cat(out)
 
 
-@torch.no_grad()
 def score_all(
     model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, bf16: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        c, r = score_pairs(model, pairs[start : start + batch_size], pad_id, bf16)
-        chosen.append(c)
-        rejected.append(r)
-    model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    """[P] chosen and [P] rejected scores; each batch holds chosen and rejected rows alike."""
+    rows = [r for p in pairs for r in p.rows]  # chosen, rejected, chosen, ...
+    scores = score_rows(model, rows, batch_size * 2, pad_id, bf16).view(-1, 2)
+    return scores[:, 0], scores[:, 1]
 
 
 def pair_metrics(
