@@ -39,13 +39,11 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
-    """A 2-layer Llama (hidden 64) saved like any Hugging Face model dir."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tokenizer, tied: bool):
+    """2 layers, hidden 64, the real SmolLM2 vocabulary: real transformers code in seconds."""
+    from transformers import LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -53,12 +51,20 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A 2-layer Llama (hidden 64) saved like any Hugging Face model dir."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, tied=True))
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -174,26 +180,14 @@ def peaked_model_dir(tmp_path_factory, smol_tokenizer_dir, ppo_files) -> Path:
     and PPO cannot learn in a test's budget; this one samples 'blue' a few percent of the
     time, like a real SFT model with a preference to discover.
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from tether.models import load_tokenizer
     from tether.rollout import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, tied=False)).eval()
     prompts = [json.loads(line)["prompt"] for line in ppo_files[0].read_text().splitlines()]
     chat = load_tokenizer(str(smol_tokenizer_dir))
     with torch.no_grad():
