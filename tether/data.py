@@ -28,6 +28,11 @@ ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 10
 
 
+def as_messages(prompt: str | list[Message]) -> list[Message]:
+    """A prompt as chat messages: a plain string is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 class DataError(TetherError, ValueError):
     """Unusable input data; the message names file, line and field."""
 

@@ -17,7 +17,7 @@ import torch
 
 from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ModelConfig
-from tether.data import Message
+from tether.data import Message, as_messages
 from tether.models import load_causal_lm, load_tokenizer
 from tether.rollout import (
     build_batch,
@@ -81,7 +81,7 @@ class Inspector:
     @torch.no_grad()
     def inspect(self, prompt: str | list[Message], responses: list[str]) -> list[Inspection]:
         """Each response tokenised exactly as DPO and PPO see it (through EOS) after the prompt."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        messages = as_messages(prompt)
         answers = [encode_answer(self.tokenizer, messages, r) for r in responses]
         prompt_ids = encode_prompt(self.tokenizer, messages)
         batch = build_batch([prompt_ids] * len(answers), answers, self.tokenizer.pad_token_id)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tether.config import ModelConfig
-from tether.data import Message, pad_rows
+from tether.data import Message, as_messages, pad_rows
 from tether.models import (
     ModelLoadError,
     apply_lora,
@@ -135,7 +135,7 @@ class RewardModel:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         rows = [
-            encode_response(self.tokenizer, _as_messages(p), r, self.max_length)
+            encode_response(self.tokenizer, as_messages(p), r, self.max_length)
             for p, r in zip(prompts, responses, strict=True)
         ]
         out = []
@@ -144,10 +144,6 @@ class RewardModel:
             out.append(sequence_scores(self.model, ids, mask))
         raw = torch.cat(out) if out else torch.zeros(0)
         return (raw - self.mean) / self.std if normalize else raw
-
-
-def _as_messages(prompt: str | list[Message]) -> list[Message]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def encode_response(tokenizer, prompt: list[Message], response: str, max_length: int) -> list[int]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tether import engine as tether_engine
-from tether.data import Message, pad_rows
+from tether.data import Message, as_messages, pad_rows
 from tether.models import bf16_available
 from tether.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
 from tether.reward_model import hf_model
@@ -38,7 +38,7 @@ class Generation:
 
 def encode_prompt(tokenizer, prompt: str | list[Message]) -> list[int]:
     """Chat-template token ids of a prompt, ending with the assistant header."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    messages = as_messages(prompt)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
