@@ -139,6 +139,35 @@ def test_listwise_records_become_weighted_pairs():
     assert [p.weight for p in adjacent] == pytest.approx([0.5, 0.5])
 
 
+def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_dir):
+    """K responses scored once give the same Bradley-Terry loss as the K(K−1)/2 pairs the
+    ranking expands to, each scored on its own (with the pairs' 1/3 weights)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.config import RewardLossConfig
+    from tether.data import LoadReport, PreferencePair, RankedResponses, expand_rankings
+    from tether.models import load_tokenizer
+    from tether.stages.rm import pair_loss, tokenize_pairs, tokenize_ranking_pairs
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    prompt = [{"role": "user", "content": "say"}]
+    ranked = RankedResponses(prompt, ["one", "two words", "three more words"], ranking=[2, 0, 1])
+    plain = PreferencePair(prompt, "yes", "no", margin=0.5)
+    report = LoadReport("x")
+    whole = [tokenize_ranking_pairs(ranked, tokenizer, 64, False, report)]
+    whole += tokenize_pairs([plain], tokenizer, 64, report)
+    expanded = tokenize_pairs(expand_rankings([ranked, plain], False), tokenizer, 64, report)
+    cfg = RewardLossConfig(center_coef=0.0)
+    loss_whole, metrics_whole = pair_loss(whole, model.eval(), tokenizer.pad_token_id, False, cfg)
+    loss_pairs, metrics_pairs = pair_loss(expanded, model, tokenizer.pad_token_id, False, cfg)
+    assert sum(len(x.rows) for x in whole) == 5 < sum(len(x.rows) for x in expanded) == 8
+    assert loss_whole.item() == pytest.approx(loss_pairs.item(), rel=1e-5)
+    assert metrics_whole["accuracy"].item() == pytest.approx(metrics_pairs["accuracy"].item())
+
+
 def test_reward_model_plugs_in_as_a_reward_term(trained_rm):
     from tether.rewards import CombinedReward, build_term
 

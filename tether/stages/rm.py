@@ -11,7 +11,7 @@ always pairwise, so both losses are judged by the same metrics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from tether.data import (
 )
 from tether.losses import (
     list_centering_penalty,
+    listwise_to_pairs,
     pairwise_ranking_loss,
     plackett_luce_loss,
     score_centering_penalty,
@@ -56,12 +57,19 @@ class TokenizedPair:
     def rows(self) -> list[list[int]]:
         return [self.chosen, self.rejected]
 
+    @property
+    def pair_terms(self) -> list[tuple[int, int, float, float]]:
+        return [(0, 1, self.margin, self.weight)]
+
 
 @dataclass(frozen=True)
 class TokenizedRanking:
-    """One prompt's responses, best first, for the Plackett-Luce loss (a pair has two)."""
+    """One prompt's responses, best first. Plackett-Luce reads the whole order; the pairwise
+    loss reads `pair_terms` (winner row, loser row, margin, weight), so each response is scored
+    once however many pairs it is in: K forwards for K(K−1)/2 pairs."""
 
     rows: list[list[int]]
+    pair_terms: list[tuple[int, int, float, float]] = field(default_factory=list)
     weight: float = 1.0
 
 
@@ -91,6 +99,7 @@ def tokenize_pairs(
 def tokenize_rankings(
     items: list[PreferencePair | RankedResponses], tokenizer, max_length: int, report: LoadReport
 ) -> list[TokenizedRanking]:
+    """Whole rankings for Plackett-Luce; a pair is a ranking of two."""
     out = []
     for item in items:
         if isinstance(item, PreferencePair):
@@ -105,6 +114,22 @@ def tokenize_rankings(
     return out
 
 
+def tokenize_ranking_pairs(
+    ranking: RankedResponses, tokenizer, max_length: int, adjacent_only: bool, report: LoadReport
+) -> TokenizedRanking | None:
+    """A ranking kept whole for the pairwise loss, with the pairs `listwise_to_pairs` gives;
+    a pair whose two responses are identical after truncation is dropped, not the ranking."""
+    rows = [
+        encode_response(tokenizer, ranking.prompt, ranking.responses[i], max_length)
+        for i in ranking.ranking
+    ]
+    pairs, weights = listwise_to_pairs(list(range(len(rows))), adjacent_only=adjacent_only)
+    terms = [(w, lo, 0.0, wt) for (w, lo), wt in zip(pairs, weights, strict=True)]
+    kept = [t for t in terms if rows[t[0]] != rows[t[1]]]
+    report.skipped["identical after truncation"] += len(terms) - len(kept)
+    return TokenizedRanking(rows, kept, sum(t[3] for t in kept)) if kept else None
+
+
 TrainItem = TokenizedPair | TokenizedRanking
 
 
@@ -115,12 +140,20 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
     held-out items are always pairs.
     """
     splits = load_preference_splits(cfg.data, cfg.train.seed)
-    train_pairs, held_out_pairs = splits.pairs(cfg.reward.listwise_pairs)
+    _, held_out_pairs = splits.pairs(cfg.reward.listwise_pairs)
     max_len = cfg.data.max_length
     if cfg.reward.listwise_loss == "plackett_luce":  # whole rankings, not their pairs
         train = tokenize_rankings(splits.train, tokenizer, max_len, splits.report)
     else:
-        train = tokenize_pairs(train_pairs, tokenizer, max_len, splits.report)
+        adjacent = cfg.reward.listwise_pairs == "adjacent"
+        train = []
+        for record in splits.train:
+            if isinstance(record, PreferencePair):
+                train += tokenize_pairs([record], tokenizer, max_len, splits.report)
+            elif item := tokenize_ranking_pairs(
+                record, tokenizer, max_len, adjacent, splits.report
+            ):
+                train.append(item)
     held_out = tokenize_pairs(held_out_pairs, tokenizer, max_len, splits.eval_report)
     tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out")
     if not train:
@@ -128,36 +161,18 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
     return train, held_out
 
 
-def score_pairs(
-    model, pairs: list[TokenizedPair], pad_id: int, bf16: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected of a batch scored in ONE forward pass: [B] and [B]."""
-    ids, mask = pad_rows([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+def score_items(items: list[TrainItem], model, pad_id: int, bf16: bool) -> torch.Tensor:
+    """[Σ rows] scores of every response of a micro-batch, in ONE forward pass."""
+    ids, mask = pad_rows([r for item in items for r in item.rows], pad_id)
     with autocast(bf16):
-        scores = sequence_scores(model, ids, mask)
-    return scores[: len(pairs)], scores[len(pairs) :]
-
-
-def reward_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, pairs: list[TokenizedPair], cfg: RewardLossConfig
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    margin = torch.tensor([p.margin for p in pairs])
-    weights = torch.tensor([p.weight for p in pairs])
-    loss, metrics = pairwise_ranking_loss(chosen, rejected, margin=margin, weights=weights)
-    if cfg.center_coef:
-        loss = loss + score_centering_penalty(chosen, rejected, cfg.center_coef)
-    if cfg.l2_coef:
-        loss = loss + score_l2_penalty(torch.cat([chosen, rejected]), cfg.l2_coef)
-    return loss, metrics
+        return sequence_scores(model, ids, mask)
 
 
 def ranking_loss(
     items: list[TokenizedRanking], model, pad_id: int, bf16: bool, cfg: RewardLossConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Plackett-Luce NLL of a micro-batch of rankings, all responses in ONE forward pass."""
-    ids, mask = pad_rows([r for item in items for r in item.rows], pad_id)
-    with autocast(bf16):
-        flat = sequence_scores(model, ids, mask)
+    """Plackett-Luce NLL of a micro-batch of rankings."""
+    flat = score_items(items, model, pad_id, bf16)
     width = max(len(item.rows) for item in items)
     valid = torch.tensor([[k < len(item.rows) for k in range(width)] for item in items])
     scores = flat.new_zeros(valid.shape).masked_scatter(valid, flat)  # [N, K], best first
@@ -170,10 +185,27 @@ def ranking_loss(
 
 
 def pair_loss(
-    items: list[TokenizedPair], model, pad_id: int, bf16: bool, cfg: RewardLossConfig
+    items: list[TrainItem], model, pad_id: int, bf16: bool, cfg: RewardLossConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    chosen, rejected = score_pairs(model, items, pad_id, bf16)
-    return reward_loss(chosen, rejected, items, cfg)
+    """Bradley-Terry over the pairs of a micro-batch of pairs and whole rankings."""
+    flat = score_items(items, model, pad_id, bf16)
+    winners, losers, margins, weights, offset = [], [], [], [], 0
+    for item in items:
+        for w, lo, margin, weight in item.pair_terms:
+            winners.append(offset + w)
+            losers.append(offset + lo)
+            margins.append(margin)
+            weights.append(weight)
+        offset += len(item.rows)
+    chosen, rejected = flat[winners], flat[losers]
+    loss, metrics = pairwise_ranking_loss(
+        chosen, rejected, margin=torch.tensor(margins), weights=torch.tensor(weights)
+    )
+    if cfg.center_coef:
+        loss = loss + score_centering_penalty(chosen, rejected, cfg.center_coef)
+    if cfg.l2_coef:
+        loss = loss + score_l2_penalty(flat, cfg.l2_coef)
+    return loss, metrics
 
 
 @torch.no_grad()
