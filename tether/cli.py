@@ -129,11 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", type=Path, help="also write a self-contained HTML page")
     ins.add_argument("--no-color", action="store_true")
     ins.set_defaults(func=_run_inspect)
-    demo = sub.add_parser("demo", help="the main job on the embedded SmolLM2 (make demo)")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--steps", type=int, default=30)
-    demo.add_argument("--resume", action="store_true")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole RLHF pipeline on the embedded SmolLM2, judged by a gold standard",
+        description="Preferences from a simulated annotator -> reward model -> PPO -> "
+        "held-out evaluation against a gold judge and best-of-n -> report.html.",
+    )
+    demo.add_argument("--task", default="sentiment", help="sentiment, arithmetic or mod.py:task")
+    demo.add_argument("--out", type=Path, help="run dir (default: runs/demo-TIMESTAMP)")
+    demo.add_argument("--resume", action="store_true", help="continue the run in --out")
+    demo.add_argument("--quick", action="store_true", help="a ~2-minute version at small scale")
+    demo.add_argument("--steps", type=int, help="PPO steps")
+    demo.add_argument("--prompts", type=int, help="training prompts (K answers ranked each)")
+    demo.add_argument("--model", help="the reference policy (default: the embedded SmolLM2)")
+    demo.add_argument("--length-bias", type=float, help="annotator utility per word (hacking)")
+    demo.add_argument("--tau", type=float, help="annotator noise in gold units")
+    demo.add_argument("--kl-coef", type=float, help="β of the PPO KL penalty")
     demo.set_defaults(func=_run_demo)
+    rep = sub.add_parser("report", help="(re)build RUN_DIR/report.html for any run or demo")
+    rep.add_argument("run_dir", type=Path)
+    rep.set_defaults(func=_run_report)
     return parser
 
 
@@ -206,11 +221,42 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from tether.demo import run_demo
+    from dataclasses import replace
 
-    started = time.perf_counter()
-    run_demo(args.out, steps=args.steps, resume=args.resume)
-    print(f"demo: done in {time.perf_counter() - started:.0f}s")
+    from tether.demo import QUICK, DemoSettings, run_demo
+
+    if args.resume and args.out is None:
+        raise TetherError("--resume needs --out RUN_DIR (the demo to continue)")
+    out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings = replace(DemoSettings(task=args.task), **(QUICK if args.quick else {}))
+    for field_name, value in (
+        ("ppo_steps", args.steps),
+        ("train_prompts", args.prompts),
+        ("model", args.model),
+        ("length_bias", args.length_bias),
+        ("tau", args.tau),
+        ("kl_coef", args.kl_coef),
+    ):
+        if value is not None:
+            settings = replace(settings, **{field_name: value})
+    try:
+        summary = run_demo(out, settings, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ntether: interrupted; continue with: tether demo --out {out} --resume")
+        return 130
+    print(
+        f"\nRM held-out accuracy {summary['rm_accuracy']:.3f} · gold π_ref "
+        f"{summary['gold_ref']:.3f} -> policy {summary['gold_policy']:.3f} · KL "
+        f"{summary['kl']:.2f} nats · win-rate {summary['win_rate']:.0%} · "
+        f"{summary['wall_s'] / 60:.1f} min\nreport: {out / 'report.html'}"
+    )
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from tether.report import build_report
+
+    print(f"wrote {build_report(args.run_dir)}")
     return 0
 
 

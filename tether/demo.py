@@ -1,93 +1,457 @@
-"""`tether demo`: the first thing a new user runs (`make demo`).
+"""`tether demo`: the whole RLHF pipeline on the embedded SmolLM2-135M-Instruct, judged by a
+gold standard the pipeline never trains on.
 
-For now it shows the SFT stage on the embedded SmolLM2-135M-Instruct: a LoRA fine-tune that
-teaches an answer format ("3 plus 4 is 7. Answer: 7"), with held-out loss and greedy answers
-before and after. The full RLHF pipeline (reward model, PPO, gold judge, report) replaces it.
+    1. prompts      the task's prompts, split into training and held-out
+    2. preferences  K answers per training prompt from π_ref; the simulated annotator ranks
+                    them (tether.tasks); rankings are written as listwise preference records
+    3. reward model LoRA on the same backbone, Bradley-Terry on the rankings' pairs
+                    (`tether rm`); held-out accuracy against the annotator
+    4. PPO          LoRA policy against the reward model with a KL penalty (`tether ppo`);
+                    the gold judge is logged every step but never trained on
+    5. evaluation   held-out prompts: gold and RM score of π_ref and of the policy, the
+                    policy's KL, its gold win-rate over π_ref, and best-of-n sampling from
+                    π_ref with the reward model at the analytic KL log n − (n−1)/n
+    6. report       report.html (tether.report) and summary.json
+
+RUN_DIR/ holds prompts/, preferences.jsonl, rm/ and ppo/ (ordinary run dirs of those
+stages), eval/, summary.json and report.html. Every stage's output is written atomically
+and marks it done, so `--resume` after Ctrl-C or a crash skips finished stages and resumes
+the stage in progress from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import math
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from tether.config import SFTConfig, load_config
-from tether.rundir import read_metrics
-from tether.stages.sft import run_sft
+import torch
+from tqdm.auto import tqdm
+
+from tether.config import ModelConfig, PPOConfig, RMConfig, load_config
+from tether.errors import TetherError
+from tether.kl import best_of_n_kl
+from tether.metrics import best_of_n_mean, pairwise_agreement, win_rate
+from tether.models import bf16_available, load_causal_lm, load_tokenizer, resolve_model_source
+from tether.ops import masked_sum
+from tether.rollout import build_batch, encode_prompt, generate, sequence_logprobs_of
+from tether.rundir import read_jsonl, write_text_atomic
+from tether.tasks import Task, annotator_ranking, annotator_utilities, get_task, gold_function
+from tether.training import autocast
 
 DEMO_MODEL = "smollm2-135m-instruct"
+BEST_OF_N = (1, 2, 4, 8, 16, 32, 64)
 
 
-def arithmetic_records(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    pairs = [(a, b, op) for a in range(2, 13) for b in range(2, 13) for op in ("plus", "times")]
-    rng.shuffle(pairs)
-    records = []
-    for a, b, op in pairs[:n]:
-        result = a + b if op == "plus" else a * b
+@dataclass
+class DemoSettings:
+    """The scale of a demo run; saved in RUN_DIR/settings.json so `--resume` reuses it."""
+
+    task: str = "sentiment"
+    model: str = DEMO_MODEL
+    train_prompts: int = 200
+    eval_prompts: int = 48
+    responses_per_prompt: int = 4  # K answers the annotator ranks
+    tau: float | None = None  # annotator noise; None: the task's
+    length_bias: float = 0.0  # annotator utility per word: > 0 provokes length hacking
+    max_new_tokens: int | None = None  # None: the task's
+    rm_epochs: int = 2
+    ppo_steps: int = 30
+    ppo_batch: int = 16
+    kl_coef: float = 0.05
+    best_of: int = 16  # π_ref samples per held-out prompt, for best-of-n up to this n
+    policy_samples: int = 4  # policy samples per held-out prompt
+    seed: int = 0
+
+
+QUICK = {
+    "train_prompts": 48,
+    "eval_prompts": 16,
+    "rm_epochs": 1,
+    "ppo_steps": 8,
+    "ppo_batch": 8,
+    "best_of": 8,
+    "policy_samples": 2,
+}
+STAGES = ("prompts", "preferences", "reward model", "ppo", "evaluation", "report")
+
+
+def load_settings(out: Path, given: DemoSettings, resume: bool) -> DemoSettings:
+    """The run's settings: fresh ones are saved; a resumed run keeps the saved ones."""
+    path = out / "settings.json"
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        known = {f.name for f in fields(DemoSettings)}
+        return DemoSettings(**{k: v for k, v in saved.items() if k in known})
+    if not resume and out.exists() and any(out.iterdir()):
+        raise TetherError(f"{out} already holds a demo run; pass --resume or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(asdict(given), indent=2) + "\n")
+    return given
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def sample(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, seed: int, desc: str):
+    """n samples per prompt (grouped: a prompt's n answers are consecutive), at T = 1."""
+    rows = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)]
+    texts, ended, response_ids, prompt_ids = [], [], [], []
+    chunk = 64
+    bf16 = bf16_available()
+    for i, start in enumerate(tqdm(range(0, len(rows), chunk), desc=desc, unit="batch")):
+        with autocast(bf16):
+            gen = generate(
+                model,
+                tokenizer,
+                rows[start : start + chunk],
+                max_new_tokens=max_new_tokens,
+                temperature=1.0,
+                seed=seed * 1_000 + i,
+                dtype=torch.bfloat16 if bf16 else torch.float32,
+            )
+        texts += gen.texts
+        ended += gen.ended
+        response_ids += gen.response_ids
+        prompt_ids += gen.prompt_ids
+    return texts, ended, prompt_ids, response_ids
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_prompts(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
+    prompts = task.prompts(s.seed)
+    needed = s.train_prompts + s.eval_prompts
+    if needed > len(prompts):
+        raise TetherError(
+            f"task {task.name} has {len(prompts)} prompts; {s.train_prompts} train + "
+            f"{s.eval_prompts} held-out asked for"
+        )
+    train, held_out = prompts[: s.train_prompts], prompts[s.train_prompts : needed]
+    write_jsonl(out / "prompts/held_out.jsonl", [{"prompt": p} for p in held_out])
+    write_jsonl(out / "prompts/train.jsonl", [{"prompt": p} for p in train])
+    return {"train": len(train), "held_out": len(held_out)}
+
+
+def stage_preferences(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
+    prompts = [r["prompt"] for r in _read(out / "prompts/train.jsonl")]
+    source = resolve_model_source(s.model)
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).eval()
+    k, tau = s.responses_per_prompt, _tau(task, s)
+    texts, *_ = sample(
+        model, tokenizer, prompts, k, _max_new(task, s), s.seed, desc="sampling π_ref"
+    )
+    gold = torch.tensor(gold_function(task)([p for p in prompts for _ in range(k)], texts))
+    lengths = torch.tensor([len(t.split()) for t in texts])
+    generator = torch.Generator().manual_seed(s.seed)
+    records, positions = [], torch.empty(len(prompts), k)
+    for i, prompt in enumerate(prompts):
+        sl = slice(i * k, (i + 1) * k)
+        utilities = annotator_utilities(gold[sl], lengths[sl], s.length_bias)
+        ranking = annotator_ranking(utilities, tau, generator)
         records.append(
             {
-                "prompt": f"What is {a} {op} {b}?",
-                "completion": f"{a} {op} {b} is {result}. Answer: {result}",
+                "prompt": prompt,
+                "responses": texts[sl],
+                "ranking": ranking,
+                "gold": gold[sl].tolist(),
             }
         )
-    return records
+        positions[i, ranking] = -torch.arange(k, dtype=torch.float)  # higher = ranked better
+    write_jsonl(out / "preferences.jsonl", records)
+    agreement = pairwise_agreement(positions, gold.view(-1, k))
+    return {
+        "answers": len(texts),
+        "gold_mean": gold.mean().item(),
+        # None where gold ties every pair (nothing to agree with)
+        "annotator_gold_agreement": _none_if_nan(agreement),
+    }
 
 
-def greedy_answers(model_dir: str, questions: list[str], max_new_tokens: int = 24) -> list[str]:
-    from tether.config import ModelConfig
-    from tether.models import load_causal_lm, load_tokenizer
-    from tether.rollout import generate
-
-    tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(ModelConfig(name=model_dir), tokenizer).eval()
-    out = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens, temperature=0)
-    return [text.strip() for text in out.texts]
-
-
-def run_demo(out: Path, steps: int = 30, resume: bool = False) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    records = arithmetic_records(200, seed=0)
-    train, held_out = records[:180], records[180:]
-    data = out / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in train))
-    (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
-    cfg = load_config(
-        SFTConfig,
+def rm_config(task: Task, s: DemoSettings, out: Path) -> RMConfig:
+    return load_config(
+        RMConfig,
         None,
         [
-            f"model.name={DEMO_MODEL}",
-            f"data.train={data}",
-            f"data.eval={out / 'eval.jsonl'}",
-            "data.max_length=96",
+            f"model.name={s.model}",
             "model.lora.enabled=true",
+            "model.lora.r=16",
+            "model.lora.alpha=32",
+            f"data.train={out / 'preferences.jsonl'}",
+            "data.eval_fraction=0.15",
+            "data.max_length=160",
             "optim.lr=1e-3",
-            "optim.warmup_steps=3",
-            f"train.max_steps={steps}",
+            "optim.warmup_steps=5",
+            f"train.epochs={s.rm_epochs}",
             "train.batch_size=8",
-            f"train.eval_every={max(1, steps // 3)}",
-            f"train.save_every={max(1, steps // 3)}",
+            "train.eval_every=0",
+            "train.save_every=10",
+            f"train.seed={s.seed}",
         ],
     )
-    final = run_sft(cfg, out / "sft", resume=resume)
-    evals = [r["eval/loss"] for r in read_metrics(out / "sft/metrics.jsonl") if "eval/loss" in r]
-    questions = [r["prompt"] for r in held_out[:3]]
-    from tether.models import resolve_model_source
 
-    before = greedy_answers(resolve_model_source(DEMO_MODEL), questions)
-    after = greedy_answers(str(final), questions)
-    summary = {
-        "eval_loss_before": evals[0],
-        "eval_loss_after": evals[-1],
-        "steps": steps,
-        "examples": [
-            {"question": q, "before": b, "after": a}
-            for q, b, a in zip(questions, before, after, strict=True)
-        ],
+
+def stage_reward_model(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
+    from tether.stages.rm import run_rm
+
+    run_rm(rm_config(task, s, out), out / "rm", resume=True)
+    last_eval = [r for r in read_jsonl(out / "rm/metrics.jsonl") if "eval/accuracy" in r][-1]
+    return {
+        "accuracy": last_eval["eval/accuracy"],
+        "held_out_pairs": last_eval.get("eval/n"),
+        "length_corr": last_eval.get("eval/length_corr"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nheld-out loss: {evals[0]:.3f} -> {evals[-1]:.3f} nats/token after {steps} steps")
-    for ex in summary["examples"]:
-        print(f"  Q: {ex['question']}\n    before: {ex['before']!r}\n    after:  {ex['after']!r}")
-    print(f"model: {final}\nsummary: {out / 'summary.json'}")
+
+
+def ppo_config(task: Task, s: DemoSettings, out: Path) -> PPOConfig:
+    return load_config(
+        PPOConfig,
+        None,
+        [
+            f"model.name={s.model}",
+            "model.lora.enabled=true",
+            "model.lora.r=16",
+            "model.lora.alpha=32",
+            f"data.train={out / 'prompts/train.jsonl'}",
+            "data.max_length=96",
+            f"reward.terms=[{{name: 'model:{out / 'rm/final'}', weight: 1.0}}]",
+            f"reward.gold={task.gold}",
+            "optim.lr=3e-4",
+            "optim.eps=1e-5",
+            "optim.schedule=constant",
+            f"train.max_steps={s.ppo_steps}",
+            f"train.batch_size={s.ppo_batch}",
+            f"train.save_every={max(1, min(10, s.ppo_steps // 2))}",
+            f"train.seed={s.seed}",
+            f"rollout.max_new_tokens={_max_new(task, s)}",
+            "rollout.missing_eos=none",
+            "rollout.generation_batch_size=64",
+            f"rollout.samples_every={max(1, s.ppo_steps // 8)}",
+            "ppo.ppo_epochs=2",
+            "ppo.num_minibatches=2",
+            "ppo.vf_coef=0.1",
+            "ppo.gamma=1.0",
+            "ppo.lam=0.95",
+            f"ppo.kl.coef={s.kl_coef}",
+            "ppo.kl.estimator=k1",
+        ],
+    )
+
+
+def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
+    from tether.stages.ppo import run_ppo
+
+    run_ppo(ppo_config(task, s, out), out / "ppo", resume=True)
+    steps = read_jsonl(out / "ppo/metrics.jsonl")
+    first, last = steps[0], steps[-1]
+    return {
+        "steps": last["step"],
+        "gold_first": first.get("gold/mean"),
+        "gold_last": last.get("gold/mean"),
+        "kl_last": last.get("kl/mean"),
+    }
+
+
+def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
+    """Held-out prompts: π_ref (best_of samples each) against the policy (policy_samples)."""
+    from tether.reward_model import RewardModel
+
+    prompts = [r["prompt"] for r in _read(out / "prompts/held_out.jsonl")]
+    source = resolve_model_source(s.model)
+    tokenizer = load_tokenizer(source)
+    reference = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).eval()
+    policy_dir = out / "ppo/final"
+    policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False).eval()
+    max_new = _max_new(task, s)
+    ref_texts, *_ = sample(
+        reference, tokenizer, prompts, s.best_of, max_new, s.seed + 1, "held-out π_ref"
+    )
+    pol_texts, _, pol_prompt_ids, pol_response_ids = sample(
+        policy, tokenizer, prompts, s.policy_samples, max_new, s.seed + 2, "held-out policy"
+    )
+    kl = policy_kl(policy, reference, tokenizer, pol_prompt_ids, pol_response_ids)
+
+    gold_fn = gold_function(task)
+    rm = RewardModel.load(str(out / "rm/final"))
+
+    def judge(texts: list[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        repeated = [p for p in prompts for _ in range(n)]
+        with autocast(bf16_available()):
+            rm_scores = rm.score(repeated, texts, batch_size=32).float()
+        return torch.tensor(gold_fn(repeated, texts)).view(-1, n), rm_scores.view(-1, n)
+
+    ref_gold, ref_rm = judge(ref_texts, s.best_of)
+    pol_gold, pol_rm = judge(pol_texts, s.policy_samples)
+    pol_kl = kl.view(-1, s.policy_samples)
+    best_of_n = [
+        {
+            "n": n,
+            "kl": best_of_n_kl(n),
+            "gold": best_of_n_mean(ref_rm, ref_gold, n),
+            "rm_score": best_of_n_mean(ref_rm, ref_rm, n),
+        }
+        for n in BEST_OF_N
+        if n <= s.best_of
+    ]
+    records = [
+        {
+            "prompt": p,
+            "reference": [
+                {"response": t, "gold": g, "rm_score": r}
+                for t, g, r in zip(
+                    ref_texts[i * s.best_of : (i + 1) * s.best_of],
+                    ref_gold[i].tolist(),
+                    ref_rm[i].tolist(),
+                    strict=True,
+                )
+            ],
+            "policy": [
+                {"response": t, "gold": g, "rm_score": r, "kl": k}
+                for t, g, r, k in zip(
+                    pol_texts[i * s.policy_samples : (i + 1) * s.policy_samples],
+                    pol_gold[i].tolist(),
+                    pol_rm[i].tolist(),
+                    pol_kl[i].tolist(),
+                    strict=True,
+                )
+            ],
+        }
+        for i, p in enumerate(prompts)
+    ]
+    write_jsonl(out / "eval/samples.jsonl", records)
+    results = {
+        "gold_ref": ref_gold.mean().item(),
+        "gold_policy": pol_gold.mean().item(),
+        "rm_score_ref": ref_rm.mean().item(),
+        "rm_score_policy": pol_rm.mean().item(),
+        "kl": kl.mean().item(),
+        # each policy answer against every π_ref answer to the same prompt, ties count ½
+        "win_rate": win_rate(pol_gold[:, :, None], ref_gold[:, None, :]),
+        "rm_gold_accuracy": _none_if_nan(pairwise_agreement(ref_rm, ref_gold)),
+        "length_ref": _mean_words(ref_texts),
+        "length_policy": _mean_words(pol_texts),
+        "best_of_n": best_of_n,
+    }
+    write_text_atomic(out / "eval/results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+@torch.no_grad()
+def policy_kl(policy, reference, tokenizer, prompt_ids, response_ids, chunk: int = 16):
+    """[N] Σ_t log π(y_t|…) − log π_ref(y_t|…) of each policy sample: a one-sample Monte
+    Carlo estimate of KL(π ‖ π_ref) per prompt, unbiased, at T = 1."""
+    out = []
+    for start in range(0, len(prompt_ids), chunk):
+        batch = build_batch(
+            prompt_ids[start : start + chunk],
+            response_ids[start : start + chunk],
+            tokenizer.pad_token_id,
+        )
+        with autocast(bf16_available()):
+            logprobs = sequence_logprobs_of(policy, batch, 1.0)
+            ref_logprobs = sequence_logprobs_of(reference, batch, 1.0)
+        out.append(masked_sum(logprobs - ref_logprobs, batch.response_mask, dim=1))
+    return torch.cat(out).float()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_demo(
+    out: Path, settings: DemoSettings | None = None, resume: bool = False, report: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) every stage and return summary.json's contents."""
+    from tether.report import build_report
+
+    out = Path(out)
+    s = load_settings(out, settings or DemoSettings(), resume)
+    task = get_task(s.task)
+    gold_function(task)  # a broken gold spec fails here, before any model loads
+    state_path = out / "stages.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    steps = [
+        ("prompts", stage_prompts, out / "prompts/train.jsonl"),
+        ("preferences", stage_preferences, out / "preferences.jsonl"),
+        ("reward model", stage_reward_model, out / "rm/final"),
+        ("ppo", stage_ppo, out / "ppo/final"),
+        ("evaluation", stage_evaluation, out / "eval/results.json"),
+    ]
+    for number, (name, fn, done_marker) in enumerate(steps, start=1):
+        if name in state and done_marker.exists():
+            print(f"[{number}/{len(STAGES)}] {name}: done earlier ({_line(name, state[name])})")
+            continue
+        started = time.perf_counter()
+        result = fn(task, s, out)
+        result["seconds"] = time.perf_counter() - started
+        state[name] = result
+        write_text_atomic(state_path, json.dumps(state, indent=2) + "\n")
+        print(f"[{number}/{len(STAGES)}] {name}: {_line(name, result)} ({result['seconds']:.0f}s)")
+    results = state["evaluation"]
+    summary = {
+        "task": task.name,
+        "model": s.model,
+        "rm_accuracy": state["reward model"]["accuracy"],
+        **{k: results[k] for k in results if k != "seconds"},
+        "annotator_gold_agreement": state["preferences"]["annotator_gold_agreement"],
+        "wall_s": sum(v["seconds"] for v in state.values()),
+        "stage_s": {k: v["seconds"] for k, v in state.items()},
+        "settings": asdict(s),
+    }
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if report:
+        path = build_report(out)
+        print(f"[{len(STAGES)}/{len(STAGES)}] report: {path}")
     return summary
+
+
+def _line(name: str, r: dict[str, Any]) -> str:
+    if name == "prompts":
+        return f"{r['train']} training / {r['held_out']} held-out prompts"
+    if name == "preferences":
+        return (
+            f"{r['answers']} answers from π_ref ranked by the annotator; gold mean "
+            f"{r['gold_mean']:.3f}; annotator agrees with gold on "
+            f"{_percent(r['annotator_gold_agreement'])} of pairs"
+        )
+    if name == "reward model":
+        return f"held-out accuracy {r['accuracy']:.3f} against the annotator"
+    if name == "ppo":
+        gold = ""
+        if r.get("gold_first") is not None:
+            gold = f"; training gold {r['gold_first']:.3f} -> {r['gold_last']:.3f}"
+        return f"{r['steps']} steps{gold}; KL {r['kl_last']:.2f}"
+    return (
+        f"held-out gold π_ref {r['gold_ref']:.3f} -> policy {r['gold_policy']:.3f} "
+        f"(win-rate {r['win_rate']:.0%}) at KL {r['kl']:.2f} nats; RM agrees with gold on "
+        f"{_percent(r['rm_gold_accuracy'])} of pairs"
+    )
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tau(task: Task, s: DemoSettings) -> float:
+    return task.tau if s.tau is None else s.tau
+
+
+def _max_new(task: Task, s: DemoSettings) -> int:
+    return task.max_new_tokens if s.max_new_tokens is None else s.max_new_tokens
+
+
+def _mean_words(texts: list[str]) -> float:
+    return sum(len(t.split()) for t in texts) / max(len(texts), 1)
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"

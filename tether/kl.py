@@ -12,6 +12,7 @@ Log the KL with the same estimator and tokens that are trained on, or diagnoses 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -34,6 +35,17 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -
     if kind not in _ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; valid: {sorted(_ESTIMATORS)}")
     return _ESTIMATORS[kind](ref_logprobs - logprobs)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(π_best-of-n ‖ π) = log n − (n−1)/n nats, for continuous-valued rewards.
+
+    The analytic KL of picking the best of n samples (Stiennon et al. 2020, appendix; Beirami
+    et al. 2024 show it is an upper bound when rewards tie). 0 for n = 1, ~log n for large n.
+    """
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
 
 
 class KLController(Protocol):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,47 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = (x.square().sum() * y.square().sum()).sqrt()
     return 0.0 if denom == 0 else (x * y).sum().div(denom).item()
+
+
+def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
+    """mean(1[a > b] + ½·1[a = b]): how often a beats b on the same prompt, ties split."""
+    return ((a > b).double() + 0.5 * (a == b).double()).mean().item()
+
+
+def pairwise_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of within-row pairs (i < j) that a and b order the same way. [P, N], [P, N].
+
+    Pairs that b ties are left out (no order to agree with); a tie in a alone counts ½.
+    E.g. a = reward-model scores, b = gold scores of N answers to each of P prompts.
+    """
+    da = a.double()[:, :, None] - a.double()[:, None, :]
+    db = b.double()[:, :, None] - b.double()[:, None, :]
+    upper = torch.ones_like(da[0], dtype=torch.bool).triu(diagonal=1)
+    counted = upper & (db != 0)
+    agree = (da.sign() == db.sign()).double() + 0.5 * (da == 0).double()
+    total = counted.sum().item()
+    return float("nan") if total == 0 else (agree * counted).sum().item() / total
+
+
+def best_of_n_mean(selector: torch.Tensor, values: torch.Tensor, n: int) -> float:
+    """E[value of the best-by-selector of n draws], averaged over prompts. [P, N], [P, N].
+
+    Unbiased from N ≥ n samples per prompt: over all C(N, n) subsets, the sample with the
+    i-th lowest selector score (1-based) is the subset's best in C(i−1, n−1) of them, so
+
+        E = Σ_i C(i−1, n−1) / C(N, n) · value_(i)
+
+    which uses every sample instead of one arbitrary n-subset. n = 1 is the plain mean.
+    """
+    count = selector.shape[1]
+    if not 1 <= n <= count:
+        raise ValueError(f"best-of-{n} needs 1 <= n <= {count} samples per prompt")
+    order = selector.argsort(dim=1, stable=True)
+    ranked = values.double().gather(1, order)
+    weights = torch.tensor(
+        [math.comb(i, n - 1) / math.comb(count, n) for i in range(count)], dtype=torch.float64
+    )
+    return (ranked * weights).sum(dim=1).mean().item()
 
 
 def preference_metrics(

@@ -69,6 +69,12 @@ def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.
 
     source = resolve_model_source(config.name)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    from transformers.utils import logging as hf_logging
+
+    fresh_head = not _has_trained_head(source)
+    verbosity = hf_logging.get_verbosity()
+    if fresh_head:  # its "score.weight MISSING" report is expected: the head is drawn below
+        hf_logging.set_verbosity_error()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -81,7 +87,9 @@ def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.
             )
         except OSError as e:
             raise ModelLoadError(f"cannot load a reward backbone from '{config.name}': {e}") from e
-        if not _has_trained_head(source):
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if fresh_head:
             hidden = model.score.weight.shape[1]
             torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(hidden + 1))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -191,6 +191,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file, fsync and rename: a reader (or a resumed run) sees the old file
+    or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def truncate_jsonl(path: Path, step: int) -> None:
     """Keep only the records of steps <= `step` (and drop torn lines), so steps replayed after
     a resume are not logged twice."""

@@ -155,7 +155,10 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
             ):
                 train.append(item)
     held_out = tokenize_pairs(held_out_pairs, tokenizer, max_len, splits.eval_report)
-    tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out")
+    tqdm.write(
+        f"{splits.report.summary()} -> {len(train)} training items (pairs or whole rankings), "
+        f"{len(held_out)} held-out pairs"
+    )
     if not train:
         raise DataError(f"{cfg.data.train}: no usable preference pairs")
     return train, held_out

@@ -1,0 +1,133 @@
+"""The demo pipeline end to end on a tiny real model, its artefacts, resume and the report."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+
+from tether.demo import DemoSettings, run_demo
+from tether.errors import TetherError
+from tether.report import build_report
+
+SUMMARY_KEYS = {
+    "rm_accuracy",
+    "gold_ref",
+    "gold_policy",
+    "rm_score_ref",
+    "rm_score_policy",
+    "kl",
+    "win_rate",
+    "best_of_n",
+    "wall_s",
+}
+
+
+def tiny_settings(model_dir) -> DemoSettings:
+    return DemoSettings(
+        model=str(model_dir),
+        train_prompts=10,
+        eval_prompts=3,
+        responses_per_prompt=3,
+        max_new_tokens=6,
+        rm_epochs=1,
+        ppo_steps=2,
+        ppo_batch=4,
+        best_of=4,
+        policy_samples=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    summary = run_demo(out, tiny_settings(tiny_model_dir))
+    return out, summary
+
+
+def test_demo_writes_every_artefact(demo_run):
+    out, summary = demo_run
+    assert summary.keys() >= SUMMARY_KEYS
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert [b["n"] for b in summary["best_of_n"]] == [1, 2, 4]
+    assert summary["best_of_n"][0]["kl"] == 0.0
+    assert summary["best_of_n"][2]["kl"] == pytest.approx(1.3863 - 0.75, abs=1e-4)
+    # best-of-n by the RM can only raise the RM's own mean score
+    rm_scores = [b["rm_score"] for b in summary["best_of_n"]]
+    assert rm_scores == sorted(rm_scores)
+    assert rm_scores[0] == pytest.approx(summary["rm_score_ref"], abs=1e-5)
+    assert 0.0 <= summary["win_rate"] <= 1.0 and 0.0 <= summary["rm_accuracy"] <= 1.0
+
+    preferences = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
+    assert len(preferences) == 10
+    assert all(sorted(p["ranking"]) == [0, 1, 2] for p in preferences)
+    assert (out / "rm/final/config.json").is_file() and (out / "ppo/final/config.json").is_file()
+    ppo_metrics = [json.loads(x) for x in (out / "ppo/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in ppo_metrics] == [1, 2]
+    assert all("gold/mean" in m and "kl/mean" in m for m in ppo_metrics)  # gold is logged
+    assert (out / "ppo/samples.jsonl").read_text().strip()
+
+    evaluated = [json.loads(x) for x in (out / "eval/samples.jsonl").read_text().splitlines()]
+    assert len(evaluated) == 3
+    assert all(len(e["reference"]) == 4 and len(e["policy"]) == 2 for e in evaluated)
+    gold_policy = [a["gold"] for e in evaluated for a in e["policy"]]
+    assert sum(gold_policy) / len(gold_policy) == pytest.approx(summary["gold_policy"])
+
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5  # scores, KL, gold-vs-√KL, length, RM
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert evaluated[0]["prompt"].replace('"', "&quot;") in page  # the before/after table
+    assert "Best-of-n" in page
+
+
+def test_resume_skips_finished_stages_and_fresh_start_is_refused(demo_run, capsys):
+    out, summary = demo_run
+    again = run_demo(out, DemoSettings(train_prompts=999), resume=True, report=False)
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier") == 5
+    assert again["settings"] == summary["settings"]  # the saved settings, not the new ones
+    assert again["gold_policy"] == summary["gold_policy"]
+    with pytest.raises(TetherError, match="already holds a demo run"):
+        run_demo(out, DemoSettings())
+
+
+def test_report_rebuilds_for_a_stage_run_dir(demo_run):
+    out, _ = demo_run
+    path = build_report(out / "ppo")
+    page = path.read_text()
+    assert path == out / "ppo/report.html"
+    assert page.count("data:image/png;base64,") >= 4  # train, reward, kl, policy... groups
+    assert "Samples at step 2" in page
+    with pytest.raises(TetherError, match="not a run dir"):
+        build_report(out / "eval")
+
+
+def test_demo_killed_mid_stage_resumes_to_the_same_artefacts(tiny_model_dir, tmp_path):
+    """SIGKILL at the reward model's first step; --resume finishes every stage."""
+    out = tmp_path / "demo"
+    settings = json.dumps(asdict(tiny_settings(tiny_model_dir)))
+    script = (
+        "import json, sys; from pathlib import Path\n"
+        "from tether.demo import DemoSettings, run_demo\n"
+        "run_demo(Path(sys.argv[1]), DemoSettings(**json.loads(sys.argv[2])), "
+        "resume=sys.argv[3] == 'resume', report=False)\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(out), settings, "fresh"],
+        env={**os.environ, "TETHER_KILL_AT": "after_step:1"},
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    stages = json.loads((out / "stages.json").read_text())
+    assert set(stages) == {"prompts", "preferences"}
+    resumed = subprocess.run(
+        [sys.executable, "-c", script, str(out), settings, "resume"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("done earlier") == 2
+    assert json.loads((out / "summary.json").read_text()).keys() >= SUMMARY_KEYS
