@@ -72,6 +72,7 @@ def test_demo_writes_every_artefact(demo_run):
     evaluated = [json.loads(x) for x in (out / "eval/samples.jsonl").read_text().splitlines()]
     assert len(evaluated) == 3
     assert all(len(e["reference"]) == 4 and len(e["policy"]) == 2 for e in evaluated)
+    assert all(isinstance(a["ended"], bool) for e in evaluated for a in e["policy"])
     gold_policy = [a["gold"] for e in evaluated for a in e["policy"]]
     assert sum(gold_policy) / len(gold_policy) == pytest.approx(summary["gold_policy"])
 
@@ -79,7 +80,7 @@ def test_demo_writes_every_artefact(demo_run):
     assert page.count("data:image/png;base64,") >= 5  # scores, KL, gold-vs-√KL, length, RM
     assert "http://" not in page and "https://" not in page  # self-contained
     assert evaluated[0]["prompt"].replace('"', "&quot;") in page  # the before/after table
-    assert "Best-of-n" in page
+    assert "Best-of-n" in page and "<h2>Doctor</h2>" in page
 
 
 def test_resume_skips_finished_stages_and_fresh_start_is_refused(demo_run, capsys):

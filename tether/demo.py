@@ -53,13 +53,13 @@ class DemoSettings:
     task: str = "sentiment"
     model: str = DEMO_MODEL
     train_prompts: int = 200
-    eval_prompts: int = 48
+    eval_prompts: int = 40
     responses_per_prompt: int = 4  # K answers the annotator ranks
     tau: float | None = None  # annotator noise; None: the task's
     length_bias: float = 0.0  # annotator utility per word: > 0 provokes length hacking
     max_new_tokens: int | None = None  # None: the task's
     rm_epochs: int = 2
-    ppo_steps: int = 30
+    ppo_steps: int = 24
     ppo_batch: int = 16
     kl_coef: float = 0.05
     best_of: int = 16  # π_ref samples per held-out prompt, for best-of-n up to this n
@@ -269,10 +269,10 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     policy_dir = out / "ppo/final"
     policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False).eval()
     max_new = _max_new(task, s)
-    ref_texts, *_ = sample(
+    ref_texts, ref_ended, *_ = sample(
         reference, tokenizer, prompts, s.best_of, max_new, s.seed + 1, "held-out π_ref"
     )
-    pol_texts, _, pol_prompt_ids, pol_response_ids = sample(
+    pol_texts, pol_ended, pol_prompt_ids, pol_response_ids = sample(
         policy, tokenizer, prompts, s.policy_samples, max_new, s.seed + 2, "held-out policy"
     )
     kl = policy_kl(policy, reference, tokenizer, pol_prompt_ids, pol_response_ids)
@@ -303,18 +303,20 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
         {
             "prompt": p,
             "reference": [
-                {"response": t, "gold": g, "rm_score": r}
-                for t, g, r in zip(
+                {"response": t, "ended": e, "gold": g, "rm_score": r}
+                for t, e, g, r in zip(
                     ref_texts[i * s.best_of : (i + 1) * s.best_of],
+                    ref_ended[i * s.best_of : (i + 1) * s.best_of],
                     ref_gold[i].tolist(),
                     ref_rm[i].tolist(),
                     strict=True,
                 )
             ],
             "policy": [
-                {"response": t, "gold": g, "rm_score": r, "kl": k}
-                for t, g, r, k in zip(
+                {"response": t, "ended": e, "gold": g, "rm_score": r, "kl": k}
+                for t, e, g, r, k in zip(
                     pol_texts[i * s.policy_samples : (i + 1) * s.policy_samples],
+                    pol_ended[i * s.policy_samples : (i + 1) * s.policy_samples],
                     pol_gold[i].tolist(),
                     pol_rm[i].tolist(),
                     pol_kl[i].tolist(),

@@ -36,7 +36,7 @@ h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.2rem; font-si
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(190px, 1fr));
          gap: .8rem; margin: 1.2rem 0; }
 .card { border: 1px solid #e2e8f0; border-radius: 10px; padding: .7rem .9rem; background: #f8fafc; }
-.card .label { color: #64748b; font-size: .8rem; text-transform: uppercase; letter-spacing: .04em; }
+.card .label { color: #64748b; font-size: .85rem; }
 .card .value { font-size: 1.5rem; font-weight: 600; }
 .card .note { color: #64748b; font-size: .82rem; }
 .verdict { background: #fff7ed; border-left: 4px solid #c2410c; padding: .6rem .9rem; }
@@ -49,6 +49,7 @@ th { background: #f1f5f9; }
 td.num { white-space: nowrap; font-variant-numeric: tabular-nums; }
 .finding { border-left: 4px solid #94a3b8; padding: .3rem .8rem; margin: .6rem 0; }
 .finding.warning { border-color: #d97706; } .finding.critical { border-color: #dc2626; }
+.cut { color: #94a3b8; }
 code { background: #f1f5f9; padding: 0 .25rem; border-radius: 4px; }
 """
 
@@ -225,9 +226,9 @@ def demo_page(run_dir: Path) -> str:
         ref, pol = record["reference"][0], record["policy"][0]
         rows.append(
             f"<tr><td>{_esc(record['prompt'])}</td>"
-            f"<td>{_esc(ref['response'])}</td><td class='num'>{ref['gold']:+.2f}<br>"
+            f"<td>{_answer(ref)}</td><td class='num'>{ref['gold']:+.2f}<br>"
             f"{ref['rm_score']:+.2f}</td>"
-            f"<td>{_esc(pol['response'])}</td><td class='num'>{pol['gold']:+.2f}<br>"
+            f"<td>{_answer(pol)}</td><td class='num'>{pol['gold']:+.2f}<br>"
             f"{pol['rm_score']:+.2f}</td></tr>"
         )
     table = (
@@ -245,9 +246,19 @@ def demo_page(run_dir: Path) -> str:
         f"<td class='num'>{summary['gold_policy']:.3f}</td>"
         f"<td class='num'>{summary['rm_score_policy']:+.3f}</td></tr></table>"
     )
-    stage_rows = "".join(
-        f"<tr><td>{_esc(k)}</td><td class='num'>{v:.0f} s</td></tr>"
-        for k, v in summary.get("stage_s", {}).items()
+    stage_rows = (
+        "".join(
+            f"<tr><td>{_esc(k)}</td><td class='num'>{v:.0f} s</td></tr>"
+            for k, v in summary.get("stage_s", {}).items()
+        )
+        + f"<tr><th>total</th><th>{summary['wall_s']:.0f} s</th></tr>"
+    )
+    from tether.doctor import diagnose, read_run
+
+    findings = diagnose(read_run(run_dir / "ppo"))
+    doctor = _findings_html(findings) or (
+        "<p>The doctor found nothing to flag in the PPO run "
+        f"(<code>tether doctor {_esc(run_dir / 'ppo')}</code>).</p>"
     )
     settings_rows = "".join(
         f"<tr><td><code>{_esc(k)}</code></td><td>{_esc(v)}</td></tr>" for k, v in settings.items()
@@ -264,11 +275,20 @@ def demo_page(run_dir: Path) -> str:
         "<h2>Same prompts, before and after</h2><p>Held-out prompts, one sampled answer each "
         "from π_ref and from the trained policy; gold and reward-model scores beside them.</p>"
         f"{table}"
+        f"<h2>Doctor</h2>{doctor}"
         f"<h2>Run</h2><table>{stage_rows}</table><h2>Settings</h2><table>{settings_rows}</table>"
         "<p>Rebuild this page with <code>tether report RUN_DIR</code>; the numbers are in "
         "<code>summary.json</code>, every answer in <code>eval/samples.jsonl</code>.</p>"
     )
     return _page(f"tether demo: {summary['task']}", body)
+
+
+def _answer(sample: dict) -> str:
+    """The answer's text; one cut at the token limit ends in a marked ellipsis."""
+    text = _esc(sample["response"])
+    if sample.get("ended") is False:
+        text += ' <span class="cut" title="cut at the token limit">[…]</span>'
+    return text
 
 
 def _plot_scores(ppo: list[dict]) -> str:
@@ -382,16 +402,28 @@ def _plot_length(ppo: list[dict], summary: dict) -> str:
     return _embed(fig)
 
 
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    """Trailing moving average: per-step RM loss on 8 rankings is too noisy to read."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
 def _plot_rm(rm: list[dict]) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.3))
     steps, loss = _series(rm, "train/loss")
-    ax.plot(steps, loss, color=REFERENCE_COLOR, lw=1, label="training loss")
+    ax.plot(steps, loss, color=REFERENCE_COLOR, lw=0.8, alpha=0.35)
+    ax.plot(steps, _smooth(loss), color=REFERENCE_COLOR, lw=1.6, label="training loss (smoothed)")
     ax.set_xlabel("reward-model step")
     ax.set_ylabel("loss")
     twin = ax.twinx()
     acc_steps, acc = _series(rm, "train/accuracy")
-    twin.plot(acc_steps, acc, color=BEST_OF_COLOR, lw=1, alpha=0.6, label="training accuracy")
+    twin.plot(
+        acc_steps, _smooth(acc), color=BEST_OF_COLOR, lw=1.4, label="training accuracy (smoothed)"
+    )
     eval_steps, eval_acc = _series(rm, "eval/accuracy")
     twin.plot(
         eval_steps,
@@ -433,11 +465,9 @@ def stage_page(run_dir: Path) -> str:
     ordered = sorted(groups, key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
     figures = [_figure(_plot_group(records, g, groups[g]), f"{g}/* per step") for g in ordered]
     findings = diagnose(run) if any(k.startswith(("reward/", "kl/")) for k in keys) else []
-    findings_html = "".join(
-        f'<div class="finding {f.severity}"><b>{_esc(f.severity)}: {_esc(f.code)}</b> '
-        f"(steps {f.steps[0]}-{f.steps[1]}): {_esc(f.summary)}</div>"
-        for f in findings
-    ) or ("<p>The doctor found nothing to flag.</p>" if findings == [] and run.samples else "")
+    findings_html = _findings_html(findings) or (
+        "<p>The doctor found nothing to flag.</p>" if findings == [] and run.samples else ""
+    )
     last = records[-1] if records else {}
     cards = "".join(
         _card(k, f"{last[k]:.4g}")
@@ -467,6 +497,14 @@ def stage_page(run_dir: Path) -> str:
         f"<h2>Metrics</h2><div class='plots'>{''.join(figures)}</div>{samples_html}"
     )
     return _page(f"tether report: {run_dir.name}", body)
+
+
+def _findings_html(findings: list) -> str:
+    return "".join(
+        f'<div class="finding {f.severity}"><b>{_esc(f.severity)}: {_esc(f.code)}</b> '
+        f"(steps {f.steps[0]}-{f.steps[1]}): {_esc(f.summary)}</div>"
+        for f in findings
+    )
 
 
 def _number(v: Any) -> bool:
