@@ -292,7 +292,10 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tether import faults
+
     args = build_parser().parse_args(argv)
+    faults.arm_kill_timer()
     try:
         return args.func(args)
     except TetherError as e:

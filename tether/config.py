@@ -271,9 +271,13 @@ class RewardSpecConfig:
     # Whiten scores with running mean/std over all rollouts so far, then clip to ±clip (0: off).
     normalize: bool = False
     clip: float = 0.0
+    # Seconds one call of a term (or the gold judge) may take on one batch before the run
+    # stops with an error naming it; a hung reward server must not hang the run. 0: no limit.
+    timeout_s: float = 600.0
 
     def validate(self) -> None:
         _check(bool(self.terms), "reward.terms", "needs at least one {name, weight} entry")
+        _check(self.timeout_s >= 0, "reward.timeout_s", "must be >= 0 (0: no limit)")
         for i, term in enumerate(self.terms):
             key = f"reward.terms[{i}]"
             _check(isinstance(term, dict), key, "must be a mapping {name, weight, args}")

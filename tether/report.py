@@ -25,7 +25,7 @@ POLICY_COLOR, REFERENCE_COLOR, BEST_OF_COLOR, GOLD_COLOR = (
     "#c2410c",
     "#475569",
     "#2563eb",
-    "#a16207",
+    "#0f766e",
 )
 
 CSS = """

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class RewardTerm:
     name: str
     fn: RewardFn
     weight: float = 1.0
+    timeout_s: float = 0.0  # 0: no limit
 
 
 @dataclass
@@ -142,11 +144,43 @@ class CombinedReward:
         return total, parts
 
 
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
+    """fn() on a daemon thread, or TimeoutError after timeout_s (0: wait forever).
+
+    A hung call cannot be killed from Python; its thread is abandoned and dies with the
+    process, which is about to stop with an error anyway.
+    """
+    if not timeout_s:
+        return fn()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # re-raised on the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True, name="tether-reward")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no result within {timeout_s:g}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def checked_call(term: RewardTerm, prompts: list[str], responses: list[str]) -> list[float]:
     try:
-        values = term.fn(prompts, responses)
+        values = call_with_timeout(lambda: term.fn(prompts, responses), term.timeout_s)
     except RewardError:
         raise
+    except TimeoutError as e:
+        raise RewardError(
+            f"reward '{term.name}' did not return within {term.timeout_s:g}s "
+            f"(reward.timeout_s; batch of {len(responses)}, first response "
+            f"{responses[0][:80]!r})"
+        ) from e
     except Exception as e:
         raise RewardError(
             f"reward '{term.name}' raised {type(e).__name__}: {e} "
@@ -166,7 +200,9 @@ def checked_call(term: RewardTerm, prompts: list[str], responses: list[str]) -> 
     return [float(v) for v in values]
 
 
-def build_term(name: str, weight: float = 1.0, args: dict[str, Any] | None = None) -> RewardTerm:
+def build_term(
+    name: str, weight: float = 1.0, args: dict[str, Any] | None = None, timeout_s: float = 0.0
+) -> RewardTerm:
     """A reward model (`model:DIR`), a built-in (`length`, `regex`, `exact_answer`) with its
     keyword args, or a function spec (`module:function`, `file.py:function`)."""
     args = dict(args or {})
@@ -174,9 +210,9 @@ def build_term(name: str, weight: float = 1.0, args: dict[str, Any] | None = Non
         from tether.reward_model import RewardModel
 
         rm = RewardModel.load(name.removeprefix("model:"), **args)
-        return RewardTerm(name, lambda p, r: rm.score(p, r).tolist(), weight)
+        return RewardTerm(name, lambda p, r: rm.score(p, r).tolist(), weight, timeout_s)
     if name in BUILTINS:
         builtin = BUILTINS[name]
-        return RewardTerm(name, lambda p, r: builtin(p, r, **args), weight)
+        return RewardTerm(name, lambda p, r: builtin(p, r, **args), weight, timeout_s)
     fn = load_function(name)
-    return RewardTerm(name, (lambda p, r: fn(p, r, **args)) if args else fn, weight)
+    return RewardTerm(name, (lambda p, r: fn(p, r, **args)) if args else fn, weight, timeout_s)

@@ -27,6 +27,7 @@ from tether.models import (
     load_trainable_state_dict,
     trainable_state_dict,
 )
+from tether.rewards import RewardError
 from tether.rundir import MetricsLogger, RunDir
 
 
@@ -359,7 +360,26 @@ def fit(
             train.seed,
             lengths if cfg.data.group_by_length else None,
         )
-        metrics, tokens = step_fn(indices)
+        rng_at_start = rng_state()
+        try:
+            metrics, tokens = step_fn(indices)
+        except RewardError as e:
+            # A reward fails before this step changes any weight: save the state the step
+            # started from (its RNG too), so the run resumes exactly here once it is fixed.
+            restore_rng(rng_at_start)
+            if progress.step and not (run.checkpoints / f"step-{progress.step}").exists():
+                logger.sync()
+                save_training_state(
+                    run.checkpoints,
+                    model,
+                    optimizer,
+                    scheduler,
+                    progress,
+                    train.keep_last,
+                    extra_state() if extra_state else None,
+                )
+            saved = f"state saved at step {progress.step}" if progress.step else "nothing to save"
+            raise RewardError(f"{e} [{saved}; fix the reward, then --resume]") from e
         metrics["train/lr"] = scheduler.get_last_lr()[0]
         if not steps_itself:
             metrics["train/grad_norm"] = clip_and_step(model, optimizer, optim.max_grad_norm)

@@ -145,8 +145,14 @@ def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[Message]], lis
 
 
 def build_reward(cfg: PPOConfig) -> tuple[CombinedReward, RewardTerm | None]:
-    terms = [build_term(t["name"], t.get("weight", 1.0), t.get("args")) for t in cfg.reward.terms]
-    gold = build_term(cfg.reward.gold, 1.0, cfg.reward.gold_args) if cfg.reward.gold else None
+    timeout = cfg.reward.timeout_s
+    terms = [
+        build_term(t["name"], t.get("weight", 1.0), t.get("args"), timeout)
+        for t in cfg.reward.terms
+    ]
+    gold = None
+    if cfg.reward.gold:
+        gold = build_term(cfg.reward.gold, 1.0, cfg.reward.gold_args, timeout)
     return CombinedReward(terms), gold
 
 
@@ -184,6 +190,9 @@ def collect_rollout(
     batch = build_batch(gen.prompt_ids, gen.response_ids, tokenizer.pad_token_id)
     reward_prompts = [prompt_for_reward(m) for m in messages]
     raw, _ = reward(reward_prompts, gen.texts)
+    # The gold judge runs before any state (score moments, baseline) moves: if it fails, the
+    # step leaves nothing behind and the run resumes exactly once it is fixed.
+    gold_values = checked_call(gold, reward_prompts, gen.texts) if gold is not None else None
     ended = torch.tensor(gen.ended)
     scores = apply_missing_eos(
         torch.tensor(raw), ended, ro_cfg.missing_eos, ro_cfg.missing_eos_penalty
@@ -264,8 +273,7 @@ def collect_rollout(
             reward_prompts, gen.texts, scores.tolist(), seq_kl.tolist(), gen.ended, strict=True
         )
     ]
-    if gold is not None:
-        gold_values = checked_call(gold, reward_prompts, gen.texts)
+    if gold_values is not None:
         stats["gold/mean"] = sum(gold_values) / len(gold_values)
         for sample, g in zip(samples, gold_values, strict=True):
             sample["gold"] = g
