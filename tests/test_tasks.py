@@ -13,6 +13,7 @@ from tether.tasks import (
     annotator_ranking,
     annotator_utilities,
     arithmetic_gold,
+    arithmetic_prompts,
     get_task,
     sentiment_prompts,
     vader_gold,
@@ -58,10 +59,12 @@ def test_arithmetic_gold_rewards_the_right_number_briefly():
         arithmetic_gold(["Tell me a joke"], ["-25"])
 
 
-def test_sentiment_prompts_are_distinct_and_seeded():
-    prompts = sentiment_prompts(0)
-    assert len(set(prompts)) == len(prompts) == 400
-    assert prompts == sentiment_prompts(0) != sentiment_prompts(1)
+@pytest.mark.parametrize("make, count", [(sentiment_prompts, 400), (arithmetic_prompts, 345)])
+def test_task_prompts_are_distinct_and_seeded(make, count):
+    """Distinct, or a held-out prompt could also be a training prompt."""
+    prompts = make(0)
+    assert len(set(prompts)) == len(prompts) == count
+    assert prompts == make(0) != make(1)
 
 
 def test_tasks_resolve_by_name_or_module_attribute(tmp_path):

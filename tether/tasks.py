@@ -204,12 +204,12 @@ BRIEF_WORDS = 12
 
 
 def arithmetic_prompts(seed: int) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(400):
-        a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice("+-")
-        out.append(f"What is {a} {op} {b}? Reply with the number.")
-    return out
+    """Every a + b and a − b (a ≥ b) for a, b in 1..15, shuffled: 345 distinct questions, so
+    held-out prompts are never training prompts. Small numbers: SmolLM2-135M gets some right."""
+    questions = [(a, "+", b) for a in range(1, 16) for b in range(1, 16)]
+    questions += [(a, "-", b) for a in range(1, 16) for b in range(1, a + 1)]
+    random.Random(seed).shuffle(questions)
+    return [f"What is {a} {op} {b}? Reply with the number." for a, op, b in questions]
 
 
 def arithmetic_gold(prompts: list[str], responses: list[str]) -> list[float]:

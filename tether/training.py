@@ -296,7 +296,10 @@ def start_optimization(
         progress, extra = restore_training_state(resume_from, model, optimizer, scheduler)
         tqdm.write(f"resumed from {resume_from} (step {progress.step})")
     log = cfg.logging
-    logger = MetricsLogger(run, progress.step, log.tensorboard, log.wandb, log.wandb_project, cfg)
+    # Without a checkpoint the run starts over, so even a step-0 record (the baseline eval)
+    # of a run killed before its first save is dropped: it is about to be logged again.
+    keep_through = progress.step if resume_from is not None else -1
+    logger = MetricsLogger(run, keep_through, log.tensorboard, log.wandb, log.wandb_project, cfg)
     return Optimization(optimizer, scheduler, progress, logger, extra)
 
 
@@ -318,6 +321,26 @@ PROGRESS_KEYS = {
 
 
 def fit(
+    desc: str,
+    cfg: Any,
+    run: RunDir,
+    model: torch.nn.Module,
+    opt: Optimization,
+    num_examples: int,
+    step_fn: StepFn,
+    **options: Any,
+) -> None:
+    """`run_steps` below, releasing the run dir's lock when it raises (a reward error, a NaN stop,
+    Ctrl-C): the process may go on, and a caller that fixes the cause can resume in place."""
+    try:
+        run_steps(desc, cfg, run, model, opt, num_examples, step_fn, **options)
+    except BaseException:
+        opt.logger.close()
+        run.unlock()
+        raise
+
+
+def run_steps(
     desc: str,
     cfg: Any,
     run: RunDir,
