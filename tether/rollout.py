@@ -14,13 +14,15 @@ row instead of P + R, and no [B, P + R, V] logits tensor is ever built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from tether import engine as tether_engine
 from tether.data import Message, as_messages, pad_rows
+from tether.errors import TetherError
 from tether.models import bf16_available
 from tether.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
 from tether.reward_model import hf_model
@@ -81,10 +83,11 @@ def generate(
             dtype = torch.bfloat16 if bf16_available() else torch.float32
         weights = tether_engine.Weights(model, dtype)  # once for every chunk of the batch
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        for start in range(0, len(rows), batch_size):
-            responses += tether_engine.decode(
+
+        def decode_chunk(chunk: list[list[int]]) -> list[list[int]]:
+            return tether_engine.decode(
                 weights,
-                rows[start : start + batch_size],
+                chunk,
                 tokenizer.pad_token_id,
                 stops,
                 max_new_tokens=max_new_tokens,
@@ -93,6 +96,9 @@ def generate(
                 top_k=top_k,
                 generator=generator,
             )
+
+        for start in range(0, len(rows), batch_size):
+            responses += split_on_oom(decode_chunk, rows[start : start + batch_size])
         return _generation(tokenizer, rows, responses, stops)
     inner = hf_model(model)
     was_training = model.training
@@ -115,15 +121,54 @@ def generate(
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
+
+            def generate_chunk(chunk: list[list[int]]) -> list[list[int]]:
                 ids, mask = pad_rows(chunk, tokenizer.pad_token_id, side="left")
                 out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                responses += [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
+                return [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
+
+            for start in range(0, len(rows), batch_size):
+                responses += split_on_oom(generate_chunk, rows[start : start + batch_size])
     finally:
         inner.generation_config = model_config
         model.train(was_training)
     return _generation(tokenizer, rows, responses, stops)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU OOM, or a CPU allocation failure (which PyTorch raises as a RuntimeError)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def split_on_oom(
+    run: Callable[[list[list[int]]], list[list[int]]], rows: list[list[int]]
+) -> list[list[int]]:
+    """run(rows), or, if it runs out of memory, run on each half (recursively) and join.
+
+    A rollout at a batch that does not fit is not worth a crash hours into a run: it goes on
+    at half the batch, with a warning naming the setting to lower. One prompt that does not fit
+    is an error naming its length, the one thing splitting cannot fix.
+    """
+    try:
+        return run(rows)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        if len(rows) == 1:
+            raise TetherError(
+                f"generation ran out of memory on a single prompt of {len(rows[0])} tokens; "
+                "lower rollout.max_new_tokens or data.max_length"
+            ) from e
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(rows) // 2
+        tqdm.write(
+            f"warning: generating {len(rows)} rows ran out of memory; going on in halves of "
+            f"{half} (set rollout.generation_batch_size={half} to skip the failed attempt)"
+        )
+        return split_on_oom(run, rows[:half]) + split_on_oom(run, rows[half:])
 
 
 def _generation(
