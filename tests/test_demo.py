@@ -132,3 +132,17 @@ def test_demo_killed_mid_stage_resumes_to_the_same_artefacts(tiny_model_dir, tmp
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.count("done earlier") == 2
     assert json.loads((out / "summary.json").read_text()).keys() >= SUMMARY_KEYS
+
+
+def test_ctrl_c_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):
+    from test_sft import run_cli
+
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--model", str(tiny_model_dir), "--prompts", "8", "--out", str(out)]
+    stopped = run_cli([*args, "--steps", "2"], {"TETHER_INTERRUPT_AT": "after_step:1"}, False)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert f"tether demo --out {out} --resume" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    resumed = run_cli(["demo", "--out", str(out), "--resume"])
+    assert resumed.stdout.count("done earlier") == 2  # prompts and preferences
+    assert (out / "report.html").is_file()
