@@ -174,15 +174,18 @@ def stage_preferences(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     }
 
 
+def lora_overrides(s: DemoSettings) -> list[str]:
+    """RM and policy alike: LoRA r=16 on the reference model, which stays frozen beneath."""
+    lora = ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"]
+    return [f"model.name={s.model}", *lora]
+
+
 def rm_config(task: Task, s: DemoSettings, out: Path) -> RMConfig:
     return load_config(
         RMConfig,
         None,
         [
-            f"model.name={s.model}",
-            "model.lora.enabled=true",
-            "model.lora.r=16",
-            "model.lora.alpha=32",
+            *lora_overrides(s),
             f"data.train={out / 'preferences.jsonl'}",
             "data.eval_fraction=0.15",
             "data.max_length=160",
@@ -214,10 +217,7 @@ def ppo_config(task: Task, s: DemoSettings, out: Path) -> PPOConfig:
         PPOConfig,
         None,
         [
-            f"model.name={s.model}",
-            "model.lora.enabled=true",
-            "model.lora.r=16",
-            "model.lora.alpha=32",
+            *lora_overrides(s),
             f"data.train={out / 'prompts/train.jsonl'}",
             "data.max_length=96",
             f"reward.terms=[{{name: 'model:{out / 'rm/final'}', weight: 1.0}}]",

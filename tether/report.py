@@ -291,6 +291,21 @@ def _answer(sample: dict) -> str:
     return text
 
 
+def _twin(ax, color: str, label: str):
+    """A right-hand y axis in `color`, with no grid of its own."""
+    twin = ax.twinx()
+    twin.set_ylabel(label, color=color)
+    twin.grid(False)
+    twin.spines["right"].set_visible(True)
+    return twin
+
+
+def _legend(ax, twin, loc: str, fontsize: float | None = None) -> None:
+    """One legend for both axes of a twin plot."""
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc=loc, frameon=False, fontsize=fontsize)
+
+
 def _plot_scores(ppo: list[dict]) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.3))
@@ -300,13 +315,9 @@ def _plot_scores(ppo: list[dict]) -> str:
     ax.set_ylabel("RM score (normalised)", color=POLICY_COLOR)
     gold_steps, gold = _series(ppo, "gold/mean")
     if gold:
-        twin = ax.twinx()
+        twin = _twin(ax, GOLD_COLOR, "gold score")
         twin.plot(gold_steps, gold, color=GOLD_COLOR, marker="s", ms=3, label="gold score")
-        twin.set_ylabel("gold score", color=GOLD_COLOR)
-        twin.grid(False)
-        twin.spines["right"].set_visible(True)
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="lower right", frameon=False)
+        _legend(ax, twin, "lower right")
     ax.set_title("Reward-model score and gold score per step")
     return _embed(fig)
 
@@ -320,14 +331,10 @@ def _plot_kl(ppo: list[dict]) -> str:
     ax.set_ylabel("KL(π ‖ π_ref), nats", color=POLICY_COLOR)
     beta_steps, beta = _series(ppo, "kl/coef")
     if beta:
-        twin = ax.twinx()
+        twin = _twin(ax, REFERENCE_COLOR, "β (KL coefficient)")
         twin.plot(beta_steps, beta, color=REFERENCE_COLOR, ls="--", label="β")
-        twin.set_ylabel("β (KL coefficient)", color=REFERENCE_COLOR)
         twin.set_ylim(0, max(beta) * 1.3)
-        twin.grid(False)
-        twin.spines["right"].set_visible(True)
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="upper left", frameon=False)
+        _legend(ax, twin, "upper left")
     ax.set_title("KL to the reference policy, with β")
     return _embed(fig)
 
@@ -390,14 +397,10 @@ def _plot_length(ppo: list[dict], summary: dict) -> str:
     ax.set_ylim(bottom=0)
     eos_steps, eos = _series(ppo, "response/eos_frac")
     if eos:
-        twin = ax.twinx()
+        twin = _twin(ax, REFERENCE_COLOR, "share ended")
         twin.plot(eos_steps, eos, color=REFERENCE_COLOR, ls="--", label="ended before the limit")
         twin.set_ylim(0, 1.05)
-        twin.set_ylabel("share ended", color=REFERENCE_COLOR)
-        twin.grid(False)
-        twin.spines["right"].set_visible(True)
-        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="lower left", frameon=False)
+        _legend(ax, twin, "lower left")
     ax.set_title("Answer length per step")
     return _embed(fig)
 
@@ -419,7 +422,7 @@ def _plot_rm(rm: list[dict]) -> str:
     ax.plot(steps, _smooth(loss), color=REFERENCE_COLOR, lw=1.6, label="training loss (smoothed)")
     ax.set_xlabel("reward-model step")
     ax.set_ylabel("loss")
-    twin = ax.twinx()
+    twin = _twin(ax, "black", "accuracy")
     acc_steps, acc = _series(rm, "train/accuracy")
     twin.plot(
         acc_steps, _smooth(acc), color=BEST_OF_COLOR, lw=1.4, label="training accuracy (smoothed)"
@@ -432,14 +435,10 @@ def _plot_rm(rm: list[dict]) -> str:
         marker="*",
         ms=10,
         ls="none",
-        label="held-out accuracy",
+        label="held-out accuracy (before, after)",
     )
     twin.set_ylim(0, 1.05)
-    twin.set_ylabel("accuracy")
-    twin.grid(False)
-    twin.spines["right"].set_visible(True)
-    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="lower left", frameon=False, fontsize=8)
+    _legend(ax, twin, "lower left", fontsize=8)
     ax.set_title("Reward-model training")
     return _embed(fig)
 

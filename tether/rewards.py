@@ -93,6 +93,23 @@ def apply_missing_eos(
 # --------------------------------------------------------------------------- loading
 
 
+def import_target(target: str, what: str, error: type[TetherError] = TetherError):
+    """The module `package.module` or the file `path/to/file.py`, imported now: user code
+    runs only when a run names it. `what` names it in errors ("reward module")."""
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise error(f"{what} file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"tether_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise error(f"cannot import {what} '{target}': {e}") from e
+
+
 def load_function(spec: str) -> RewardFn:
     """`package.module:function` or `path/to/file.py:function`, imported only when named."""
     target, sep, name = spec.rpartition(":")
@@ -100,19 +117,7 @@ def load_function(spec: str) -> RewardFn:
         raise RewardError(
             f"reward function '{spec}' must look like module:function or file.py:function"
         )
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise RewardError(f"reward function file {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"tether_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise RewardError(f"cannot import reward module '{target}': {e}") from e
-    fn = getattr(module, name, None)
+    fn = getattr(import_target(target, "reward module", RewardError), name, None)
     if not callable(fn):
         raise RewardError(f"'{name}' in {target} is not a function")
     return fn

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tether.errors import TetherError
-from tether.rewards import load_function
+from tether.rewards import import_target, load_function
 
 
 @dataclass(frozen=True)
@@ -60,20 +60,8 @@ def get_task(name: str) -> Task:
 
 
 def _load_attr(spec: str):
-    import importlib
-    import importlib.util
-    from pathlib import Path
-
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise TetherError(f"--task {spec}: {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"tether_task_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
+    module = import_target(target, "task module")
     if not hasattr(module, attr):
         raise TetherError(f"--task {spec}: {target} has no attribute {attr!r}")
     return getattr(module, attr)

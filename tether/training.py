@@ -374,6 +374,14 @@ def run_steps(
     lengths = tuple(lengths) if lengths is not None else None  # hashable, for the cache
     bar = tqdm(total=last_step, initial=progress.step, desc=desc, unit="step")
     bad_in_a_row = 0
+
+    def save() -> None:  # metrics first: a checkpoint never claims steps the log lacks
+        logger.sync()
+        extra = extra_state() if extra_state else None
+        save_training_state(
+            run.checkpoints, model, optimizer, scheduler, progress, train.keep_last, extra
+        )
+
     while progress.step < last_step:
         started = time.perf_counter()
         indices = example_indices(
@@ -391,16 +399,7 @@ def run_steps(
             # started from (its RNG too), so the run resumes exactly here once it is fixed.
             restore_rng(rng_at_start)
             if progress.step and not (run.checkpoints / f"step-{progress.step}").exists():
-                logger.sync()
-                save_training_state(
-                    run.checkpoints,
-                    model,
-                    optimizer,
-                    scheduler,
-                    progress,
-                    train.keep_last,
-                    extra_state() if extra_state else None,
-                )
+                save()
             saved = f"state saved at step {progress.step}" if progress.step else "nothing to save"
             raise RewardError(f"{e} [{saved}; fix the reward, then --resume]") from e
         metrics["train/lr"] = scheduler.get_last_lr()[0]
@@ -438,16 +437,7 @@ def run_steps(
             {name: f"{metrics[key]:.4g}" for key, name in PROGRESS_KEYS.items() if key in metrics}
         )
         if is_due(progress.step, train.save_every, last_step):
-            logger.sync()
-            save_training_state(
-                run.checkpoints,
-                model,
-                optimizer,
-                scheduler,
-                progress,
-                train.keep_last,
-                extra_state() if extra_state else None,
-            )
+            save()
         faults.maybe_kill("after_step", progress.step)
     bar.close()
     logger.close()
