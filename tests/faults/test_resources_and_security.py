@@ -131,3 +131,33 @@ def test_reward_code_is_imported_only_when_a_run_builds_its_reward(
     assert not marker.exists()  # reading and validating the config imports nothing
     build_reward(cfg)
     assert marker.exists()
+
+
+def test_remote_model_code_runs_only_with_trust_remote_code(tmp_path):
+    """A model dir that ships its own Python (auto_map) is refused unless the user sets
+    model.trust_remote_code; its code never runs on the refused load."""
+    from tether.config import ModelConfig
+    from tether.models import load_causal_lm
+
+    marker = tmp_path / "ran"
+    model_dir = tmp_path / "remote-model"
+    model_dir.mkdir()
+    (model_dir / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    (model_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "configuration_evil.EvilConfig",
+                },
+            }
+        )
+    )
+    with pytest.raises(Exception, match="trust_remote_code"):
+        load_causal_lm(ModelConfig(name=str(model_dir)))
+    assert not marker.exists()
