@@ -41,6 +41,9 @@ h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.2rem; font-si
 .card .note { color: #64748b; font-size: .82rem; }
 .verdict { background: #fff7ed; border-left: 4px solid #c2410c; padding: .6rem .9rem; }
 .plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(480px, 1fr)); gap: 1rem; }
+.small-plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr));
+               gap: .6rem; }
+.small-plots img { width: 100%; height: auto; }
 figure { margin: 0; } figure img { width: 100%; height: auto; }
 figcaption { color: #475569; font-size: .85rem; }
 table { border-collapse: collapse; width: 100%; font-size: .88rem; }
@@ -446,23 +449,19 @@ def _plot_rm(rm: list[dict]) -> str:
 # --------------------------------------------------------------------------- any stage
 
 GROUP_ORDER = ("train", "eval", "reward", "gold", "kl", "policy", "value", "response", "rewards")
-SKIPPED_PREFIXES = ("time", "guard", "throughput", "lr", "tokens")
+SKIPPED_PREFIXES = ("time", "guard", "throughput", "tokens")
 
 
 def stage_page(run_dir: Path) -> str:
-    """Metrics by group (one panel per key prefix), the doctor's findings, latest samples."""
+    """One small plot per logged metric, the doctor's findings, the latest samples."""
     from tether.doctor import diagnose, read_run
 
     run = read_run(run_dir)
     records = run.metrics
     keys = sorted({k for r in records for k, v in r.items() if k != "step" and _number(v)})
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        prefix = key.split("/")[0] if "/" in key else "other"
-        if prefix not in SKIPPED_PREFIXES:
-            groups.setdefault(prefix, []).append(key)
-    ordered = sorted(groups, key=lambda g: (GROUP_ORDER.index(g) if g in GROUP_ORDER else 99, g))
-    figures = [_figure(_plot_group(records, g, groups[g]), f"{g}/* per step") for g in ordered]
+    shown = [k for k in keys if _worth_plotting(records, k)]
+    shown.sort(key=lambda k: (_group_rank(k), k))
+    figures = [_plot_metric(records, key) for key in shown]
     findings = diagnose(run) if any(k.startswith(("reward/", "kl/")) for k in keys) else []
     findings_html = _findings_html(findings) or (
         "<p>The doctor found nothing to flag.</p>" if findings == [] and run.samples else ""
@@ -493,7 +492,9 @@ def stage_page(run_dir: Path) -> str:
         f"<h1>{_esc(run_dir.name)}</h1><p class='sub'>run dir <code>{_esc(run_dir)}</code> · "
         f"{run.last_step} steps logged</p><div class='cards'>{cards}</div>"
         f"{'<h2>Doctor</h2>' + findings_html if findings_html else ''}"
-        f"<h2>Metrics</h2><div class='plots'>{''.join(figures)}</div>{samples_html}"
+        f"<h2>Metrics</h2><p>One panel per logged metric; long runs show the raw values faintly "
+        f"and a 5-step moving average.</p><div class='small-plots'>{''.join(figures)}</div>"
+        f"{samples_html}"
     )
     return _page(f"tether report: {run_dir.name}", body)
 
@@ -510,14 +511,29 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _plot_group(records: list[dict], group: str, keys: list[str]) -> str:
+def _group_rank(key: str) -> int:
+    group = key.split("/")[0] if "/" in key else "other"
+    return GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER)
+
+
+def _worth_plotting(records: list[dict], key: str) -> bool:
+    """Bookkeeping (timings, the epoch counter) is left out; guard counters only if they
+    ever moved off zero."""
+    if key in ("train/epoch",) or key.split("/")[0] in SKIPPED_PREFIXES:
+        return key.startswith("guard/") and any(_series(records, key)[1])
+    return True
+
+
+def _plot_metric(records: list[dict], key: str) -> str:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.0))
-    for key in keys[:8]:
-        steps, values = _series(records, key)
-        style = {"marker": "o", "ms": 3} if len(steps) < 30 else {"lw": 1.2}
-        ax.plot(steps, values, label=key.split("/", 1)[-1], **style)
+    fig, ax = plt.subplots(figsize=(3.6, 2.3))
+    steps, values = _series(records, key)
+    scheduled = key.endswith(("/lr", "/coef"))  # set, not measured: nothing to smooth
+    if len(steps) < 30 or scheduled:
+        ax.plot(steps, values, color=POLICY_COLOR, marker="o" if len(steps) < 30 else "", ms=3)
+    else:
+        ax.plot(steps, values, color=POLICY_COLOR, lw=0.8, alpha=0.35)
+        ax.plot(steps, _smooth(values), color=POLICY_COLOR, lw=1.5)
     ax.set_xlabel("step")
-    ax.set_title(group)
-    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(key)
     return _embed(fig)
