@@ -27,21 +27,6 @@ MAX_STEPS = {"sft": 8, "rm": 8, "dpo": 8, "ppo": 6, "grpo": 6}
 SAVE_EVERY = 2
 
 
-def rm_overrides(model_dir, data, *extra) -> list[str]:
-    train, held_out = data
-    return [
-        f"model.name={model_dir}",
-        f"data.train={train}",
-        f"data.eval={held_out}",
-        "optim.lr=3e-3",
-        "train.batch_size=16",
-        "train.eval_every=4",
-        "train.threads=1",
-        "train.precision=fp32",
-        *extra,
-    ]
-
-
 STAGES = {
     "sft": (SFTConfig, "tether.stages.sft:run_sft"),
     "rm": (RMConfig, "tether.stages.rm:run_rm"),
@@ -55,8 +40,8 @@ def overrides_for(stage, tiny_model_dir, memorisable_sft, marker_data, ppo_files
     common = [f"train.max_steps={MAX_STEPS[stage]}", f"train.save_every={SAVE_EVERY}"]
     if stage == "sft":
         return sft_overrides(tiny_model_dir, memorisable_sft, *common, "train.eval_every=4")
-    if stage == "rm":
-        return rm_overrides(tiny_model_dir, marker_data, *common)
+    if stage == "rm":  # the same pairs, model and batch as DPO
+        return dpo_overrides(tiny_model_dir, marker_data, *common, "train.eval_every=4")
     if stage == "dpo":
         return dpo_overrides(tiny_model_dir, marker_data, *common, "train.eval_every=4")
     extra = [*common, "rollout.samples_every=1", "reward.normalize=true"]
