@@ -97,8 +97,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def sample(model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, seed: int, desc: str):
-    """n samples per prompt (grouped: a prompt's n answers are consecutive), at T = 1."""
+def sample_answers(
+    model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, seed: int, desc: str
+) -> tuple[list[str], list[bool], list[list[int]], list[list[int]]]:
+    """n answers per prompt at T = 1 (a prompt's n answers are consecutive): texts, ended,
+    prompt ids, response ids. Chunks of 64 rows, seeded per chunk, behind a progress bar."""
     rows = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)]
     texts, ended, response_ids, prompt_ids = [], [], [], []
     chunk = 64
@@ -144,7 +147,7 @@ def stage_preferences(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).eval()
     k, tau = s.responses_per_prompt, _tau(task, s)
-    texts, *_ = sample(
+    texts, *_ = sample_answers(
         model, tokenizer, prompts, k, _max_new(task, s), s.seed, desc="sampling π_ref"
     )
     gold = torch.tensor(gold_function(task)([p for p in prompts for _ in range(k)], texts))
@@ -269,10 +272,10 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     policy_dir = out / "ppo/final"
     policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False).eval()
     max_new = _max_new(task, s)
-    ref_texts, ref_ended, *_ = sample(
+    ref_texts, ref_ended, *_ = sample_answers(
         reference, tokenizer, prompts, s.best_of, max_new, s.seed + 1, "held-out π_ref"
     )
-    pol_texts, pol_ended, pol_prompt_ids, pol_response_ids = sample(
+    pol_texts, pol_ended, pol_prompt_ids, pol_response_ids = sample_answers(
         policy, tokenizer, prompts, s.policy_samples, max_new, s.seed + 2, "held-out policy"
     )
     kl = policy_kl(policy, reference, tokenizer, pol_prompt_ids, pol_response_ids)
