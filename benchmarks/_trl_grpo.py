@@ -1,4 +1,5 @@
-"""TRL's GRPOTrainer on tether's prompt file; run by grpo_vs_trl.py inside benchmarks/.venv-trl."""
+"""TRL's GRPOTrainer or RLOOTrainer on tether's prompt file; run by grpo_vs_trl.py inside
+benchmarks/.venv-trl."""
 
 import argparse
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _exclaim_reward import exclaim_trl
@@ -19,7 +20,9 @@ for flag in ("--steps", "--prompts-per-step", "--group-size", "--max-new-tokens"
     parser.add_argument(flag, type=int, required=True)
 parser.add_argument("--lr", type=float, required=True)
 parser.add_argument("--beta", type=float, required=True)
+parser.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
 args = parser.parse_args()
+Config, Trainer = (GRPOConfig, GRPOTrainer) if args.algo == "grpo" else (RLOOConfig, RLOOTrainer)
 
 rows = []
 for line in open(args.prompts):
@@ -30,7 +33,7 @@ for line in open(args.prompts):
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 tokenizer.pad_token = "<|endoftext|>"
 model = AutoModelForCausalLM.from_pretrained(args.model)
-config = GRPOConfig(
+config = Config(
     output_dir=args.out,
     per_device_train_batch_size=args.prompts_per_step * args.group_size,  # completions
     num_generations=args.group_size,
@@ -48,7 +51,7 @@ config = GRPOConfig(
     logging_steps=1,
     use_cpu=True,
 )
-trainer = GRPOTrainer(
+trainer = Trainer(
     model=model,
     reward_funcs=exclaim_trl,
     args=config,

@@ -1,12 +1,13 @@
-"""GRPO: tether vs TRL's GRPOTrainer on the same prompts, reward function, group size and
-generation length, in one run; samples (completions) per second.
+"""GRPO or RLOO: tether vs TRL's GRPOTrainer / RLOOTrainer on the same prompts, reward
+function, group size and generation length, in one run; samples (completions) per second.
 
-    .venv/bin/python benchmarks/grpo_vs_trl.py [--steps 10]
+    .venv/bin/python benchmarks/grpo_vs_trl.py [--algo grpo|rloo] [--steps 10]
 
 SmolLM2-135M-Instruct, full fine-tuning, bf16, the prompts of examples/data/ppo-prompts.jsonl,
 the rule reward of benchmarks/_exclaim_reward.py (1 for an answer ending in '!'), group size
 4, 64 new tokens at temperature 1 with no top-k/top-p, one optimizer step per generation
-batch, KL coefficient 0.04 as a loss term (so both sides run a reference model). samples/s
+batch, KL coefficient 0.04 (GRPO: a loss term; RLOO: in the reward; both sides run a
+reference model). samples/s
 counts whole iterations (generation, scoring, reference and training): tether's sum of
 `time/step_s`, TRL's `train_runtime`.
 """
@@ -31,8 +32,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--beta", type=float, default=0.04)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench-grpo")
+    parser.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
+    parser.add_argument("--work", type=Path)
     args = parser.parse_args()
+    args.work = args.work or ROOT / f"runs/bench-{args.algo}"
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = ROOT / "examples/data/ppo-prompts.jsonl"
     reward = ROOT / "benchmarks/_exclaim_reward.py"
@@ -56,7 +59,11 @@ def main() -> None:
         "ppo.ppo_epochs": 1,
         "train.save_every": 0,
     }
-    command = [str(ROOT / ".venv/bin/tether"), "grpo", "--model", model_dir, "--data", str(prompts)]
+    stage = "grpo"
+    if args.algo == "rloo":  # `tether ppo` with the critic-free leave-one-out baseline
+        stage, sets["algo"] = "ppo", "rloo"
+        sets["ppo.num_minibatches"] = 1
+    command = [str(ROOT / ".venv/bin/tether"), stage, "--model", model_dir, "--data", str(prompts)]
     command += ["--out", str(tether_out), "--max-steps", str(args.steps)]
     command += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     wall, rss = timed(command)
@@ -74,7 +81,7 @@ def main() -> None:
     command += ["--prompts", str(prompts), "--out", str(trl_out), "--steps", str(args.steps)]
     command += ["--prompts-per-step", str(args.prompts_per_step)]
     command += ["--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens)]
-    command += ["--lr", str(args.lr), "--beta", str(args.beta)]
+    command += ["--lr", str(args.lr), "--beta", str(args.beta), "--algo", args.algo]
     wall, rss = timed(command)
     trl_metrics = json.loads((trl_out / "train_metrics.json").read_text())
     results["trl"] = {
