@@ -108,13 +108,10 @@ def _figure(img: str, caption: str) -> str:
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            steps.append(int(r["step"]))
-            values.append(float(v))
-    return steps, values
+    """The finite logged (step, value) pairs of `key`, read as the doctor reads them."""
+    from tether.doctor import Run
+
+    return Run(records).series(key)
 
 
 def _esc(text: Any) -> str:
@@ -211,7 +208,7 @@ def demo_page(run_dir: Path) -> str:
             "its KL is the analytic log n − (n−1)/n. Higher at the same KL is better.",
         ),
         _figure(
-            _plot_length(ppo, summary),
+            _plot_length(ppo),
             "Mean answer length per PPO step (tokens), and the share of answers that ended "
             "before the token limit.",
         ),
@@ -390,7 +387,7 @@ def _plot_overoptimisation(ppo: list[dict], summary: dict) -> str:
     return _embed(fig)
 
 
-def _plot_length(ppo: list[dict], summary: dict) -> str:
+def _plot_length(ppo: list[dict]) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.3))
     steps, length = _series(ppo, "response/length_mean")

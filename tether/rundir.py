@@ -210,9 +210,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [json.dumps(r) for r in read_jsonl(path) if r["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

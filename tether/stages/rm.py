@@ -23,6 +23,7 @@ from tether.data import (
     LoadReport,
     PreferencePair,
     RankedResponses,
+    expand_rankings,
     load_preference_splits,
 )
 from tether.losses import (
@@ -140,12 +141,12 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
     held-out items are always pairs.
     """
     splits = load_preference_splits(cfg.data, cfg.train.seed)
-    _, held_out_pairs = splits.pairs(cfg.reward.listwise_pairs)
+    adjacent = cfg.reward.listwise_pairs == "adjacent"
+    held_out_pairs = expand_rankings(splits.held_out, adjacent)
     max_len = cfg.data.max_length
     if cfg.reward.listwise_loss == "plackett_luce":  # whole rankings, not their pairs
         train = tokenize_rankings(splits.train, tokenizer, max_len, splits.report)
     else:
-        adjacent = cfg.reward.listwise_pairs == "adjacent"
         train = []
         for record in splits.train:
             if isinstance(record, PreferencePair):
