@@ -11,13 +11,20 @@ A checkpoint is built in a temp dir, every file fsynced, then renamed into place
 leaves either the old set or the new one, never half a checkpoint under a real name. A
 checkpoint whose files do not match its manifest (a torn copy, a bad disk) is skipped with a
 warning and the previous one is used.
+
+Inside a torchrun job the trainable tensors and the optimizer go through
+torch.distributed.checkpoint instead (`.metadata` + one `__R_0.distcp` per rank, in place of
+model.safetensors and the optimizer part of state.pt): each rank writes its own shard, and a
+later run of any number of ranks, or a plain process, reads back the tensors it owns.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -53,6 +60,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _publish(tmp: Path, final: Path, checkpoints_dir: Path, files: list[str]) -> None:
+    """fsync `files`, write the manifest last, rename `tmp` to `final`."""
+    for name in files:
+        _fsync_path(tmp / name)
+    manifest = {
+        name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        for name in files
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _fsync_path(tmp / "manifest.json")
+    _fsync_path(tmp)
+    if final.exists():  # a re-run of the same step after resume
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_path(checkpoints_dir)
+
+
 def save_checkpoint(
     checkpoints_dir: Path,
     step: int,
@@ -72,20 +96,7 @@ def save_checkpoint(
         torch.save(state, tmp / "state.pt")
         faults.maybe_kill("during_save", step)
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        files = ["model.safetensors", "state.pt", "meta.json"]
-        for name in files:
-            _fsync_path(tmp / name)
-        manifest = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-            for name in files
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _fsync_path(tmp / "manifest.json")
-        _fsync_path(tmp)
-        if final.exists():  # a re-run of the same step after resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_path(checkpoints_dir)
+        _publish(tmp, final, checkpoints_dir, ["model.safetensors", "state.pt", "meta.json"])
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -144,3 +155,124 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     state = torch.load(path / "state.pt", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())
     return tensors, state, meta
+
+
+# ----------------------------------------------------------------- torchrun jobs (DCP)
+
+DCP_METADATA = ".metadata"
+
+
+def is_sharded(path: Path) -> bool:
+    """Written by a torchrun job (torch.distributed.checkpoint) rather than one process."""
+    return (path / DCP_METADATA).is_file()
+
+
+def save_sharded_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """`save_checkpoint` for a torchrun job; every rank calls it, rank 0 publishes.
+
+    Every rank writes its shard of the trainable tensors and optimizer state into one temp
+    dir (shared by the ranks: on several nodes, a shared file system); rank 0 then adds
+    `state` (the same on every rank, plus each rank's RNG), meta and the manifest, and renames.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from tether import distributed
+
+    final = checkpoints_dir / f"step-{step}"
+    tmp = checkpoints_dir / f".tmp-step-{step}"
+    main = distributed.world().is_main
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+        rngs = distributed.gather(state.pop("rng"))
+        if main:
+            torch.save({**state, "rng_per_rank": rngs}, tmp / "state.pt")
+            faults.maybe_kill("during_save", step)
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
+            files = sorted(p.name for p in tmp.iterdir())
+            _publish(tmp, final, checkpoints_dir, files)
+            for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {e.strerror or e}; earlier checkpoints kept"
+        ) from e
+    distributed.barrier()
+    return final
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle; this reads it with only DCP's own record classes, torch
+    dtypes and sizes, and paths allowed, so a tampered checkpoint cannot run code."""
+
+    ALLOWED_MODULES = (
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.filesystem",
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module in self.ALLOWED_MODULES and isinstance(found, type):
+            return found
+        if module == "torch" and (name == "Size" or isinstance(found, torch.dtype)):
+            return found
+        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}:
+            return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
+
+
+def check_sharded_metadata(path: Path) -> None:
+    try:
+        _MetadataUnpickler(io.BytesIO((path / DCP_METADATA).read_bytes())).load()
+    except Exception as e:  # any failure means: do not unpickle it for real
+        raise CheckpointError(f"{path / DCP_METADATA} cannot be loaded safely: {e}") from e
+
+
+def load_sharded_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a DCP checkpoint's tensors into `model` and `optimizer`, whatever the number of
+    ranks that wrote it and that read it (a plain process too); returns (state, meta)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    from tether import distributed
+
+    check_sharded_metadata(path)
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=options,
+    )
+    state = torch.load(path / "state.pt", weights_only=True)
+    rngs = state.pop("rng_per_rank")
+    w = distributed.world()
+    state["rng"] = rngs[w.rank] if len(rngs) == w.size else rngs[0]
+    meta = json.loads((path / "meta.json").read_text())
+    return state, meta

@@ -169,6 +169,12 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2 fully_shard:
+    # parameters, gradients and optimizer state sharded over the ranks). Ignored in a plain
+    # process. train.batch_size stays the global batch; each rank runs its share.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # FSDP only: keep the sharded parameters and optimizer state in CPU memory.
+    fsdp_cpu_offload: bool = False
 
     def validate(self) -> None:
         self.model.validate()
@@ -206,6 +212,12 @@ class RMConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2 fully_shard:
+    # parameters, gradients and optimizer state sharded over the ranks). Ignored in a plain
+    # process. train.batch_size stays the global batch; each rank runs its share.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # FSDP only: keep the sharded parameters and optimizer state in CPU memory.
+    fsdp_cpu_offload: bool = False
     reward: RewardLossConfig = field(default_factory=RewardLossConfig)
 
     def validate(self) -> None:
@@ -407,6 +419,12 @@ class PPOConfig:
     # `epochs` pass over the prompts); save/log every N iterations.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(save_every=10))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2 fully_shard:
+    # parameters, gradients and optimizer state sharded over the ranks). Ignored in a plain
+    # process. train.batch_size stays the global batch; each rank runs its share.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # FSDP only: keep the sharded parameters and optimizer state in CPU memory.
+    fsdp_cpu_offload: bool = False
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardSpecConfig = field(default_factory=RewardSpecConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
@@ -475,6 +493,12 @@ class DPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2 fully_shard:
+    # parameters, gradients and optimizer state sharded over the ranks). Ignored in a plain
+    # process. train.batch_size stays the global batch; each rank runs its share.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # FSDP only: keep the sharded parameters and optimizer state in CPU memory.
+    fsdp_cpu_offload: bool = False
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
 
     def validate(self) -> None:

@@ -167,6 +167,19 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class NullLogger:
+    """The logger of every rank but the first in a torchrun job: one job, one log."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()

@@ -17,8 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tether import faults
-from tether.checkpoint import load_checkpoint, save_checkpoint
+from tether import distributed, faults
+from tether.checkpoint import (
+    is_sharded,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from tether.config import OptimConfig, TrainConfig
 from tether.errors import TetherError
 from tether.models import (
@@ -28,14 +34,16 @@ from tether.models import (
     trainable_state_dict,
 )
 from tether.rewards import RewardError
-from tether.rundir import MetricsLogger, RunDir
+from tether.rundir import MetricsLogger, NullLogger, RunDir
 
 
 def set_threads(threads: int) -> None:
+    """`threads`, or the cores available shared among the processes of this node."""
     available = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
-    torch.set_num_threads(threads or available)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, available // processes))
 
 
 def use_bf16(precision: str) -> bool:
@@ -200,22 +208,32 @@ def save_training_state(
     keep_last: int,
     extra: dict[str, Any] | None = None,
 ):
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        "extra": extra or {},
-    }
+    state = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "extra": extra or {}}
     meta = {"cursor": progress.cursor, "skipped": progress.skipped}
+    if distributed.is_distributed():
+        meta["world_size"] = distributed.world().size
+        return save_sharded_checkpoint(
+            checkpoints_dir, progress.step, model, optimizer, state, meta, keep_last
+        )
+    state["optimizer"] = optimizer.state_dict()
     return save_checkpoint(
         checkpoints_dir, progress.step, trainable_state_dict(model), state, meta, keep_last
     )
 
 
 def restore_training_state(path, model, optimizer, scheduler) -> tuple[Progress, dict[str, Any]]:
-    tensors, state, meta = load_checkpoint(path)
-    load_trainable_state_dict(model, tensors)
-    optimizer.load_state_dict(state["optimizer"])
+    """From a checkpoint of either kind: one process's, or a torchrun job's of any size."""
+    if is_sharded(path):
+        state, meta = load_sharded_checkpoint(path, model, optimizer)
+    else:
+        if any(hasattr(p, "full_tensor") for p in model.parameters()):
+            raise distributed.DistributedError(
+                f"{path} was written by a single process; resume it with parallel: ddp "
+                "(FSDP resumes checkpoints written under torchrun)"
+            )
+        tensors, state, meta = load_checkpoint(path)
+        load_trainable_state_dict(model, tensors)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(state["rng"])
     progress = Progress(meta["step"], meta["cursor"], meta.get("skipped", 0))
@@ -255,17 +273,24 @@ class RunStart:
     resume_from: Any
     bf16: bool
     tokenizer: Any
+    world: distributed.World
 
 
 def begin_run(cfg: Any, out, resume: bool) -> RunStart:
     """Lock and check the run dir, set threads and seeds, load the tokenizer: the first lines
-    of every stage, before its data is validated and its model loaded."""
+    of every stage, before its data is validated and its model loaded.
+
+    In a torchrun job rank 0 locks and prepares the run dir and the others follow its
+    decision (which checkpoint to resume from); a refusal on rank 0 ends the job.
+    """
+    world = distributed.init_from_env()
     run = RunDir(out)
-    resume_from = run.prepare(cfg, resume)
+    resume_from = run.prepare(cfg, resume) if world.is_main else None
+    resume_from = distributed.broadcast(resume_from)
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    return RunStart(run, resume_from, use_bf16(cfg.train.precision), tokenizer)
+    return RunStart(run, resume_from, use_bf16(cfg.train.precision), tokenizer, world)
 
 
 @dataclass
@@ -276,7 +301,7 @@ class Optimization:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     progress: Progress
-    logger: MetricsLogger
+    logger: MetricsLogger | NullLogger
     extra: dict[str, Any]
 
 
@@ -299,8 +324,20 @@ def start_optimization(
     # Without a checkpoint the run starts over, so even a step-0 record (the baseline eval)
     # of a run killed before its first save is dropped: it is about to be logged again.
     keep_through = progress.step if resume_from is not None else -1
-    logger = MetricsLogger(run, keep_through, log.tensorboard, log.wandb, log.wandb_project, cfg)
+    logger: MetricsLogger | NullLogger = NullLogger()
+    if distributed.world().is_main:  # one log per job
+        logger = MetricsLogger(
+            run, keep_through, log.tensorboard, log.wandb, log.wandb_project, cfg
+        )
     return Optimization(optimizer, scheduler, progress, logger, extra)
+
+
+def save_final(parallel: distributed.Parallel, save: Callable[[torch.nn.Module], None]) -> None:
+    """Rank 0 writes `final/` from whole weights (under FSDP every rank gathers them first)."""
+    with parallel.full_weights() as model:
+        if distributed.world().is_main:
+            save(model)
+    distributed.barrier()
 
 
 StepFn = Callable[[list[int]], tuple[dict[str, float], int]]
@@ -357,7 +394,10 @@ def run_steps(
     """The optimizer-step loop every offline stage shares.
 
     `step_fn(indices)` runs forward and backward over the examples of one optimizer step
-    (its own micro-batching) and returns (metrics, tokens processed); this loop draws the
+    (its own micro-batching) and returns (metrics, tokens processed). In a torchrun job
+    `indices` are the whole step's, the same on every rank: step_fn runs its rank's share
+    (`distributed.shard`), normalises losses by the step's global count and returns the
+    job's metrics; the tokens it returns are its own, summed here. This loop draws the
     indices, clips, steps, logs, evaluates, checkpoints and reports progress. `lengths` (token
     count per example) turns on length-grouped steps when `data.group_by_length` is set.
 
@@ -372,7 +412,13 @@ def run_steps(
     if eval_fn is not None and progress.step == 0:  # the baseline later evals are read against
         logger.log(0, eval_fn())
     lengths = tuple(lengths) if lengths is not None else None  # hashable, for the cache
-    bar = tqdm(total=last_step, initial=progress.step, desc=desc, unit="step")
+    bar = tqdm(
+        total=last_step,
+        initial=progress.step,
+        desc=desc,
+        unit="step",
+        disable=not distributed.world().is_main,
+    )
     bad_in_a_row = 0
 
     def save() -> None:  # metrics first: a checkpoint never claims steps the log lacks
@@ -426,6 +472,7 @@ def run_steps(
         progress.cursor += len(indices)
         metrics["train/epoch"] = progress.cursor / num_examples
         metrics["time/step_s"] = time.perf_counter() - started
+        tokens = float(distributed.all_sum(tokens))  # the job's, not this rank's
         metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
         evaluated = eval_fn is not None and is_due(progress.step, train.eval_every, last_step)
         if evaluated:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.config import SFTConfig
 from tether.data import (
     DataError,
@@ -24,7 +25,7 @@ from tether.data import (
 )
 from tether.losses import sft_loss
 from tether.models import load_causal_lm, save_pretrained_model
-from tether.training import autocast, begin_run, fit, start_optimization
+from tether.training import autocast, begin_run, fit, save_final, start_optimization
 
 
 def tokenize_all(examples, tokenizer, max_length: int, report) -> list[TokenizedSFT]:
@@ -63,16 +64,25 @@ def micro_batch_loss(model, batch: dict[str, torch.Tensor], num_tokens: int, bf1
 
 
 @torch.no_grad()
-def evaluate(model, data: list[TokenizedSFT], batch_size: int, pad_id: int, bf16: bool) -> float:
-    """Token-mean NLL over the whole held-out set."""
+def evaluate(
+    parallel: distributed.Parallel,
+    data: list[TokenizedSFT],
+    batch_size: int,
+    pad_id: int,
+    bf16: bool,
+) -> float:
+    """Token-mean NLL over the whole held-out set; each rank scores its share."""
+    model = parallel.model
     model.eval()
     total_tokens = sum(x.num_target_tokens for x in data)
+    # The filler has no target token: it adds 0 to the sum.
+    mine, _ = distributed.eval_share(data, TokenizedSFT(data[0].input_ids[:1], [-100]))
     loss = 0.0
-    for start in range(0, len(data), batch_size):
-        batch = collate_sft(data[start : start + batch_size], pad_id)
-        loss += micro_batch_loss(model, batch, total_tokens, bf16)[0].item()
+    for start in range(0, len(mine), batch_size):
+        batch = collate_sft(mine[start : start + batch_size], pad_id)
+        loss += parallel(micro_batch_loss, batch, total_tokens, bf16)[0].item()
     model.train()
-    return loss
+    return float(distributed.all_sum(loss))
 
 
 def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
@@ -80,26 +90,28 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
     begun = begin_run(cfg, out, resume)
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     train, held_out = prepare_data(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     model = load_causal_lm(cfg.model, tokenizer)
     model.train()
+    parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
 
-    pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
-
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
-        examples = [train[i] for i in indices]
-        num_tokens = sum(x.num_target_tokens for x in examples)
+        num_tokens = sum(train[i].num_target_tokens for i in indices)  # the whole step's
+        examples = [train[i] for i in distributed.shard(indices)]
         step_loss, seen_tokens = 0.0, 0
         for start in range(0, len(examples), per_micro):
             batch = collate_sft(examples[start : start + per_micro], pad_id)
-            loss, _ = micro_batch_loss(model, batch, num_tokens, bf16)
-            loss.backward()
+            loss, _ = parallel(micro_batch_loss, batch, num_tokens, bf16)
+            (loss * parallel.loss_scale).backward()
             step_loss += loss.item()
             seen_tokens += int(batch["attention_mask"].sum())
-        return {"train/loss": step_loss, "train/target_tokens": num_tokens}, seen_tokens
+        metrics = distributed.sum_metrics({"train/loss": step_loss})
+        return {**metrics, "train/target_tokens": num_tokens}, seen_tokens
 
     def eval_fn() -> dict[str, float]:
-        return {"eval/loss": evaluate(model, held_out, per_micro, pad_id, bf16)}
+        return {"eval/loss": evaluate(parallel, held_out, per_micro, pad_id, bf16)}
 
     fit(
         desc="sft",
@@ -112,6 +124,6 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
         eval_fn=eval_fn if held_out else None,
         lengths=[len(x.input_ids) for x in train],
     )
-    save_pretrained_model(model, tokenizer, run.final)
+    save_final(parallel, lambda m: save_pretrained_model(m, tokenizer, run.final))
     run.unlock()
     return run.final

@@ -1,0 +1,125 @@
+"""Every training stage under torchrun: 2 CPU processes (gloo) against one plain process.
+
+With the same global batch and seed, a 2-rank run must log the same losses and end with the
+same weights as the single process, within float32 summation noise (each rank sums half the
+batch, and the gradients are added in another order): losses to 1e-5 relative, weights to
+2e-5 absolute. A 2-rank checkpoint (torch.distributed.checkpoint) must resume in a plain
+process and end where the uninterrupted single process ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_dpo import dpo_overrides
+from test_ppo import ppo_overrides
+from test_sft import run_cli, sft_overrides
+
+from tether.rundir import read_jsonl, read_metrics
+
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 2e-5
+
+
+def torchrun(nproc: int, args: list[str], env_extra: dict | None = None, check: bool = True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "tether",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-4000:])
+    return proc
+
+
+def stage_args(stage: str, out: Path, sets: list[str]) -> list[str]:
+    return [stage, "--out", str(out)] + [a for s in sets for a in ("--set", s)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_same_run(single: Path, multi: Path, loss_keys: list[str]) -> None:
+    a, b = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    checked = 0
+    for ra, rb in zip(a, b, strict=True):
+        for key in loss_keys:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=LOSS_RTOL, abs=1e-7), (ra["step"], key)
+                checked += 1
+    assert checked >= sum(r["step"] > 0 for r in a)  # every training step compared
+    wa, wb = final_weights(single), final_weights(multi)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= WEIGHT_ATOL, worst
+    moved = max((wa[k] - w0).abs().max().item() for k, w0 in first_weights(single).items())
+    assert moved > 100 * WEIGHT_ATOL  # training moved the weights far more than the tolerance
+
+
+def first_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights the run started from: its config's model dir."""
+    model_dir = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name"]
+    return load_file(Path(model_dir) / "model.safetensors")
+
+
+def test_sft_two_ranks_match_one_process(tiny_model_dir, memorisable_sft, tmp_path):
+    sets = sft_overrides(
+        tiny_model_dir,
+        memorisable_sft,
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.grad_accum=2",
+        "train.precision=fp32",
+    )
+    run_cli(stage_args("sft", tmp_path / "one", sets))
+    torchrun(2, stage_args("sft", tmp_path / "two", sets))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ["train/loss", "eval/loss"])
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(tiny_model_dir, memorisable_sft, tmp_path):
+    """Killed at step 2 of a 2-rank job, resumed by a plain process: ends like one process."""
+    sets = sft_overrides(
+        tiny_model_dir,
+        memorisable_sft,
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.precision=fp32",
+    )
+    run_cli(stage_args("sft", tmp_path / "one", sets))
+    killed = tmp_path / "killed"
+    proc = torchrun(2, stage_args("sft", killed, sets), {"TETHER_KILL_AT": "after_step:3"}, False)
+    assert proc.returncode != 0 and not (killed / "final").exists()
+    assert (killed / "checkpoints/step-2/.metadata").is_file()  # a sharded checkpoint
+    resumed = run_cli(["sft", "--out", str(killed), "--resume"])
+    assert "resumed from" in resumed.stdout and "step-2 (step 2)" in resumed.stdout
+    assert_same_run(tmp_path / "one", killed, ["train/loss"])
+
+
+def test_fsdp_two_ranks_match_one_process(tiny_model_dir, memorisable_sft, tmp_path):
+    sets = sft_overrides(
+        tiny_model_dir, memorisable_sft, "train.max_steps=3", "train.precision=fp32"
+    )
+    run_cli(stage_args("sft", tmp_path / "one", sets))
+    torchrun(2, stage_args("sft", tmp_path / "two", [*sets, "parallel=fsdp"]))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ["train/loss"])

@@ -1,0 +1,283 @@
+"""Several processes, one run: PyTorch's own engine (torch.distributed, DDP, FSDP2), and the
+few collectives the stages need.
+
+Under `torchrun` every process runs the same stage code. The data of a step is the same on
+every rank (a seeded order over the same files); each rank takes its contiguous share of it,
+runs forward and backward on that share, and the wrapper (DDP, or FSDP2's `fully_shard`)
+reduces the gradients. Losses are normalised by the *global* count of the step (tokens,
+pair weights), so the reduced gradient equals one process's gradient over the whole step.
+
+Outside torchrun every function here is the identity or a no-op: one process runs exactly
+the single-process code path, with nothing to configure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tether.errors import TetherError
+
+T = TypeVar("T")
+
+
+class DistributedError(TetherError, RuntimeError):
+    """The job's geometry does not fit the config (a batch that does not split evenly)."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env() -> World:
+    """Join the torchrun job this process was started in; a plain process is a world of one.
+
+    gloo on CPU, NCCL where CUDA is present. Progress bars are turned off on every rank but
+    the first, so a job prints one of each.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+        if dist.get_rank() != 0:
+            os.environ["TQDM_DISABLE"] = "1"
+    return world()
+
+
+def world() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def is_distributed() -> bool:
+    """True inside a torchrun job (even of one process): checkpoints then go through
+    torch.distributed.checkpoint, so they can be resumed on another number of ranks."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def per_rank(count: int, what: str) -> int:
+    """`count` (a global batch: the config's number) split over the ranks; it must divide."""
+    size = world().size
+    if count % size:
+        raise DistributedError(
+            f"{what} = {count} does not split evenly over {size} ranks; use a multiple of {size}"
+        )
+    return count // size
+
+
+def shard(items: Sequence[T], what: str = "train.batch_size") -> list[T]:
+    """This rank's contiguous share of a step's items; every rank gets the same number.
+
+    Contiguous, so whole groups of consecutive items (GRPO's k samples per prompt) stay on one
+    rank when the group count divides evenly.
+    """
+    n = per_rank(len(items), what)
+    rank = world().rank
+    return list(items[rank * n : (rank + 1) * n])
+
+
+def eval_share(items: Sequence[T], filler: T) -> tuple[list[T], int]:
+    """This rank's contiguous share of an evaluation set, and how many of it are real.
+
+    The share is padded with `filler` to ⌈n / ranks⌉ items, so every rank runs the same number
+    of batches: under FSDP every forward is a collective, and a rank with one batch fewer would
+    leave the others waiting. `gather_real` puts the real results back in item order.
+    """
+    w = world()
+    per_rank = -(-len(items) // w.size)
+    start = min(len(items), w.rank * per_rank)
+    mine = list(items[start : start + per_rank])
+    return mine + [filler] * (per_rank - len(mine)), len(mine)
+
+
+def gather_real(results: torch.Tensor, real: int) -> torch.Tensor:
+    """Every rank's results for its `real` items (rows of `results`), in item order."""
+    return torch.cat(gather(results[:real]))
+
+
+def all_sum(value: float | torch.Tensor) -> torch.Tensor:
+    """Σ over ranks (a float64 copy: sums of token counts and losses stay exact enough)."""
+    tensor = torch.as_tensor(value, dtype=torch.float64).clone()
+    if is_distributed() and world().size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sum_metrics(metrics: dict[str, float], keep: Sequence[str] = ()) -> dict[str, float]:
+    """Each rank's shares of global means, summed across ranks; `keep` keys are already the
+    same on every rank (a gradient norm after the reduction) and are left as they are."""
+    keys = sorted(k for k in metrics if k not in keep)
+    if not keys or not (is_distributed() and world().size > 1):
+        return dict(metrics)
+    summed = all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+    return {**metrics, **{k: float(v) for k, v in zip(keys, summed.tolist(), strict=True)}}
+
+
+def gather(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (Python objects: texts, small CPU tensors)."""
+    if not (is_distributed() and world().size > 1):
+        return [obj]
+    out: list[Any] = [None] * world().size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
+    """Concatenate every rank's [B_r, L_r, ...] tensor along rows, padding dim 1 to the widest
+    (responses end at different lengths on different ranks)."""
+    parts = gather(tensor)
+    if tensor.dim() < 2:
+        return torch.cat(parts)
+    width = max(p.shape[1] for p in parts)
+    padded = [
+        torch.nn.functional.pad(
+            p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]), value=pad_value
+        )
+        for p in parts
+    ]
+    return torch.cat(padded)
+
+
+def rows_of_rank(total_rows: int) -> slice:
+    """The rows of a gathered tensor that came from this rank."""
+    w = world()
+    per_rank = total_rows // w.size
+    return slice(w.rank * per_rank, (w.rank + 1) * per_rank)
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's `obj` on every rank."""
+    if not (is_distributed() and world().size > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed() and world().size > 1:
+        dist.barrier()
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the others once it has finished (writes a cache or a run
+    dir the others then read); an error on rank 0 stops the job before the others start."""
+    if world().is_main:
+        result = fn()
+        barrier()
+        return result
+    barrier()
+    return fn()
+
+
+class Forward(nn.Module):
+    """Runs `fn(model, *args)` as this module's forward.
+
+    DDP reduces gradients only for computation that goes through the wrapper's `forward`, and
+    FSDP2 gathers the root's parameters only there; the stages call their models through
+    helpers (`sequence_scores`, `forward_responses`, a backbone's hidden states), so the
+    wrapper's forward is "call this helper on the model" instead of the model's own forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(self.model, *args, **kwargs)
+
+
+class Parallel:
+    """A model ready to train under the job's engine: `parallel(fn, *args)` calls
+    `fn(model, *args)` through DDP or FSDP2 (or directly, in a plain process).
+
+    `loss_scale` undoes DDP's and FSDP's mean over ranks: the stages normalise each rank's loss
+    by the step's global count already, so the reduced gradient must be the sum.
+    """
+
+    def __init__(
+        self, model: nn.Module, mode: str = "ddp", bf16: bool = False, cpu_offload: bool = False
+    ) -> None:
+        self.model = model
+        self.mode = mode if is_distributed() else "none"
+        self.loss_scale = float(world().size)
+        if self.mode == "none":
+            self._call: Callable[..., Any] = lambda fn, *a, **k: fn(model, *a, **k)
+        elif self.mode == "ddp":
+            if not any(p.requires_grad for p in model.parameters()):
+                raise DistributedError("parallel: ddp needs at least one trainable parameter")
+            self._call = nn.parallel.DistributedDataParallel(
+                Forward(model),
+                device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
+                broadcast_buffers=False,  # no trained buffers; and eval passes stay local
+            )
+        elif self.mode == "fsdp":
+            self._call = shard_fully(model, bf16, cpu_offload)
+        else:
+            raise DistributedError(f"parallel: {mode!r} is not one of ddp, fsdp")
+
+    def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self._call(fn, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[nn.Module]:
+        """The model with every parameter whole on this rank, for work outside the wrapper
+        (the rollout engine's weight export, `save_pretrained`). A no-op but under FSDP, where
+        each sharded parameter is swapped for its all-gathered copy (every rank must enter
+        together) and swapped back on exit. Tied weights stay tied: one copy per parameter."""
+        if self.mode != "fsdp":
+            yield self.model
+            return
+        whole: dict[int, nn.Parameter] = {}
+        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+        for module in self.model.modules():  # the same order on every rank
+            for name, param in list(module._parameters.items()):
+                if param is None or not hasattr(param, "full_tensor"):
+                    continue
+                if id(param) not in whole:
+                    whole[id(param)] = nn.Parameter(
+                        param.detach().full_tensor(), requires_grad=param.requires_grad
+                    )
+                swapped.append((module, name, param))
+                module._parameters[name] = whole[id(param)]
+        try:
+            yield self.model
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
+
+
+def shard_fully(model: nn.Module, bf16: bool, cpu_offload: bool) -> nn.Module:
+    """FSDP2: every transformer block, then the root, sharded over all ranks. With bf16 the
+    blocks compute in bf16 over float32 shards and reduce gradients in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device, (world().size,))
+    options: dict[str, Any] = {"mesh": mesh}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for module in model.modules():
+        if module.__class__.__name__.endswith(("DecoderLayer", "Block")):
+            fully_shard(module, **options)
+    return fully_shard(Forward(model), **options)
