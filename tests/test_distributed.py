@@ -2,8 +2,9 @@
 
 With the same global batch and seed, a 2-rank run must log the same losses and end with the
 same weights as the single process, within float32 summation noise (each rank sums half the
-batch, and the gradients are added in another order): losses to 1e-5 relative, weights to
-2e-5 absolute. A 2-rank checkpoint (torch.distributed.checkpoint) must resume in a plain
+batch, and the gradients are added in another order): logged losses to 1e-5 relative, and
+each final weight tensor within 1e-3 of the distance training moved it (Adam divides by
+√v, so a coordinate whose gradient is near 0 turns summation noise into a step of ~lr). A 2-rank checkpoint (torch.distributed.checkpoint) must resume in a plain
 process and end where the uninterrupted single process ends.
 """
 
@@ -19,13 +20,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_dpo import dpo_overrides
-from test_ppo import ppo_overrides
 from test_sft import run_cli, sft_overrides
 
-from tether.rundir import read_jsonl, read_metrics
+from tether.rundir import read_metrics
 
 LOSS_RTOL = 1e-5
-WEIGHT_ATOL = 2e-5
+UPDATE_RTOL = 1e-3
 
 
 def torchrun(nproc: int, args: list[str], env_extra: dict | None = None, check: bool = True):
@@ -69,12 +69,15 @@ def assert_same_run(single: Path, multi: Path, loss_keys: list[str]) -> None:
                 assert rb[key] == pytest.approx(ra[key], rel=LOSS_RTOL, abs=1e-7), (ra["step"], key)
                 checked += 1
     assert checked >= sum(r["step"] > 0 for r in a)  # every training step compared
-    wa, wb = final_weights(single), final_weights(multi)
+    wa, wb, w0 = final_weights(single), final_weights(multi), first_weights(single)
     assert wa.keys() == wb.keys()
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst <= WEIGHT_ATOL, worst
-    moved = max((wa[k] - w0).abs().max().item() for k, w0 in first_weights(single).items())
-    assert moved > 100 * WEIGHT_ATOL  # training moved the weights far more than the tolerance
+    trained = 0
+    for name in w0.keys() & wa.keys():
+        update = (wa[name] - w0[name]).norm()
+        if update > 0:  # weights training moved (not a frozen base under LoRA)
+            assert (wb[name] - wa[name]).norm() <= UPDATE_RTOL * update, name
+            trained += 1
+    assert trained
 
 
 def first_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -123,3 +126,16 @@ def test_fsdp_two_ranks_match_one_process(tiny_model_dir, memorisable_sft, tmp_p
     run_cli(stage_args("sft", tmp_path / "one", sets))
     torchrun(2, stage_args("sft", tmp_path / "two", [*sets, "parallel=fsdp"]))
     assert_same_run(tmp_path / "one", tmp_path / "two", ["train/loss"])
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_preference_stages_two_ranks_match_one_process(
+    stage, tiny_model_dir, marker_data, tmp_path
+):
+    sets = dpo_overrides(
+        tiny_model_dir, marker_data, "train.max_steps=4", "train.eval_every=2", "train.grad_accum=2"
+    )
+    run_cli(stage_args(stage, tmp_path / "one", sets))
+    torchrun(2, stage_args(stage, tmp_path / "two", sets))
+    keys = ["train/loss", "eval/loss", "eval/accuracy", "eval/dpo/loss", "eval/rewards/accuracy"]
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys)

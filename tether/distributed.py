@@ -231,6 +231,17 @@ class Parallel:
         else:
             raise DistributedError(f"parallel: {mode!r} is not one of ddp, fsdp")
 
+    @classmethod
+    def of(cls, model: nn.Module | Parallel) -> Parallel:
+        """`model` as is when already wrapped; a bare module is called directly (no wrapper),
+        for callers outside a stage's training loop (evaluation tools, benchmarks)."""
+        if isinstance(model, Parallel):
+            return model
+        plain = cls.__new__(cls)
+        plain.model, plain.mode, plain.loss_scale = model, "none", 1.0
+        plain._call = lambda fn, *a, **k: fn(model, *a, **k)
+        return plain
+
     def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self._call(fn, *args, **kwargs)
 

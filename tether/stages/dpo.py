@@ -17,13 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.config import DPOConfig, ModelConfig
 from tether.data import DataError, LoadReport, PreferencePair, load_preference_splits
 from tether.losses import dpo_loss
 from tether.models import load_causal_lm, save_pretrained_model
 from tether.ops import sequence_logprobs
 from tether.rollout import build_batch, encode_answer, encode_prompt, sequence_logprobs_of
-from tether.training import autocast, begin_run, fit, start_optimization
+from tether.training import autocast, begin_run, fit, save_final, start_optimization
 
 REFERENCE_CACHE = "reference_logps.safetensors"
 
@@ -70,22 +71,33 @@ def pair_logps(model, pairs: list[TokenizedPreference], pad_id: int, bf16: bool)
 
 @torch.no_grad()
 def all_pair_logps(
-    model, pairs: list[TokenizedPreference], batch_size: int, pad_id: int, bf16: bool, desc: str
+    model: torch.nn.Module | distributed.Parallel,
+    pairs: list[TokenizedPreference],
+    batch_size: int,
+    pad_id: int,
+    bf16: bool,
+    desc: str,
 ) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
+    """[N, 2] log-probs of every pair, in eval mode; in a torchrun job each rank computes its
+    share and every rank gets all N."""
+    if not pairs:
+        return torch.zeros(0, 2)
+    parallel = distributed.Parallel.of(model)
+    was_training = parallel.model.training
+    parallel.model.eval()
+    mine, real = distributed.eval_share(pairs, pairs[0])
     out = [
-        pair_logps(model, pairs[i : i + batch_size], pad_id, bf16)
-        for i in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", leave=False)
+        parallel(pair_logps, mine[i : i + batch_size], pad_id, bf16)
+        for i in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", leave=False)
     ]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    parallel.model.train(was_training)
+    return distributed.gather_real(torch.cat(out), real)
 
 
 def reference_logps(
     cfg: DPOConfig,
     path: Path,
-    policy,
+    policy: distributed.Parallel,
     splits: dict[str, list[TokenizedPreference]],
     tokenizer,
     bf16: bool,
@@ -94,24 +106,27 @@ def reference_logps(
 
     Computed before any training step, from `cfg.reference` or else from the policy's initial
     weights, and written atomically; a cache whose shapes do not match the data is redone.
+    In a torchrun job every rank computes its share and rank 0 writes the cache.
     """
     if path.is_file():
         cached = load_file(path)
         if all(k in cached and cached[k].shape == (len(v), 2) for k, v in splits.items()):
             return cached
         tqdm.write(f"warning: {path} does not match the data; recomputing reference log-probs")
-    model = policy
+    model: torch.nn.Module | distributed.Parallel = policy
     if cfg.reference:
         ref_cfg = ModelConfig(name=cfg.reference, trust_remote_code=cfg.model.trust_remote_code)
         model = load_causal_lm(ref_cfg, tokenizer, dropout=False)
-    pad, size = tokenizer.pad_token_id, cfg.train.batch_size
+    pad, size = tokenizer.pad_token_id, distributed.per_rank(cfg.train.batch_size, "batch_size")
     logps = {
         k: all_pair_logps(model, v, size, pad, bf16, desc=f"reference log-probs ({k})")
         for k, v in splits.items()
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(logps, str(tmp))
-    os.replace(tmp, path)
+    if distributed.world().is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(logps, str(tmp))
+        os.replace(tmp, path)
+    distributed.barrier()
     return logps
 
 
@@ -151,18 +166,20 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
     tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
     if not train:
         raise DataError(f"{cfg.data.train}: no usable preference pairs")
+    per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)
     model.train()
+    parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     ref = reference_logps(
         cfg,
         run.path / REFERENCE_CACHE,
-        model,
+        parallel,
         {"train": train, "held_out": held_out},
         tokenizer,
         bf16,
     )
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
-    pad_id, per_micro, loss_cfg = tokenizer.pad_token_id, cfg.train.batch_size, cfg.dpo
+    pad_id, loss_cfg = tokenizer.pad_token_id, cfg.dpo
 
     def losses_of(logps: torch.Tensor, ref_logps: torch.Tensor):
         return dpo_loss(
@@ -176,26 +193,29 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         )
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
-        total_weight = sum(train[i].weight for i in indices)
+        total_weight = sum(train[i].weight for i in indices)  # the whole step's
+        mine = distributed.shard(indices)
         sums: dict[str, float] = {}
         tokens = 0
-        for start in range(0, len(indices), per_micro):
-            micro_idx = indices[start : start + per_micro]
+        for start in range(0, len(mine), per_micro):
+            micro_idx = mine[start : start + per_micro]
             micro = [train[i] for i in micro_idx]
             weights = torch.tensor([p.weight for p in micro])
-            logps = pair_logps(model, micro, pad_id, bf16)
+            logps = parallel(pair_logps, micro, pad_id, bf16)
             losses, chosen_r, rejected_r = losses_of(logps, ref["train"][micro_idx])
             share = float(weights.sum()) / total_weight  # exact under accumulation
-            ((losses * weights).sum() / weights.sum() * share).backward()
+            loss = (losses * weights).sum() / weights.sum() * share
+            (loss * parallel.loss_scale).backward()
             for key, value in dpo_metrics(losses, chosen_r, rejected_r, logps, weights).items():
                 sums[key] = sums.get(key, 0.0) + value * share
             tokens += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in micro)
+        sums = distributed.sum_metrics(sums)
         sums["train/loss"] = sums["dpo/loss"]
         return sums, tokens
 
     def eval_fn() -> dict[str, float]:
         # The batching of the reference pass: identical padding, so step 0 is exactly ln 2.
-        logps = all_pair_logps(model, held_out, per_micro, pad_id, bf16, desc="eval")
+        logps = all_pair_logps(parallel, held_out, per_micro, pad_id, bf16, desc="eval")
         losses, chosen_r, rejected_r = losses_of(logps, ref["held_out"])
         weights = torch.tensor([p.weight for p in held_out])
         metrics = dpo_metrics(losses, chosen_r, rejected_r, logps, weights)
@@ -212,6 +232,6 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         eval_fn=eval_fn if held_out else None,
         lengths=[len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train],
     )
-    save_pretrained_model(model, tokenizer, run.final)
+    save_final(parallel, lambda m: save_pretrained_model(m, tokenizer, run.final))
     run.unlock()
     return run.final

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.config import RewardLossConfig, RMConfig
 from tether.data import (
     DataError,
@@ -42,7 +43,7 @@ from tether.reward_model import (
     save_reward_model,
     sequence_scores,
 )
-from tether.training import autocast, begin_run, fit, start_optimization
+from tether.training import autocast, begin_run, fit, save_final, start_optimization
 
 
 @dataclass(frozen=True)
@@ -214,22 +215,33 @@ def pair_loss(
 
 @torch.no_grad()
 def score_rows(
-    model, rows: list[list[int]], batch_size: int, pad_id: int, bf16: bool
+    model: torch.nn.Module | distributed.Parallel,
+    rows: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    bf16: bool,
 ) -> torch.Tensor:
-    """[N] raw scores of tokenised prompt+response rows, in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(rows), batch_size):
-        ids, mask = pad_rows(rows[start : start + batch_size], pad_id)
+    """[N] raw scores of tokenised prompt+response rows, in eval mode; in a torchrun job each
+    rank scores its share and every rank gets all N."""
+    parallel = distributed.Parallel.of(model)
+    was_training = parallel.model.training
+    parallel.model.eval()
+    mine, real = distributed.eval_share(rows, rows[0])
+    out = [torch.zeros(0)]
+    for start in range(0, len(mine), batch_size):
+        ids, mask = pad_rows(mine[start : start + batch_size], pad_id)
         with autocast(bf16):
-            out.append(sequence_scores(model, ids, mask))
-    model.train(was_training)
-    return torch.cat(out)
+            out.append(parallel(sequence_scores, ids, mask))
+    parallel.model.train(was_training)
+    return distributed.gather_real(torch.cat(out), real)
 
 
 def score_all(
-    model, pairs: list[TokenizedPair], batch_size: int, pad_id: int, bf16: bool
+    model: torch.nn.Module | distributed.Parallel,
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    pad_id: int,
+    bf16: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[P] chosen and [P] rejected scores; each batch holds chosen and rejected rows alike."""
     rows = [r for p in pairs for r in p.rows]  # chosen, rejected, chosen, ...
@@ -249,32 +261,36 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     begun = begin_run(cfg, out, resume)
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     train, held_out = prepare_data(cfg, tokenizer)
+    per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     model = load_reward_backbone(cfg.model, tokenizer, cfg.train.seed)
     model.train()
+    parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
-    pad_id, per_micro = tokenizer.pad_token_id, cfg.train.batch_size
+    pad_id = tokenizer.pad_token_id
 
     micro_loss = ranking_loss if cfg.reward.listwise_loss == "plackett_luce" else pair_loss
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
-        items = [train[i] for i in indices]
-        total_weight = sum(x.weight for x in items)
+        total_weight = sum(train[i].weight for i in indices)  # the whole step's
+        items = [train[i] for i in distributed.shard(indices)]
         sums: dict[str, float] = {}
         tokens = 0
         for start in range(0, len(items), per_micro):
             micro = items[start : start + per_micro]
-            loss, metrics = micro_loss(micro, model, pad_id, bf16, cfg.reward)
+            loss, metrics = parallel(
+                lambda m, micro=micro: micro_loss(micro, m, pad_id, bf16, cfg.reward)
+            )
             share = sum(x.weight for x in micro) / total_weight  # exact under accumulation
-            (loss * share).backward()
+            (loss * share * parallel.loss_scale).backward()
             for key, value in {"loss": loss, **metrics}.items():
                 sums[f"train/{key}"] = sums.get(f"train/{key}", 0.0) + float(value.detach()) * share
             tokens += sum(len(r) for x in micro for r in x.rows)
-        return sums, tokens
+        return distributed.sum_metrics(sums), tokens
 
     latest_eval: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def eval_fn() -> dict[str, float]:
-        chosen, rejected = score_all(model, held_out, per_micro * 2, pad_id, bf16)
+        chosen, rejected = score_all(parallel, held_out, per_micro * 2, pad_id, bf16)
         latest_eval[:] = [(chosen, rejected)]
         return {f"eval/{k}": v for k, v in pair_metrics(held_out, chosen, rejected).items()}
 
@@ -296,12 +312,12 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
             scores = torch.cat(latest_eval[0])
         else:  # no held-out set: the responses of the first training items
             rows = [r for x in (held_out or train[:256]) for r in x.rows]
-            scores = score_rows(model, rows, per_micro * 2, pad_id, bf16)
+            scores = score_rows(parallel, rows, per_micro * 2, pad_id, bf16)
         mean, std = scores.mean().item(), max(scores.std(unbiased=False).item(), 1e-6)
         tqdm.write(
             f"score normalisation over {scores.numel()} reference responses: "
             f"mean {mean:.4f}, std {std:.4f}"
         )
-    save_reward_model(model, tokenizer, run.final, mean, std)
+    save_final(parallel, lambda m: save_reward_model(m, tokenizer, run.final, mean, std))
     run.unlock()
     return run.final
