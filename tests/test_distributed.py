@@ -2,10 +2,13 @@
 
 With the same global batch and seed, a 2-rank run must log the same losses and end with the
 same weights as the single process, within float32 summation noise (each rank sums half the
-batch, and the gradients are added in another order): logged losses to 1e-5 relative, and
-each final weight tensor within 1e-3 of the distance training moved it (Adam divides by
-√v, so a coordinate whose gradient is near 0 turns summation noise into a step of ~lr). A 2-rank checkpoint (torch.distributed.checkpoint) must resume in a plain
-process and end where the uninterrupted single process ends.
+batch, and the gradients are added in another order):
+- logged losses and statistics to 1e-4 relative (1e-5 absolute for values near 0, such as
+  a KL at the start);
+- each final weight tensor within 1e-3 of the distance training moved it (Adam divides by
+  √v, so a coordinate whose gradient is near 0 turns summation noise into a step of ~lr).
+A 2-rank checkpoint (torch.distributed.checkpoint) must resume in a plain process and end
+where the uninterrupted single process ends.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_dpo import dpo_overrides
+from test_ppo import ppo_overrides
 from test_sft import run_cli, sft_overrides
 
-from tether.rundir import read_metrics
+from tether.rundir import read_jsonl, read_metrics
 
-LOSS_RTOL = 1e-5
+LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
 UPDATE_RTOL = 1e-3
 
 
@@ -66,7 +70,10 @@ def assert_same_run(single: Path, multi: Path, loss_keys: list[str]) -> None:
     for ra, rb in zip(a, b, strict=True):
         for key in loss_keys:
             if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=LOSS_RTOL, abs=1e-7), (ra["step"], key)
+                assert rb[key] == pytest.approx(ra[key], rel=LOSS_RTOL, abs=LOSS_ATOL), (
+                    ra["step"],
+                    key,
+                )
                 checked += 1
     assert checked >= sum(r["step"] > 0 for r in a)  # every training step compared
     wa, wb, w0 = final_weights(single), final_weights(multi), first_weights(single)
@@ -138,4 +145,29 @@ def test_preference_stages_two_ranks_match_one_process(
     run_cli(stage_args(stage, tmp_path / "one", sets))
     torchrun(2, stage_args(stage, tmp_path / "two", sets))
     keys = ["train/loss", "eval/loss", "eval/accuracy", "eval/dpo/loss", "eval/rewards/accuracy"]
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "ppo+lora+fsdp"])
+def test_online_rl_two_ranks_match_one_process(algo, tiny_model_dir, ppo_files, tmp_path):
+    """Each rank samples, scores and runs its forward passes on its own prompts; the score
+    normalisation, GAE, advantage whitening (PPO) and group baselines (GRPO) are over the
+    job's batch. Samples are seeded per row, so both runs draw the same answers. With LoRA
+    under FSDP the reference is the sharded backbone with its adapters off."""
+    extra = ["train.max_steps=3", "ppo.num_minibatches=1", "reward.normalize=true"]
+    extra += ["rollout.samples_every=1"]
+    if algo == "grpo":
+        extra += ["algo=grpo", "rollout.samples_per_prompt=2"]
+    if "lora" in algo:
+        extra += ["model.lora.enabled=true", "model.lora.r=4"]
+    sets = ppo_overrides(tiny_model_dir, ppo_files, *extra)
+    run_cli(stage_args("ppo", tmp_path / "one", sets))
+    parallel = ["parallel=fsdp"] if "fsdp" in algo else []
+    torchrun(2, stage_args("ppo", tmp_path / "two", sets + parallel))
+    one, two = (
+        read_jsonl(tmp_path / "one/samples.jsonl"),
+        read_jsonl(tmp_path / "two/samples.jsonl"),
+    )
+    assert [s["response"] for s in one] == [s["response"] for s in two]
+    keys = ["train/loss", "policy/loss", "kl/mean", "reward/score_mean", "policy/entropy"]
     assert_same_run(tmp_path / "one", tmp_path / "two", keys)

@@ -15,6 +15,7 @@ embedding with its scaling rules, RMSNorm epsilon, activation), and covers the L
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -211,9 +212,11 @@ def sample(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next tokens [B] from last-position logits [B, V]: greedy at temperature 0, else
-    softmax(logits / T) restricted to the top-k and then the top-p mass, renormalised."""
+    softmax(logits / T) restricted to the top-k and then the top-p mass, renormalised.
+    `uniforms` [B] in [0, 1) are the rows' draws when given (else drawn from `generator`)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -229,7 +232,9 @@ def sample(
     # distribution as torch.multinomial, which draws an exponential per vocabulary entry
     # (3M of them at batch 64) and was a quarter of a decode step.
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand((logits.shape[0], 1), generator=generator) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0], generator=generator)
+    u = uniforms[:, None] * cdf[:, -1:]
     # right=True: a draw of exactly 0 must not land on a leading zero-probability token.
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
@@ -246,9 +251,14 @@ def decode(
     top_p: float,
     top_k: int,
     generator: torch.Generator | None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Response token ids per prompt row (through the first stop token, if any); with no
-    stop tokens every row runs to max_new_tokens."""
+    stop tokens every row runs to max_new_tokens.
+
+    With `row_seeds`, row i draws its tokens from its own generator seeded with row_seeds[i]:
+    its sample is then the same whatever batch (or torchrun rank) it is decoded in.
+    """
     batch = len(prompt_rows)
     ids, prompt_mask = pad_rows(prompt_rows, pad_id, "left")
     width = ids.shape[1]
@@ -262,9 +272,18 @@ def decode(
     finished = torch.zeros(batch, dtype=torch.bool)  # per active row: has emitted a stop
     out: list[list[int]] = [[] for _ in range(batch)]
     stop_ids = torch.tensor(stops or [-1])
+    row_draws = None
+    if row_seeds is not None:
+        row_draws = torch.stack(
+            [
+                torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s))
+                for s in row_seeds
+            ]
+        )
     for step in range(max_new_tokens):
         logits = F.linear(hidden, w.lm_head)
-        tokens = sample(logits, temperature, top_p, top_k, generator)
+        uniforms = None if row_draws is None else row_draws[rows, step]
+        tokens = sample(logits, temperature, top_p, top_k, generator, uniforms)
         for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist(), strict=True):
             if not done:
                 out[row].append(token)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,8 @@ from tether.errors import TetherError
 from tether.models import bf16_available
 from tether.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
 from tether.reward_model import hf_model
+
+R = TypeVar("R")  # a prompt row, or its index
 
 
 @dataclass
@@ -60,6 +63,7 @@ def generate(
     batch_size: int = 0,
     engine: str = "auto",
     dtype: torch.dtype | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> Generation:
     """Sample one response per prompt (strings, message lists or token-id lists).
 
@@ -71,6 +75,9 @@ def generate(
     engine "auto" decodes Llama-family models with tether's KV-cache engine (tether.engine)
     and others with Hugging Face `generate`; "hf" always uses `generate`. `dtype` is the
     engine's compute dtype (default: bf16 where the CPU/GPU has it, else float32).
+
+    `row_seeds` (one per prompt; engine only) gives each row its own generator, so a row's
+    sample does not depend on the batch, the chunking or the torchrun rank it falls in.
     """
     from transformers import GenerationConfig
 
@@ -84,10 +91,10 @@ def generate(
         weights = tether_engine.Weights(model, dtype)  # once for every chunk of the batch
         generator = None if seed is None else torch.Generator().manual_seed(seed)
 
-        def decode_chunk(chunk: list[list[int]]) -> list[list[int]]:
+        def decode_chunk(chunk: list[int]) -> list[list[int]]:  # indices into rows
             return tether_engine.decode(
                 weights,
-                chunk,
+                [rows[i] for i in chunk],
                 tokenizer.pad_token_id,
                 stops,
                 max_new_tokens=max_new_tokens,
@@ -95,10 +102,12 @@ def generate(
                 top_p=top_p,
                 top_k=top_k,
                 generator=generator,
+                row_seeds=None if row_seeds is None else [row_seeds[i] for i in chunk],
             )
 
         for start in range(0, len(rows), batch_size):
-            responses += split_on_oom(decode_chunk, rows[start : start + batch_size])
+            chunk = list(range(start, min(start + batch_size, len(rows))))
+            responses += split_on_oom(decode_chunk, chunk, lambda i: len(rows[i]))
         return _generation(tokenizer, rows, responses, stops)
     inner = hf_model(model)
     was_training = model.training
@@ -143,7 +152,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def split_on_oom(
-    run: Callable[[list[list[int]]], list[list[int]]], rows: list[list[int]]
+    run: Callable[[list[R]], list[list[int]]],
+    rows: list[R],
+    prompt_length: Callable[[R], int] = len,
 ) -> list[list[int]]:
     """run(rows), or, if it runs out of memory, run on each half (recursively) and join.
 
@@ -158,7 +169,8 @@ def split_on_oom(
             raise
         if len(rows) == 1:
             raise TetherError(
-                f"generation ran out of memory on a single prompt of {len(rows[0])} tokens; "
+                f"generation ran out of memory on a single prompt of {prompt_length(rows[0])} "
+                "tokens; "
                 "lower rollout.max_new_tokens or data.max_length"
             ) from e
         if torch.cuda.is_available():
@@ -168,7 +180,9 @@ def split_on_oom(
             f"warning: generating {len(rows)} rows ran out of memory; going on in halves of "
             f"{half} (set rollout.generation_batch_size={half} to skip the failed attempt)"
         )
-        return split_on_oom(run, rows[:half]) + split_on_oom(run, rows[half:])
+        return split_on_oom(run, rows[:half], prompt_length) + split_on_oom(
+            run, rows[half:], prompt_length
+        )
 
 
 def _generation(

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether.actor_critic import ActorCritic, load_actor_critic
 from tether.advantages import (
     MovingAverageBaseline,
@@ -62,6 +63,7 @@ from tether.training import (
     begin_run,
     clip_and_step,
     fit,
+    save_final,
     start_optimization,
     total_steps,
 )
@@ -156,9 +158,25 @@ def build_reward(cfg: PPOConfig) -> tuple[CombinedReward, RewardTerm | None]:
     return CombinedReward(terms), gold
 
 
+def row_seed(seed: int, step: int, row: int) -> int:
+    """The sampling seed of one rollout row: a function of the run's seed, the step and the
+    row's place in the job's whole batch, so a row samples the same on any rank, in any
+    batch, and after a resume. Hashed: torch's Mersenne Twister seeded with an arithmetic
+    progression of seeds (row r at steps 1, 2, 3...) gives correlated streams; with plain
+    `(seed, step, row)` arithmetic a β = 0 PPO test run's KL grew a third slower over 9 seeds
+    than with the global RNG, and matches it once hashed."""
+    x = (seed * 1_000_003 + step) * 1_000_033 + row
+    for _ in range(2):  # SplitMix64's finaliser: nearby (seed, step, row) share no bits
+        x = (x + 0x9E3779B97F4A7C15) % 2**64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        x ^= x >> 31
+    return x % 2**63
+
+
 @torch.no_grad()
 def collect_rollout(
-    ac: ActorCritic,
+    parallel: distributed.Parallel,
     reference: torch.nn.Module | None,
     tokenizer,
     messages: list[list[Message]],
@@ -170,15 +188,21 @@ def collect_rollout(
     baseline: MovingAverageBaseline,
     cfg: PPOConfig,
     bf16: bool,
+    row_seeds: list[int] | None = None,
 ) -> tuple[Rollout, dict[str, float], list[dict]]:
     """Steps 1-4 of the iteration: sample, score, log-probs, values, rewards, advantages.
 
-    `messages`/`rows` hold each prompt k times in a row, so groups are consecutive.
+    `messages`/`rows` hold each prompt k times in a row, so groups are consecutive. In a
+    torchrun job they are this rank's share: it samples, scores and runs its forward passes
+    on its own rows, then every rank gathers the job's scores, log-probs and values and
+    computes the same normalisation, KL, advantages (whitening, GRPO groups, baselines) and
+    statistics over the whole batch, keeping its own rows' advantages for the update.
     """
+    ac: ActorCritic = parallel.model
     ro_cfg, ppo, algo = cfg.rollout, cfg.ppo, algo_settings(cfg)
-    with autocast(bf16):
+    with parallel.full_weights() as whole, autocast(bf16):
         gen = generate(
-            ac.policy,
+            whole.policy,
             tokenizer,
             rows,
             max_new_tokens=ro_cfg.max_new_tokens,
@@ -186,6 +210,7 @@ def collect_rollout(
             batch_size=ro_cfg.generation_batch_size,
             engine=ro_cfg.engine,
             dtype=torch.bfloat16 if bf16 else torch.float32,
+            row_seeds=row_seeds,
         )
     batch = build_batch(gen.prompt_ids, gen.response_ids, tokenizer.pad_token_id)
     reward_prompts = [prompt_for_reward(m) for m in messages]
@@ -197,25 +222,16 @@ def collect_rollout(
     scores = apply_missing_eos(
         torch.tensor(raw), ended, ro_cfg.missing_eos, ro_cfg.missing_eos_penalty
     )
-    trained_scores = scores
-    if cfg.reward.normalize:
-        moments.update(scores)
-        # Floored: a first batch of equal scores has std 0, and 0/0 would poison the run.
-        trained_scores = (scores - moments.mean) / max(moments.std, 1e-6)
-    if cfg.reward.clip:
-        trained_scores = trained_scores.clamp(-cfg.reward.clip, cfg.reward.clip)
 
-    mask = batch.response_mask
     logprobs, values, entropy, ref_logprobs = [], [], [], []
     ac.eval()
     micro = len(rows) // ppo.num_minibatches // cfg.train.grad_accum
-    for start in range(0, mask.shape[0], micro):
+    for start in range(0, batch.ids.shape[0], micro):
         sub = batch.rows(slice(start, start + micro))
         with autocast(bf16):
-            lp, v, ent = ac.forward_responses(sub, ro_cfg.temperature, with_entropy=True)
+            lp, v, ent = parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True)
             if reference is None:
-                with ac.as_reference() as ref_model:
-                    ref = sequence_logprobs_of(ref_model, sub, ro_cfg.temperature)
+                ref = parallel(reference_logprobs, sub, ro_cfg.temperature)
             else:
                 ref = sequence_logprobs_of(reference, sub, ro_cfg.temperature)
         logprobs.append(lp)
@@ -223,8 +239,24 @@ def collect_rollout(
         entropy.append(ent)
         ref_logprobs.append(ref)
     ac.train()
-    logprobs, values = torch.cat(logprobs), torch.cat(values)
-    entropy, ref_logprobs = torch.cat(entropy), torch.cat(ref_logprobs)
+
+    # From here on: the job's whole batch, the same on every rank.
+    local_width = batch.response_mask.shape[1]
+    mask = distributed.gather_rows(batch.response_mask)
+    logprobs, values = (
+        distributed.gather_rows(torch.cat(logprobs)),
+        distributed.gather_rows(torch.cat(values)),
+    )
+    entropy = distributed.gather_rows(torch.cat(entropy))
+    ref_logprobs = distributed.gather_rows(torch.cat(ref_logprobs))
+    scores, ended = distributed.gather_rows(scores), distributed.gather_rows(ended)
+    trained_scores = scores
+    if cfg.reward.normalize:
+        moments.update(scores)
+        # Floored: a first batch of equal scores has std 0, and 0/0 would poison the run.
+        trained_scores = (scores - moments.mean) / max(moments.std, 1e-6)
+    if cfg.reward.clip:
+        trained_scores = trained_scores.clamp(-cfg.reward.clip, cfg.reward.clip)
 
     kl = torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, algo.kl_estimator), 0.0)
     penalty_coef = kl_coef if algo.kl_placement == "reward" else 0.0
@@ -261,6 +293,7 @@ def collect_rollout(
         groups = trained_scores.view(-1, cfg.rollout.samples_per_prompt)
         flat = groups.amax(dim=1) == groups.amin(dim=1)
         stats["reward/flat_group_frac"] = flat.float().mean().item()
+    mine = distributed.rows_of_rank(mask.shape[0])
     samples = [
         {
             "prompt": p if isinstance(p, str) else p[-1]["content"],
@@ -270,19 +303,46 @@ def collect_rollout(
             "ended": e,
         }
         for p, text, s, k, e in zip(
-            reward_prompts, gen.texts, scores.tolist(), seq_kl.tolist(), gen.ended, strict=True
+            reward_prompts,
+            gen.texts,
+            scores[mine].tolist(),
+            seq_kl[mine].tolist(),
+            gen.ended,
+            strict=True,
         )
     ]
     if gold_values is not None:
-        stats["gold/mean"] = sum(gold_values) / len(gold_values)
         for sample, g in zip(samples, gold_values, strict=True):
             sample["gold"] = g
-    rollout = Rollout(batch, gen, scores, logprobs, ref_logprobs, values, kl, advantages, returns)
+        every_gold = [g for part in distributed.gather(gold_values) for g in part]
+        stats["gold/mean"] = sum(every_gold) / len(every_gold)
+    samples = [s for part in distributed.gather(samples) for s in part]  # the job's, in order
+
+    def own(t: torch.Tensor) -> torch.Tensor:  # this rank's rows, at its own width
+        return t[mine, :local_width]
+
+    rollout = Rollout(
+        batch,
+        gen,
+        scores[mine],
+        own(logprobs),
+        own(ref_logprobs),
+        own(values),
+        own(kl),
+        own(advantages),
+        own(returns),
+    )
     return rollout, stats, samples
 
 
+def reference_logprobs(ac: ActorCritic, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+    """π_ref's token log-probs: the LoRA policy with its adapters disabled."""
+    with ac.as_reference() as ref_model:
+        return sequence_logprobs_of(ref_model, batch, temperature)
+
+
 def ppo_update(
-    ac: ActorCritic,
+    parallel: distributed.Parallel,
     opt: Optimization,
     ro: Rollout,
     cfg: PPOConfig,
@@ -295,6 +355,12 @@ def ppo_update(
     Each minibatch's loss is a token mean over the whole minibatch, split into grad_accum
     micro-batches weighted by their token share, so accumulation changes nothing but memory.
     Shuffles come from a generator seeded by (seed, step): a resumed run shuffles the same.
+
+    In a torchrun job each rank updates on its own rows: its minibatch is its share of the
+    job's (the token mean is over the job's minibatch), and the wrapper sums the gradients.
+    Every rank shuffles its rows with the same permutation, so with one minibatch per epoch
+    the job takes exactly one process's steps; with several, the job's minibatches are
+    another (equally random) partition of the batch than one process would draw.
     """
     ppo, algo, rows = cfg.ppo, algo_settings(cfg), ro.batch.ids.shape[0]
     minibatch = rows // ppo.num_minibatches
@@ -309,14 +375,17 @@ def ppo_update(
         order = torch.randperm(rows, generator=shuffle)
         for mb_start in range(0, rows, minibatch):
             mb = order[mb_start : mb_start + minibatch]
-            mb_tokens = ro.batch.response_mask[mb].sum().clamp(min=1)
+            mb_tokens = distributed.all_sum(ro.batch.response_mask[mb].sum()).clamp(min=1)
             for start in range(0, minibatch, micro):
                 idx = mb[start : start + micro]
                 sub = ro.batch.rows(idx)
                 mask = sub.response_mask
                 with autocast(bf16):
-                    logprobs, values, entropy = ac.forward_responses(
-                        sub, cfg.rollout.temperature, with_entropy=ppo.ent_coef > 0
+                    logprobs, values, entropy = parallel(
+                        ActorCritic.forward_responses,
+                        sub,
+                        cfg.rollout.temperature,
+                        ppo.ent_coef > 0,
                     )
                 pg_loss, pg = ppo_policy_loss(
                     logprobs, ro.logprobs[idx], ro.advantages[idx], mask, algo.clip_eps
@@ -338,16 +407,17 @@ def ppo_update(
                     terms["kl/loss"] = kl_loss
                 if ppo.ent_coef > 0:
                     loss = loss - ppo.ent_coef * masked_mean(entropy, mask)
-                share = (mask.sum() / mb_tokens).item()
-                (loss * share).backward()
+                share = float(mask.sum() / mb_tokens)
+                (loss * share * parallel.loss_scale).backward()
                 terms["train/loss"] = loss
                 for key in sums.keys() & terms.keys():
                     sums[key] += float(terms[key].detach()) * share / updates
-            norm = clip_and_step(ac, opt.optimizer, cfg.optim.max_grad_norm)
+            norm = clip_and_step(parallel.model, opt.optimizer, cfg.optim.max_grad_norm)
             if math.isfinite(norm):
                 sums["train/grad_norm"] += norm / updates
             else:
                 skipped += 1
+    sums = distributed.sum_metrics(sums, keep=["train/grad_norm"])  # the norm is the job's
     sums["guard/skipped_updates"] = skipped
     return sums
 
@@ -358,8 +428,16 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     messages, rows = prepare_prompts(cfg, tokenizer)
     reward, gold = build_reward(cfg)
+    k = cfg.rollout.samples_per_prompt
+    prompts_per_rank = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
+    if prompts_per_rank * k % (cfg.ppo.num_minibatches * cfg.train.grad_accum):
+        raise distributed.DistributedError(
+            f"ppo.num_minibatches x train.grad_accum must divide each rank's "
+            f"{prompts_per_rank * k} rollouts ({prompts_per_rank} prompts x {k} samples)"
+        )
     ac, reference = load_actor_critic(cfg, tokenizer, with_critic=algo_settings(cfg).critic)
     ac.train()
+    parallel = distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(
         run, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size
     )
@@ -375,15 +453,19 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         moments.load_state_dict(opt.extra["score_moments"])
         baseline.load_state_dict(opt.extra["baseline"])
     samples_path = run.path / "samples.jsonl"
-    truncate_jsonl(samples_path, opt.progress.step)
+    if distributed.world().is_main:
+        truncate_jsonl(samples_path, opt.progress.step)
     last_step = total_steps(cfg.train, len(rows), per_step=cfg.train.batch_size)
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
         step = opt.progress.step + 1  # the step this call completes
         started = time.perf_counter()
-        grouped = [i for i in indices for _ in range(cfg.rollout.samples_per_prompt)]
+        grouped = [i for i in indices for _ in range(k)]  # the job's rows, groups in a row
+        first_row = distributed.world().rank * prompts_per_rank * k
+        grouped = distributed.shard(grouped)  # this rank's prompts, each k times
+        seeds = [row_seed(cfg.train.seed, step, first_row + r) for r in range(len(grouped))]
         ro, stats, samples = collect_rollout(
-            ac,
+            parallel,
             reference,
             tokenizer,
             [messages[i] for i in grouped],
@@ -395,14 +477,16 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
             baseline,
             cfg,
             bf16,
+            seeds,
         )
         stats["time/rollout_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        stats.update(ppo_update(ac, opt, ro, cfg, kl_ctl.value, step, bf16))
+        stats.update(ppo_update(parallel, opt, ro, cfg, kl_ctl.value, step, bf16))
         stats["time/train_s"] = time.perf_counter() - started
-        kl_ctl.update(stats["kl/mean"], n_steps=len(grouped))
+        kl_ctl.update(stats["kl/mean"], n_steps=len(indices) * k)
         every = cfg.rollout.samples_every
-        if every and (step == 1 or step % every == 0 or step == last_step):
+        due = every and (step == 1 or step % every == 0 or step == last_step)
+        if due and distributed.world().is_main:
             write_samples(samples_path, step, samples)
         return stats, int(ro.batch.response_mask.sum())  # throughput: response tokens/s
 
@@ -422,8 +506,12 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
             "baseline": baseline.state_dict(),
         },
     )
-    save_pretrained_model(ac.policy, tokenizer, run.final)
-    save_critic(ac, tokenizer, run.final)
+
+    def save(whole: ActorCritic) -> None:
+        save_pretrained_model(whole.policy, tokenizer, run.final)
+        save_critic(whole, tokenizer, run.final)
+
+    save_final(parallel, save)
     run.unlock()
     return run.final
 
