@@ -164,6 +164,37 @@ def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny, engine):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_row_seeded_samples_do_not_depend_on_the_batch(peaked_model_dir):
+    """With row_seeds a row's answer is a function of its seed alone: decoded in one batch of
+    6, in chunks of 2, or alone (as on the ranks of a torchrun job), it is the same. The
+    answers still differ from row to row (the seeds are not all alike)."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.models import load_tokenizer
+    from tether.rollout import generate
+    from tether.stages.ppo import row_seed
+
+    tokenizer = load_tokenizer(str(peaked_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(peaked_model_dir).eval()
+    prompts = ["Write about cats.", "Write about tea."] * 3
+    seeds = [row_seed(0, 1, r) for r in range(len(prompts))]
+
+    def answers(batch_size: int, rows: slice = slice(None)) -> list[list[int]]:
+        return generate(
+            model,
+            tokenizer,
+            prompts[rows],
+            max_new_tokens=8,
+            batch_size=batch_size,
+            row_seeds=seeds[rows],
+        ).response_ids
+
+    whole = answers(6)
+    assert answers(2) == whole
+    assert [answers(1, slice(i, i + 1))[0] for i in range(6)] == whole
+    assert len({tuple(a) for a in whole}) > 2
+
+
 def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     """A repetition penalty (or top_k, min_p...) in generation_config.json would change the
     distribution sampled from; tether's samples must follow the plain softmax it scores."""

@@ -198,9 +198,10 @@ def save_sharded_checkpoint(
         options = StateDictOptions(ignore_frozen_params=True)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-        rngs = distributed.gather(state.pop("rng"))
+        rngs = distributed.gather(state["rng"])
         if main:
-            torch.save({**state, "rng_per_rank": rngs}, tmp / "state.pt")
+            shared = {k: v for k, v in state.items() if k != "rng"}
+            torch.save({**shared, "rng_per_rank": rngs}, tmp / "state.pt")
             faults.maybe_kill("during_save", step)
             (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
             files = sorted(p.name for p in tmp.iterdir())

@@ -443,6 +443,10 @@ def run_steps(
         except RewardError as e:
             # A reward fails before this step changes any weight: save the state the step
             # started from (its RNG too), so the run resumes exactly here once it is fixed.
+            if distributed.world().size > 1:  # the other ranks wait in a collective: no save
+                raise RewardError(
+                    f"{e} [fix the reward, then --resume from the last checkpoint]"
+                ) from e
             restore_rng(rng_at_start)
             if progress.step and not (run.checkpoints / f"step-{progress.step}").exists():
                 save()

@@ -2,6 +2,7 @@
 code, no YAML code, reward code imported only when named)."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -104,6 +105,34 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
         load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_tampered_sharded_checkpoint_runs_no_code(tmp_path):
+    """A torchrun checkpoint's `.metadata` is a pickle (torch.distributed.checkpoint's format):
+    tether reads it with an allow-list first, so a payload in it never runs."""
+    from tether.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"scheduler": {}, "rng": {"torch": torch.get_rng_state()}, "extra": {}}
+    path = save_sharded_checkpoint(tmp_path / "ckpt", 1, model, optimizer, state, {}, 3)
+    fresh = torch.nn.Linear(3, 2)
+    loaded, _ = load_sharded_checkpoint(path, fresh, torch.optim.AdamW(fresh.parameters()))
+    assert torch.equal(fresh.weight, model.weight)  # the untampered checkpoint loads
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+    with open(path / ".metadata", "wb") as fh:
+        pickle.dump(Payload(), fh)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_sharded_checkpoint(path, model, optimizer)
     assert not marker.exists()
 
 
