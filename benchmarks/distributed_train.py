@@ -70,7 +70,7 @@ def main() -> None:
     from tether import distributed
     from tether.training import autocast
 
-    world = distributed.init_from_env()
+    world = distributed.init_from_env("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(
         f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     )

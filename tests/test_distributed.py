@@ -107,23 +107,37 @@ def test_sft_two_ranks_match_one_process(tiny_model_dir, memorisable_sft, tmp_pa
     assert_same_run(tmp_path / "one", tmp_path / "two", ["train/loss", "eval/loss"])
 
 
-def test_two_rank_checkpoint_resumes_in_one_process(tiny_model_dir, memorisable_sft, tmp_path):
-    """Killed at step 2 of a 2-rank job, resumed by a plain process: ends like one process."""
-    sets = sft_overrides(
-        tiny_model_dir,
-        memorisable_sft,
-        "train.max_steps=4",
-        "train.save_every=2",
-        "train.precision=fp32",
-    )
-    run_cli(stage_args("sft", tmp_path / "one", sets))
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_two_rank_checkpoint_resumes_in_one_process(
+    stage, tiny_model_dir, memorisable_sft, ppo_files, tmp_path
+):
+    """Killed after step 3 of a 2-rank job (checkpoint at step 2), resumed by a plain
+    process: ends like one process all along. PPO's checkpoint also carries the KL
+    controller and the score moments; its resumed samples are the uninterrupted run's."""
+    common = ["train.max_steps=4", "train.save_every=2", "train.precision=fp32"]
+    if stage == "sft":
+        sets = sft_overrides(tiny_model_dir, memorisable_sft, *common)
+    else:
+        sets = ppo_overrides(
+            tiny_model_dir,
+            ppo_files,
+            *common,
+            "ppo.num_minibatches=1",
+            "reward.normalize=true",
+            "ppo.kl.adaptive=true",
+            "rollout.samples_every=1",
+        )
+    run_cli(stage_args(stage, tmp_path / "one", sets))
     killed = tmp_path / "killed"
-    proc = torchrun(2, stage_args("sft", killed, sets), {"TETHER_KILL_AT": "after_step:3"}, False)
+    proc = torchrun(2, stage_args(stage, killed, sets), {"TETHER_KILL_AT": "after_step:3"}, False)
     assert proc.returncode != 0 and not (killed / "final").exists()
     assert (killed / "checkpoints/step-2/.metadata").is_file()  # a sharded checkpoint
-    resumed = run_cli(["sft", "--out", str(killed), "--resume"])
+    resumed = run_cli([stage, "--out", str(killed), "--resume"])
     assert "resumed from" in resumed.stdout and "step-2 (step 2)" in resumed.stdout
-    assert_same_run(tmp_path / "one", killed, ["train/loss"])
+    assert_same_run(tmp_path / "one", killed, ["train/loss", "kl/coef"])
+    if stage == "ppo":
+        one, two = read_jsonl(tmp_path / "one/samples.jsonl"), read_jsonl(killed / "samples.jsonl")
+        assert [s["response"] for s in one] == [s["response"] for s in two]
 
 
 def test_fsdp_two_ranks_match_one_process(tiny_model_dir, memorisable_sft, tmp_path):

@@ -1,11 +1,12 @@
 """Several processes, one run: PyTorch's own engine (torch.distributed, DDP, FSDP2), and the
 few collectives the stages need.
 
-Under `torchrun` every process runs the same stage code. The data of a step is the same on
-every rank (a seeded order over the same files); each rank takes its contiguous share of it,
-runs forward and backward on that share, and the wrapper (DDP, or FSDP2's `fully_shard`)
-reduces the gradients. Losses are normalised by the *global* count of the step (tokens,
-pair weights), so the reduced gradient equals one process's gradient over the whole step.
+Under `torchrun` every process runs the same stage code, on the CPU (gloo). The data of a
+step is the same on every rank (a seeded order over the same files); each rank takes its
+contiguous share of it, runs forward and backward on that share, and the wrapper (DDP, or
+FSDP2's `fully_shard`) reduces the gradients. Losses are normalised by the *global* count of
+the step (tokens, pair weights), so the reduced gradient equals one process's gradient over
+the whole step.
 
 Outside torchrun every function here is the identity or a no-op: one process runs exactly
 the single-process code path, with nothing to configure.
@@ -42,19 +43,16 @@ class World:
         return self.rank == 0
 
 
-def init_from_env() -> World:
+def init_from_env(backend: str = "gloo") -> World:
     """Join the torchrun job this process was started in; a plain process is a world of one.
 
-    gloo on CPU, NCCL where CUDA is present. Progress bars are turned off on every rank but
-    the first, so a job prints one of each.
+    gloo: the stages keep their models and batches on the CPU, in a job as in one process.
+    A caller that places its model on a GPU (benchmarks/distributed_train.py) asks for NCCL.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-        if dist.get_rank() != 0:
-            os.environ["TQDM_DISABLE"] = "1"
     return world()
 
 
@@ -221,9 +219,10 @@ class Parallel:
         elif self.mode == "ddp":
             if not any(p.requires_grad for p in model.parameters()):
                 raise DistributedError("parallel: ddp needs at least one trainable parameter")
+            on_gpu = next(model.parameters()).is_cuda
             self._call = nn.parallel.DistributedDataParallel(
                 Forward(model),
-                device_ids=[torch.cuda.current_device()] if torch.cuda.is_available() else None,
+                device_ids=[torch.cuda.current_device()] if on_gpu else None,
                 broadcast_buffers=False,  # no trained buffers; and eval passes stay local
             )
         elif self.mode == "fsdp":
@@ -279,7 +278,7 @@ def shard_fully(model: nn.Module, bf16: bool, cpu_offload: bool) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device, (world().size,))
     options: dict[str, Any] = {"mesh": mesh}
     if bf16:
