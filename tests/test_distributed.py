@@ -149,15 +149,16 @@ def test_fsdp_two_ranks_match_one_process(tiny_model_dir, memorisable_sft, tmp_p
     assert_same_run(tmp_path / "one", tmp_path / "two", ["train/loss"])
 
 
-@pytest.mark.parametrize("stage", ["rm", "dpo"])
+@pytest.mark.parametrize("stage", ["rm", "dpo", "dpo+fsdp"])
 def test_preference_stages_two_ranks_match_one_process(
     stage, tiny_model_dir, marker_data, tmp_path
 ):
     sets = dpo_overrides(
         tiny_model_dir, marker_data, "train.max_steps=4", "train.eval_every=2", "train.grad_accum=2"
     )
-    run_cli(stage_args(stage, tmp_path / "one", sets))
-    torchrun(2, stage_args(stage, tmp_path / "two", sets))
+    name, _, parallel = stage.partition("+")
+    run_cli(stage_args(name, tmp_path / "one", sets))
+    torchrun(2, stage_args(name, tmp_path / "two", sets + [f"parallel={parallel or 'ddp'}"]))
     keys = ["train/loss", "eval/loss", "eval/accuracy", "eval/dpo/loss", "eval/rewards/accuracy"]
     assert_same_run(tmp_path / "one", tmp_path / "two", keys)
 

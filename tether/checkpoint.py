@@ -183,6 +183,7 @@ def save_sharded_checkpoint(
     `state` (the same on every rank, plus each rank's RNG), meta and the manifest, and renames.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from tether import distributed
@@ -208,40 +209,82 @@ def save_sharded_checkpoint(
             _publish(tmp, final, checkpoints_dir, files)
             for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except (OSError, CheckpointException) as e:  # DCP wraps a rank's OSError in the latter
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or e
         raise CheckpointError(
-            f"could not write checkpoint {final}: {e.strerror or e}; earlier checkpoints kept"
+            f"could not write checkpoint {final}: {reason}; earlier checkpoints kept"
         ) from e
     distributed.barrier()
     return final
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a pickle; this reads it with only DCP's own record classes, torch
-    dtypes and sizes, and paths allowed, so a tampered checkpoint cannot run code."""
-
-    ALLOWED_MODULES = (
-        "torch.distributed.checkpoint.metadata",
-        "torch.distributed.checkpoint.filesystem",
+# Everything DCP's `.metadata` pickle names: its record classes, torch sizes, dtypes and
+# layouts, and the checkpoint's path. Checked by exact (module, name) before anything is
+# imported or looked up.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
     )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's `.metadata` (a pickle) with only the names above (and torch dtypes)
+    allowed, so a tampered checkpoint cannot reach any other callable."""
 
     def find_class(self, module: str, name: str) -> Any:
-        found = super().find_class(module, name)
-        if module in self.ALLOWED_MODULES and isinstance(found, type):
-            return found
-        if module == "torch" and (name == "Size" or isinstance(found, torch.dtype)):
-            return found
-        if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}:
-            return found
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if "." in name or not ((module, name) in _METADATA_CLASSES or dtype):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint")
+        return super().find_class(module, name)
 
 
-def check_sharded_metadata(path: Path) -> None:
+def _safe_dcp_load(state: dict[str, Any], path: Path) -> None:
+    """`dcp.load` that unpickles nothing beyond tensors and plain values: `.metadata` through
+    the allow-list above, and the non-tensor entries (optimizer hyper-parameters) with
+    `torch.load(weights_only=True)` where DCP's default planner uses weights_only=False."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = _MetadataUnpickler(io.BytesIO((path / DCP_METADATA).read_bytes())).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = dcp.metadata.StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
     try:
-        _MetadataUnpickler(io.BytesIO((path / DCP_METADATA).read_bytes())).load()
-    except Exception as e:  # any failure means: do not unpickle it for real
-        raise CheckpointError(f"{path / DCP_METADATA} cannot be loaded safely: {e}") from e
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*assuming the intent is to load in a single"
+            )
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
+    except (pickle.UnpicklingError, CheckpointException) as e:
+        raise CheckpointError(f"{path} cannot be loaded safely: {e}") from e
 
 
 def load_sharded_checkpoint(
@@ -249,7 +292,6 @@ def load_sharded_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a DCP checkpoint's tensors into `model` and `optimizer`, whatever the number of
     ranks that wrote it and that read it (a plain process too); returns (state, meta)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_state_dict,
@@ -258,12 +300,9 @@ def load_sharded_checkpoint(
 
     from tether import distributed
 
-    check_sharded_metadata(path)
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+    _safe_dcp_load({"model": model_state, "optim": optim_state}, path)
     set_state_dict(
         model,
         optimizer,
@@ -274,6 +313,9 @@ def load_sharded_checkpoint(
     state = torch.load(path / "state.pt", weights_only=True)
     rngs = state.pop("rng_per_rank")
     w = distributed.world()
-    state["rng"] = rngs[w.rank] if len(rngs) == w.size else rngs[0]
+    # On another number of ranks rank 0 continues rank 0's stream; the others keep the
+    # fresh per-rank seeds they started with (None: nothing to restore).
+    same_ranks = len(rngs) == w.size
+    state["rng"] = rngs[w.rank] if same_ranks else (rngs[0] if w.rank == 0 else None)
     meta = json.loads((path / "meta.json").read_text())
     return state, meta

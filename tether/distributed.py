@@ -84,9 +84,9 @@ def shard(items: Sequence[T], what: str = "train.batch_size") -> list[T]:
     Contiguous, so whole groups of consecutive items (GRPO's k samples per prompt) stay on one
     rank when the group count divides evenly.
     """
-    n = per_rank(len(items), what)
+    share = per_rank(len(items), what)
     rank = world().rank
-    return list(items[rank * n : (rank + 1) * n])
+    return list(items[rank * share : (rank + 1) * share])
 
 
 def eval_share(items: Sequence[T], filler: T) -> tuple[list[T], int]:
@@ -97,10 +97,10 @@ def eval_share(items: Sequence[T], filler: T) -> tuple[list[T], int]:
     leave the others waiting. `gather_real` puts the real results back in item order.
     """
     w = world()
-    per_rank = -(-len(items) // w.size)
-    start = min(len(items), w.rank * per_rank)
-    mine = list(items[start : start + per_rank])
-    return mine + [filler] * (per_rank - len(mine)), len(mine)
+    share = -(-len(items) // w.size)
+    start = min(len(items), w.rank * share)
+    mine = list(items[start : start + share])
+    return mine + [filler] * (share - len(mine)), len(mine)
 
 
 def gather_real(results: torch.Tensor, real: int) -> torch.Tensor:
@@ -154,8 +154,8 @@ def gather_rows(tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
 def rows_of_rank(total_rows: int) -> slice:
     """The rows of a gathered tensor that came from this rank."""
     w = world()
-    per_rank = total_rows // w.size
-    return slice(w.rank * per_rank, (w.rank + 1) * per_rank)
+    share = total_rows // w.size
+    return slice(w.rank * share, (w.rank + 1) * share)
 
 
 def broadcast(obj: T) -> T:
@@ -170,17 +170,6 @@ def broadcast(obj: T) -> T:
 def barrier() -> None:
     if is_distributed() and world().size > 1:
         dist.barrier()
-
-
-def main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0, then on the others once it has finished (writes a cache or a run
-    dir the others then read); an error on rank 0 stops the job before the others start."""
-    if world().is_main:
-        result = fn()
-        barrier()
-        return result
-    barrier()
-    return fn()
 
 
 class Forward(nn.Module):
@@ -214,6 +203,8 @@ class Parallel:
         self.model = model
         self.mode = mode if is_distributed() else "none"
         self.loss_scale = float(world().size)
+        if world().size > 1:  # the same init everywhere; from here on, each rank's own stream
+            torch.manual_seed(torch.initial_seed() + world().rank)
         if self.mode == "none":
             self._call: Callable[..., Any] = lambda fn, *a, **k: fn(model, *a, **k)
         elif self.mode == "ddp":
@@ -272,9 +263,13 @@ class Parallel:
                 module._parameters[name] = param
 
 
+BLOCK_SUFFIXES = ("DecoderLayer", "Block", "Layer")
+
+
 def shard_fully(model: nn.Module, bf16: bool, cpu_offload: bool) -> nn.Module:
     """FSDP2: every transformer block, then the root, sharded over all ranks. With bf16 the
-    blocks compute in bf16 over float32 shards and reduce gradients in float32."""
+    forward and backward compute in bf16 over float32 shards and gradients are reduced in
+    float32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -287,7 +282,20 @@ def shard_fully(model: nn.Module, bf16: bool, cpu_offload: bool) -> nn.Module:
         )
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
-    for module in model.modules():
-        if module.__class__.__name__.endswith(("DecoderLayer", "Block")):
-            fully_shard(module, **options)
-    return fully_shard(Forward(model), **options)
+    blocks, names = [], []  # the outermost modules named like a transformer block
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer in names)
+        if module.__class__.__name__.endswith(BLOCK_SUFFIXES) and not inside:
+            blocks.append(module)
+            names.append(name)
+    if not blocks:
+        raise DistributedError(
+            f"parallel: fsdp found no transformer block (a module named *{BLOCK_SUFFIXES}) in "
+            f"{type(model).__name__}; use parallel: ddp"
+        )
+    for block in blocks:
+        fully_shard(block, **options)
+    # The root too reshards after forward (FSDP2 keeps it whole by default, expecting a
+    # backward): evaluation and reference passes run without one, and the optimizer and
+    # `full_weights` must find the root's parameters sharded.
+    return fully_shard(Forward(model), reshard_after_forward=True, **options)

@@ -76,8 +76,10 @@ def generate(
     and others with Hugging Face `generate`; "hf" always uses `generate`. `dtype` is the
     engine's compute dtype (default: bf16 where the CPU/GPU has it, else float32).
 
-    `row_seeds` (one per prompt; engine only) gives each row its own generator, so a row's
+    `row_seeds` (one per prompt) gives each row its own generator in the engine, so a row's
     sample does not depend on the batch, the chunking or the torchrun rank it falls in.
+    Hugging Face `generate` has one RNG for the batch: it is seeded with the first row's
+    seed, so batches (and ranks) still draw distinct, reproducible samples.
     """
     from transformers import GenerationConfig
 
@@ -126,6 +128,8 @@ def generate(
     # repetition penalty, min_p, suppressed tokens...), which would sample from another
     # distribution than the one log-probs are computed on; give it a blank one meanwhile.
     model_config, inner.generation_config = inner.generation_config, GenerationConfig()
+    if row_seeds is not None and seed is None:
+        seed = row_seeds[0] % 2**32
     try:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:

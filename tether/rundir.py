@@ -27,8 +27,10 @@ class RunDirError(TetherError, RuntimeError):
     """The run dir cannot be used as asked (locked, not empty, config mismatch)."""
 
 
-# Keys a resumed run may change: extending a run is the common reason to resume.
-RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
+# Keys a resumed run may change: extending a run is the common reason to resume; the
+# parallel engine too: a checkpoint written under FSDP resumes under DDP or in one
+# process (and a run dir from before these keys existed resumes with their defaults).
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "parallel", "fsdp_cpu_offload")
 
 
 class RunDir:

@@ -241,8 +241,15 @@ def restore_training_state(path, model, optimizer, scheduler) -> tuple[Progress,
         load_trainable_state_dict(model, tensors)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state["rng"])
+    if state["rng"] is not None:
+        restore_rng(state["rng"])
     progress = Progress(meta["step"], meta["cursor"], meta.get("skipped", 0))
+    saved_ranks, ranks = meta.get("world_size", 1), distributed.world().size
+    if saved_ranks != ranks and distributed.world().is_main:
+        tqdm.write(
+            f"note: {path} was written by {saved_ranks} rank(s), resumed on {ranks}: same "
+            "weights, optimizer and data position; rank 0 continues rank 0's random stream"
+        )
     return progress, state.get("extra", {})
 
 
@@ -279,7 +286,6 @@ class RunStart:
     resume_from: Any
     bf16: bool
     tokenizer: Any
-    world: distributed.World
 
 
 def begin_run(cfg: Any, out, resume: bool) -> RunStart:
@@ -296,7 +302,7 @@ def begin_run(cfg: Any, out, resume: bool) -> RunStart:
     set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    return RunStart(run, resume_from, use_bf16(cfg.train.precision), tokenizer, world)
+    return RunStart(run, resume_from, use_bf16(cfg.train.precision), tokenizer)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 code, no YAML code, reward code imported only when named)."""
 
 import json
-import pickle
 
 import pytest
 import torch
@@ -108,12 +107,41 @@ def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
     assert not marker.exists()
 
 
+def pickled_call(module: str, name: str, *args: str) -> bytes:
+    """A hand-made pickle that imports module.name and calls it with string args: what a
+    tampered file can hold without the attacker's classes existing anywhere."""
+
+    def text(value: str) -> bytes:
+        raw = value.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw  # SHORT_BINUNICODE
+
+    tuple_op = {1: b"\x85", 2: b"\x86"}[len(args)]  # TUPLE1 / TUPLE2
+    return (
+        b"\x80\x04"
+        + text(module)
+        + text(name)
+        + b"\x93"
+        + b"".join(map(text, args))
+        + (
+            tuple_op + b"R."  # STACK_GLOBAL, args, REDUCE, STOP
+        )
+    )
+
+
 def test_a_tampered_sharded_checkpoint_runs_no_code(tmp_path):
-    """A torchrun checkpoint's `.metadata` is a pickle (torch.distributed.checkpoint's format):
-    tether reads it with an allow-list first, so a payload in it never runs."""
+    """A torchrun checkpoint (torch.distributed.checkpoint) pickles its `.metadata` and its
+    non-tensor entries (the optimizer's hyper-parameters). tether reads the first through an
+    allow-list of exact names and the second with weights_only=True, so none of three
+    tampered checkpoints runs anything: `os.system` in `.metadata`, a callable reached
+    through an allowed module's namespace (`filesystem.io.FileIO` would truncate a file), and
+    a payload in the optimizer's saved learning rate."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     from tether.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
-    marker = tmp_path / "pwned"
+    marker, victim = tmp_path / "pwned", tmp_path / "victim.txt"
+    victim.write_text("precious")
 
     class Payload:
         def __reduce__(self):
@@ -121,19 +149,37 @@ def test_a_tampered_sharded_checkpoint_runs_no_code(tmp_path):
 
             return (os.system, (f"touch {marker}",))
 
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
+    def fresh():
+        model = torch.nn.Linear(3, 2)
+        return model, torch.optim.AdamW(model.parameters())
+
+    model, optimizer = fresh()
     state = {"scheduler": {}, "rng": {"torch": torch.get_rng_state()}, "extra": {}}
     path = save_sharded_checkpoint(tmp_path / "ckpt", 1, model, optimizer, state, {}, 3)
-    fresh = torch.nn.Linear(3, 2)
-    loaded, _ = load_sharded_checkpoint(path, fresh, torch.optim.AdamW(fresh.parameters()))
-    assert torch.equal(fresh.weight, model.weight)  # the untampered checkpoint loads
+    other, other_optimizer = fresh()
+    loaded, _ = load_sharded_checkpoint(path, other, other_optimizer)  # untampered: loads
+    assert torch.equal(other.weight, model.weight)
     assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
-    with open(path / ".metadata", "wb") as fh:
-        pickle.dump(Payload(), fh)
+
+    good_metadata = (path / ".metadata").read_bytes()
+    for payload in (
+        pickled_call("os", "system", f"touch {marker}"),
+        pickled_call("torch.distributed.checkpoint.filesystem", "io.FileIO", str(victim), "w"),
+    ):
+        (path / ".metadata").write_bytes(payload)
+        with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+            load_sharded_checkpoint(path, *fresh())
+    (path / ".metadata").write_bytes(good_metadata)
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    optim_state["param_groups"][0]["lr"] = Payload()
+    evil = tmp_path / "evil-optimizer"
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(evil))
+    (evil / "state.pt").write_bytes((path / "state.pt").read_bytes())
+    (evil / "meta.json").write_text('{"step": 1}')
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
-        load_sharded_checkpoint(path, model, optimizer)
-    assert not marker.exists()
+        load_sharded_checkpoint(evil, *fresh())
+    assert not marker.exists() and victim.read_text() == "precious"
 
 
 def test_a_config_file_cannot_construct_python_objects(tmp_path):

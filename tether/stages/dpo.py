@@ -117,7 +117,10 @@ def reference_logps(
     if cfg.reference:
         ref_cfg = ModelConfig(name=cfg.reference, trust_remote_code=cfg.model.trust_remote_code)
         model = load_causal_lm(ref_cfg, tokenizer, dropout=False)
-    pad, size = tokenizer.pad_token_id, distributed.per_rank(cfg.train.batch_size, "batch_size")
+    pad, size = (
+        tokenizer.pad_token_id,
+        distributed.per_rank(cfg.train.batch_size, "train.batch_size"),
+    )
     logps = {
         k: all_pair_logps(model, v, size, pad, bf16, desc=f"reference log-probs ({k})")
         for k, v in splits.items()

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tether import distributed
+from tether import engine as tether_engine
 from tether.actor_critic import ActorCritic, load_actor_critic
 from tether.advantages import (
     MovingAverageBaseline,
@@ -47,6 +48,7 @@ from tether.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from tether.losses import ppo_policy_loss, value_loss
 from tether.models import save_pretrained_model
 from tether.ops import RunningMoments, explained_variance, masked_mean, masked_sum, masked_whiten
+from tether.reward_model import hf_model
 from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, build_term, checked_call
 from tether.rollout import (
     Generation,
@@ -196,7 +198,8 @@ def collect_rollout(
     torchrun job they are this rank's share: it samples, scores and runs its forward passes
     on its own rows, then every rank gathers the job's scores, log-probs and values and
     computes the same normalisation, KL, advantages (whitening, GRPO groups, baselines) and
-    statistics over the whole batch, keeping its own rows' advantages for the update.
+    statistics over the whole batch, keeping its own rows' advantages for the update. The
+    samples returned are this rank's.
     """
     ac: ActorCritic = parallel.model
     ro_cfg, ppo, algo = cfg.rollout, cfg.ppo, algo_settings(cfg)
@@ -316,7 +319,6 @@ def collect_rollout(
             sample["gold"] = g
         every_gold = [g for part in distributed.gather(gold_values) for g in part]
         stats["gold/mean"] = sum(every_gold) / len(every_gold)
-    samples = [s for part in distributed.gather(samples) for s in part]  # the job's, in order
 
     def own(t: torch.Tensor) -> torch.Tensor:  # this rank's rows, at its own width
         return t[mine, :local_width]
@@ -375,7 +377,7 @@ def ppo_update(
         order = torch.randperm(rows, generator=shuffle)
         for mb_start in range(0, rows, minibatch):
             mb = order[mb_start : mb_start + minibatch]
-            mb_tokens = distributed.all_sum(ro.batch.response_mask[mb].sum()).clamp(min=1)
+            mb_tokens = max(1, int(distributed.all_sum(ro.batch.response_mask[mb].sum())))
             for start in range(0, minibatch, micro):
                 idx = mb[start : start + micro]
                 sub = ro.batch.rows(idx)
@@ -437,6 +439,15 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         )
     ac, reference = load_actor_critic(cfg, tokenizer, with_critic=algo_settings(cfg).critic)
     ac.train()
+    sharded = cfg.parallel == "fsdp" and distributed.world().size > 1
+    if sharded and not (cfg.rollout.engine == "auto" and tether_engine.supports(ac.policy)):
+        # `generate` would run the sharded blocks, all-gathering at every decode step, and
+        # ranks whose answers end at different lengths would wait on each other for ever.
+        raise distributed.DistributedError(
+            "parallel: fsdp with online RL needs tether's rollout engine (rollout.engine: "
+            f"auto, a Llama-family model; this is {type(hf_model(ac.policy)).__name__}); "
+            "use parallel: ddp"
+        )
     parallel = distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(
         run, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size
@@ -485,9 +496,10 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         stats["time/train_s"] = time.perf_counter() - started
         kl_ctl.update(stats["kl/mean"], n_steps=len(indices) * k)
         every = cfg.rollout.samples_every
-        due = every and (step == 1 or step % every == 0 or step == last_step)
-        if due and distributed.world().is_main:
-            write_samples(samples_path, step, samples)
+        if every and (step == 1 or step % every == 0 or step == last_step):
+            samples = [s for part in distributed.gather(samples) for s in part]  # the job's
+            if distributed.world().is_main:
+                write_samples(samples_path, step, samples)
         return stats, int(ro.batch.response_mask.sum())  # throughput: response tokens/s
 
     fit(
