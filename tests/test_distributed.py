@@ -158,7 +158,7 @@ def test_preference_stages_two_ranks_match_one_process(
     )
     name, _, parallel = stage.partition("+")
     run_cli(stage_args(name, tmp_path / "one", sets))
-    torchrun(2, stage_args(name, tmp_path / "two", sets + [f"parallel={parallel or 'ddp'}"]))
+    torchrun(2, stage_args(name, tmp_path / "two", [*sets, f"parallel={parallel or 'ddp'}"]))
     keys = ["train/loss", "eval/loss", "eval/accuracy", "eval/dpo/loss", "eval/rewards/accuracy"]
     assert_same_run(tmp_path / "one", tmp_path / "two", keys)
 
