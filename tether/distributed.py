@@ -236,6 +236,19 @@ class Parallel:
         return self._call(fn, *args, **kwargs)
 
     @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """Around the forward and backward of one micro-batch: gradients are reduced across
+        ranks only on the `last` micro-batch of an optimizer step (once per step, not once
+        per micro-batch; DDP needs the forward inside its `no_sync` too)."""
+        if self.mode == "ddp" and not last:
+            with self._call.no_sync():
+                yield
+            return
+        if self.mode == "fsdp":
+            self._call.set_requires_gradient_sync(last)
+        yield
+
+    @contextlib.contextmanager
     def full_weights(self) -> Iterator[nn.Module]:
         """The model with every parameter whole on this rank, for work outside the wrapper
         (the rollout engine's weight export, `save_pretrained`). A no-op but under FSDP, where

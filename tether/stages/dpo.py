@@ -204,11 +204,12 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
             micro_idx = mine[start : start + per_micro]
             micro = [train[i] for i in micro_idx]
             weights = torch.tensor([p.weight for p in micro])
-            logps = parallel(pair_logps, micro, pad_id, bf16)
-            losses, chosen_r, rejected_r = losses_of(logps, ref["train"][micro_idx])
             share = float(weights.sum()) / total_weight  # exact under accumulation
-            loss = (losses * weights).sum() / weights.sum() * share
-            (loss * parallel.loss_scale).backward()
+            with parallel.micro_batch(last=start + per_micro >= len(mine)):
+                logps = parallel(pair_logps, micro, pad_id, bf16)
+                losses, chosen_r, rejected_r = losses_of(logps, ref["train"][micro_idx])
+                loss = (losses * weights).sum() / weights.sum() * share
+                (loss * parallel.loss_scale).backward()
             for key, value in dpo_metrics(losses, chosen_r, rejected_r, logps, weights).items():
                 sums[key] = sums.get(key, 0.0) + value * share
             tokens += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in micro)

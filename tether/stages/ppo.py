@@ -382,35 +382,36 @@ def ppo_update(
                 idx = mb[start : start + micro]
                 sub = ro.batch.rows(idx)
                 mask = sub.response_mask
-                with autocast(bf16):
-                    logprobs, values, entropy = parallel(
-                        ActorCritic.forward_responses,
-                        sub,
-                        cfg.rollout.temperature,
-                        ppo.ent_coef > 0,
+                with parallel.micro_batch(last=start + micro >= minibatch):
+                    with autocast(bf16):
+                        logprobs, values, entropy = parallel(
+                            ActorCritic.forward_responses,
+                            sub,
+                            cfg.rollout.temperature,
+                            ppo.ent_coef > 0,
+                        )
+                    pg_loss, pg = ppo_policy_loss(
+                        logprobs, ro.logprobs[idx], ro.advantages[idx], mask, algo.clip_eps
                     )
-                pg_loss, pg = ppo_policy_loss(
-                    logprobs, ro.logprobs[idx], ro.advantages[idx], mask, algo.clip_eps
-                )
-                loss, terms = pg_loss, {"policy/loss": pg_loss}
-                terms |= {f"policy/{k}": v for k, v in pg.items()}
-                if algo.critic:
-                    value_clip = ppo.value_clip_eps if cfg.algo == "ppo" else 0.0
-                    v_loss, v = value_loss(
-                        values, ro.values[idx], ro.returns[idx], mask, value_clip or None
-                    )
-                    loss = loss + ppo.vf_coef * v_loss
-                    terms |= {"value/loss": v_loss, "value/clipfrac": v["clipfrac"]}
-                if algo.kl_placement == "loss":
-                    kl_loss = masked_mean(
-                        kl_estimate(logprobs, ro.ref_logprobs[idx], algo.kl_estimator), mask
-                    )
-                    loss = loss + kl_coef * kl_loss
-                    terms["kl/loss"] = kl_loss
-                if ppo.ent_coef > 0:
-                    loss = loss - ppo.ent_coef * masked_mean(entropy, mask)
-                share = float(mask.sum() / mb_tokens)
-                (loss * share * parallel.loss_scale).backward()
+                    loss, terms = pg_loss, {"policy/loss": pg_loss}
+                    terms |= {f"policy/{k}": v for k, v in pg.items()}
+                    if algo.critic:
+                        value_clip = ppo.value_clip_eps if cfg.algo == "ppo" else 0.0
+                        v_loss, v = value_loss(
+                            values, ro.values[idx], ro.returns[idx], mask, value_clip or None
+                        )
+                        loss = loss + ppo.vf_coef * v_loss
+                        terms |= {"value/loss": v_loss, "value/clipfrac": v["clipfrac"]}
+                    if algo.kl_placement == "loss":
+                        kl_loss = masked_mean(
+                            kl_estimate(logprobs, ro.ref_logprobs[idx], algo.kl_estimator), mask
+                        )
+                        loss = loss + kl_coef * kl_loss
+                        terms["kl/loss"] = kl_loss
+                    if ppo.ent_coef > 0:
+                        loss = loss - ppo.ent_coef * masked_mean(entropy, mask)
+                    share = float(mask.sum() / mb_tokens)
+                    (loss * share * parallel.loss_scale).backward()
                 terms["train/loss"] = loss
                 for key in sums.keys() & terms.keys():
                     sums[key] += float(terms[key].detach()) * share / updates

@@ -277,11 +277,12 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
         tokens = 0
         for start in range(0, len(items), per_micro):
             micro = items[start : start + per_micro]
-            loss, metrics = parallel(
-                lambda m, micro=micro: micro_loss(micro, m, pad_id, bf16, cfg.reward)
-            )
             share = sum(x.weight for x in micro) / total_weight  # exact under accumulation
-            (loss * share * parallel.loss_scale).backward()
+            with parallel.micro_batch(last=start + per_micro >= len(items)):
+                loss, metrics = parallel(
+                    lambda m, micro=micro: micro_loss(micro, m, pad_id, bf16, cfg.reward)
+                )
+                (loss * share * parallel.loss_scale).backward()
             for key, value in {"loss": loss, **metrics}.items():
                 sums[f"train/{key}"] = sums.get(f"train/{key}", 0.0) + float(value.detach()) * share
             tokens += sum(len(r) for x in micro for r in x.rows)

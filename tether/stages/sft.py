@@ -103,8 +103,9 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
         step_loss, seen_tokens = 0.0, 0
         for start in range(0, len(examples), per_micro):
             batch = collate_sft(examples[start : start + per_micro], pad_id)
-            loss, _ = parallel(micro_batch_loss, batch, num_tokens, bf16)
-            (loss * parallel.loss_scale).backward()
+            with parallel.micro_batch(last=start + per_micro >= len(examples)):
+                loss, _ = parallel(micro_batch_loss, batch, num_tokens, bf16)
+                (loss * parallel.loss_scale).backward()
             step_loss += loss.item()
             seen_tokens += int(batch["attention_mask"].sum())
         metrics = distributed.sum_metrics({"train/loss": step_loss})
