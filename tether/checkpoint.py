@@ -60,8 +60,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _publish(tmp: Path, final: Path, checkpoints_dir: Path, files: list[str]) -> None:
-    """fsync `files`, write the manifest last, rename `tmp` to `final`."""
+def _publish(
+    tmp: Path, final: Path, checkpoints_dir: Path, files: list[str], keep_last: int
+) -> None:
+    """fsync `files`, write the manifest last, rename `tmp` to `final`, and keep only the
+    newest `keep_last` checkpoints."""
     for name in files:
         _fsync_path(tmp / name)
     manifest = {
@@ -75,6 +78,8 @@ def _publish(tmp: Path, final: Path, checkpoints_dir: Path, files: list[str]) ->
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_path(checkpoints_dir)
+    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -96,14 +101,13 @@ def save_checkpoint(
         torch.save(state, tmp / "state.pt")
         faults.maybe_kill("during_save", step)
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-        _publish(tmp, final, checkpoints_dir, ["model.safetensors", "state.pt", "meta.json"])
+        files = ["model.safetensors", "state.pt", "meta.json"]
+        _publish(tmp, final, checkpoints_dir, files, keep_last)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"could not write checkpoint {final}: {e.strerror or e}; earlier checkpoints kept"
         ) from e
-    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -206,9 +210,7 @@ def save_sharded_checkpoint(
             faults.maybe_kill("during_save", step)
             (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
             files = sorted(p.name for p in tmp.iterdir())
-            _publish(tmp, final, checkpoints_dir, files)
-            for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            _publish(tmp, final, checkpoints_dir, files, keep_last)
     except (OSError, CheckpointException) as e:  # DCP wraps a rank's OSError in the latter
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(e, "strerror", None) or e

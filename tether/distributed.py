@@ -68,6 +68,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def several_ranks() -> bool:
+    """More than one process: the collectives below have work to do."""
+    return is_distributed() and world().size > 1
+
+
 def per_rank(count: int, what: str) -> int:
     """`count` (a global batch: the config's number) split over the ranks; it must divide."""
     size = world().size
@@ -111,7 +116,7 @@ def gather_real(results: torch.Tensor, real: int) -> torch.Tensor:
 def all_sum(value: float | torch.Tensor) -> torch.Tensor:
     """Σ over ranks (a float64 copy: sums of token counts and losses stay exact enough)."""
     tensor = torch.as_tensor(value, dtype=torch.float64).clone()
-    if is_distributed() and world().size > 1:
+    if several_ranks():
         dist.all_reduce(tensor)
     return tensor
 
@@ -120,7 +125,7 @@ def sum_metrics(metrics: dict[str, float], keep: Sequence[str] = ()) -> dict[str
     """Each rank's shares of global means, summed across ranks; `keep` keys are already the
     same on every rank (a gradient norm after the reduction) and are left as they are."""
     keys = sorted(k for k in metrics if k not in keep)
-    if not keys or not (is_distributed() and world().size > 1):
+    if not keys or not several_ranks():
         return dict(metrics)
     summed = all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
     return {**metrics, **{k: float(v) for k, v in zip(keys, summed.tolist(), strict=True)}}
@@ -128,27 +133,29 @@ def sum_metrics(metrics: dict[str, float], keep: Sequence[str] = ()) -> dict[str
 
 def gather(obj: T) -> list[T]:
     """Every rank's `obj`, in rank order (Python objects: texts, small CPU tensors)."""
-    if not (is_distributed() and world().size > 1):
+    if not several_ranks():
         return [obj]
     out: list[Any] = [None] * world().size
     dist.all_gather_object(out, obj)
     return out
 
 
-def gather_rows(tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
-    """Concatenate every rank's [B_r, L_r, ...] tensor along rows, padding dim 1 to the widest
-    (responses end at different lengths on different ranks)."""
-    parts = gather(tensor)
-    if tensor.dim() < 2:
-        return torch.cat(parts)
-    width = max(p.shape[1] for p in parts)
-    padded = [
-        torch.nn.functional.pad(
-            p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]), value=pad_value
-        )
-        for p in parts
-    ]
-    return torch.cat(padded)
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of `tensors` ([B_r, L_r, ...] on rank r) concatenated over ranks along rows, with
+    dim 1 zero-padded to the widest (responses end at different lengths on different ranks).
+    One collective for all of them."""
+    per_rank_parts = gather(tensors)
+    out = []
+    for i, tensor in enumerate(tensors):
+        parts = [rank_tensors[i] for rank_tensors in per_rank_parts]
+        if tensor.dim() >= 2:
+            width = max(p.shape[1] for p in parts)
+            parts = [
+                torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]))
+                for p in parts
+            ]
+        out.append(torch.cat(parts))
+    return tuple(out)
 
 
 def rows_of_rank(total_rows: int) -> slice:
@@ -160,7 +167,7 @@ def rows_of_rank(total_rows: int) -> slice:
 
 def broadcast(obj: T) -> T:
     """Rank 0's `obj` on every rank."""
-    if not (is_distributed() and world().size > 1):
+    if not several_ranks():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -168,7 +175,7 @@ def broadcast(obj: T) -> T:
 
 
 def barrier() -> None:
-    if is_distributed() and world().size > 1:
+    if several_ranks():
         dist.barrier()
 
 

@@ -245,14 +245,15 @@ def collect_rollout(
 
     # From here on: the job's whole batch, the same on every rank.
     local_width = batch.response_mask.shape[1]
-    mask = distributed.gather_rows(batch.response_mask)
-    logprobs, values = (
-        distributed.gather_rows(torch.cat(logprobs)),
-        distributed.gather_rows(torch.cat(values)),
+    mask, logprobs, values, entropy, ref_logprobs, scores, ended = distributed.gather_rows(
+        batch.response_mask,
+        torch.cat(logprobs),
+        torch.cat(values),
+        torch.cat(entropy),
+        torch.cat(ref_logprobs),
+        scores,
+        ended,
     )
-    entropy = distributed.gather_rows(torch.cat(entropy))
-    ref_logprobs = distributed.gather_rows(torch.cat(ref_logprobs))
-    scores, ended = distributed.gather_rows(scores), distributed.gather_rows(ended)
     trained_scores = scores
     if cfg.reward.normalize:
         moments.update(scores)
