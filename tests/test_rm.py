@@ -168,6 +168,34 @@ def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_di
     assert metrics_whole["accuracy"].item() == pytest.approx(metrics_pairs["accuracy"].item())
 
 
+def test_held_out_pairs_of_a_ranking_score_each_answer_once(tiny_model_dir):
+    """A held-out ranking of 3 answers is 3 pairs (6 rows) but 3 distinct answers: they are
+    scored once each, and every pair gets the scores its rows get on their own."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.data import LoadReport, RankedResponses, expand_rankings
+    from tether.models import load_tokenizer
+    from tether.stages.rm import score_all, tokenize_pairs
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    prompt = [{"role": "user", "content": "say"}]
+    ranked = RankedResponses(prompt, ["one", "two words", "three more words"], ranking=[2, 0, 1])
+    pairs = tokenize_pairs(expand_rankings([ranked], False), tokenizer, 64, LoadReport("x"))
+    rows_seen = []
+    hook = model.model.register_forward_pre_hook(  # the backbone: scores skip the LM's head
+        lambda _, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    chosen, rejected = score_all(model, pairs, 8, tokenizer.pad_token_id, False)
+    hook.remove()
+    assert len(pairs) == 3 and sum(rows_seen) == 3
+    for pair, c, r in zip(pairs, chosen, rejected, strict=True):
+        for row, score in ((pair.chosen, c), (pair.rejected, r)):
+            alone = model(input_ids=torch.tensor([row])).logits.squeeze()
+            assert score.item() == pytest.approx(alone.item(), abs=1e-5)
+
 def test_reward_model_plugs_in_as_a_reward_term(trained_rm):
     from tether.rewards import CombinedReward, build_term
 

@@ -243,9 +243,13 @@ def score_all(
     pad_id: int,
     bf16: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[P] chosen and [P] rejected scores; each batch holds chosen and rejected rows alike."""
-    rows = [r for p in pairs for r in p.rows]  # chosen, rejected, chosen, ...
-    scores = score_rows(model, rows, batch_size * 2, pad_id, bf16).view(-1, 2)
+    """[P] chosen and [P] rejected scores. Each distinct row is scored once: the pairs of a
+    held-out ranking of K answers hold each answer K − 1 times (3x the forwards at K = 4)."""
+    rows = [tuple(r) for p in pairs for r in p.rows]  # chosen, rejected, chosen, ...
+    distinct = list(dict.fromkeys(rows))
+    where = {row: i for i, row in enumerate(distinct)}
+    scores = score_rows(model, [list(r) for r in distinct], batch_size * 2, pad_id, bf16)
+    scores = scores[torch.tensor([where[r] for r in rows])].view(-1, 2)
     return scores[:, 0], scores[:, 1]
 
 
