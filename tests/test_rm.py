@@ -196,6 +196,7 @@ def test_held_out_pairs_of_a_ranking_score_each_answer_once(tiny_model_dir):
             alone = model(input_ids=torch.tensor([row])).logits.squeeze()
             assert score.item() == pytest.approx(alone.item(), abs=1e-5)
 
+
 def test_reward_model_plugs_in_as_a_reward_term(trained_rm):
     from tether.rewards import CombinedReward, build_term
 
@@ -208,6 +209,23 @@ def test_reward_model_plugs_in_as_a_reward_term(trained_rm):
     total, parts = reward(["the sky", "the sky"], ["a banana", "a river"])
     assert parts[f"model:{trained_rm / 'final'}"][0] > parts[f"model:{trained_rm / 'final'}"][1]
     assert total == pytest.approx([2 * v + 1.0 for v in parts[f"model:{trained_rm / 'final'}"]])
+
+
+def test_a_bf16_reward_term_scores_in_bf16_on_the_reward_thread(trained_rm):
+    """PPO calls rewards on a thread of their own (for the timeout), where the caller's
+    autocast does not reach: the reward model enters it itself."""
+    from tether.rewards import build_term, checked_call
+
+    final = f"model:{trained_rm / 'final'}"
+    prompts, responses = ["the sky"] * 3, ["a banana", "a river", "the sea"]
+    fp32 = checked_call(build_term(final, args={"bf16": False}, timeout_s=60), prompts, responses)
+    bf16 = checked_call(build_term(final, args={"bf16": True}, timeout_s=60), prompts, responses)
+    rm = RewardModel.load(str(trained_rm / "final"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = rm.score(prompts, responses).tolist()
+    assert bf16 == pytest.approx(in_autocast, abs=1e-6)
+    assert bf16 != pytest.approx(fp32, abs=1e-6)
+    assert bf16 == pytest.approx(fp32, abs=0.1)
 
 
 def test_reward_model_loading_is_seeded_and_leaves_the_global_rng_alone(tiny_model_dir):
@@ -295,3 +313,46 @@ def test_normalisation_without_held_out_uses_training_rankings(tiny_model_dir, t
     rows = [r for rec in records for r in rec["responses"]]
     scores = rm.score(["say"] * len(rows), rows)
     assert rm.std > 0 and abs(scores.mean().item()) < 1e-3  # mean 0 over those 18 responses
+
+
+def test_common_prefix_length_leaves_every_row_its_last_token():
+    from tether.reward_model import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not all of the shorter row
+    assert common_prefix_length([[7, 2], [1, 2]]) == 0
+    assert common_prefix_length([[1, 2, 3]]) == 0  # nothing to share with
+
+
+def test_grouped_scores_run_each_prompt_once_and_equal_whole_rows(tiny_model_dir):
+    """A prompt's answers scored after one shared pass over the prompt give the scores and
+    the gradients of scoring every whole row, with fewer tokens through the backbone."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.reward_model import grouped_sequence_scores
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = 0
+    prompt_a, prompt_b = list(range(10, 40)), list(range(50, 62))
+    groups = [
+        [[*prompt_a, 5, 6, 7], [*prompt_a, 8], [*prompt_a, 5, 6, 9, 9, 9], [*prompt_a, 3]],
+        [[*prompt_b, 4, 4], [*prompt_b, 4, 4, 2]],  # one answer the start of the other
+    ]
+    tokens_seen = []
+    model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: tokens_seen.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    grouped = grouped_sequence_scores(model, groups, pad_id=0)
+    grouped.pow(2).sum().backward()
+    grouped_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shared_tokens = sum(tokens_seen)
+    tokens_seen.clear()
+    ids, mask = pad_rows([r for g in groups for r in g], 0)
+    whole = sequence_scores(model, ids, mask)
+    whole.pow(2).sum().backward()
+    assert shared_tokens < 0.5 * sum(tokens_seen)
+    assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
+    for p, g in zip(model.parameters(), grouped_grads, strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)

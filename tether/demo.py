@@ -281,12 +281,11 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     kl = policy_kl(policy, reference, tokenizer, pol_prompt_ids, pol_response_ids)
 
     gold_fn = gold_function(task)
-    rm = RewardModel.load(str(out / "rm/final"))
+    rm = RewardModel.load(str(out / "rm/final"), bf16=bf16_available())
 
     def judge(texts: list[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         repeated = [p for p in prompts for _ in range(n)]
-        with autocast(bf16_available()):
-            rm_scores = rm.score(repeated, texts, batch_size=32).float()
+        rm_scores = rm.score(repeated, texts, batch_size=32)
         return torch.tensor(gold_fn(repeated, texts)).view(-1, n), rm_scores.view(-1, n)
 
     ref_gold, ref_rm = judge(ref_texts, s.best_of)

@@ -11,6 +11,7 @@ tether scores the same, with mean 0 and std 1 on the reference set.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from tether.models import (
     save_pretrained_model,
 )
 from tether.ops import last_token_index, position_ids_from_mask
+from tether.training import autocast
 
 NORMALIZATION_KEY = "tether_reward_normalization"
 
@@ -55,6 +57,70 @@ def sequence_scores(
         position_ids=position_ids_from_mask(attention_mask),
     ).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # [B, H]
+    return inner.score(last).squeeze(-1).float()
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row begins with, leaving each row at least its last token (which the
+    score is read at): 0 for a single row."""
+    if len(rows) < 2:
+        return 0
+    shortest = min(len(r) for r in rows)
+    length = 0
+    while length < shortest - 1 and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return length
+
+
+def grouped_sequence_scores(
+    model: torch.nn.Module, groups: list[list[list[int]]], pad_id: int
+) -> torch.Tensor:
+    """[Σ rows] raw scores of token rows that come in groups with a common prefix (the K
+    answers to one prompt), the same as `sequence_scores` on the rows padded together.
+
+    Each group's common prefix goes through the backbone once, its keys and values are
+    copied to the group's rows, and only the rows' own tokens (the answers) run after it:
+    with a 46-token prompt and four 30-token answers that is 167 tokens instead of 303.
+    Gradients flow through the copied prefix, so training is unchanged. Falls back to one
+    pass over whole rows where nothing is shared or the backbone cannot keep a cache
+    (gradient checkpointing).
+    """
+    rows = [r for g in groups for r in g]
+    prefix_lengths = [common_prefix_length(g) for g in groups]
+    inner = hf_model(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
+    shared = sum(p * (len(g) - 1) for p, g in zip(prefix_lengths, groups, strict=True))
+    if checkpointing or min(prefix_lengths) < 1 or shared < 0.1 * sum(len(r) for r in rows):
+        ids, mask = pad_rows(rows, pad_id)
+        return sequence_scores(model, ids, mask)
+    prefix_ids, prefix_mask = pad_rows(
+        [g[0][:p] for g, p in zip(groups, prefix_lengths, strict=True)], pad_id
+    )
+    group_of_row = torch.tensor([i for i, g in enumerate(groups) for _ in g])
+    suffix_ids, suffix_mask = pad_rows(
+        [r[p:] for p, g in zip(prefix_lengths, groups, strict=True) for r in g], pad_id
+    )
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # filled in place by the prefix pass
+    named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
+    cache_kwargs = {named or "past_key_values": cache, "use_cache": True}  # transformers < 5.24
+    backbone(
+        input_ids=prefix_ids,
+        attention_mask=prefix_mask,
+        position_ids=position_ids_from_mask(prefix_mask),
+        **cache_kwargs,
+    )
+    cache.batch_select_indices(group_of_row)  # each row gets its group's prefix
+    mask = torch.cat([prefix_mask[group_of_row], suffix_mask], dim=1)
+    hidden = backbone(
+        input_ids=suffix_ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask)[:, prefix_ids.shape[1] :],
+        **cache_kwargs,
+    ).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0]), last_token_index(suffix_mask)]
     return inner.score(last).squeeze(-1).float()
 
 
@@ -122,14 +188,21 @@ class RewardModel:
     max_length: int = 512
     mean: float = 0.0
     std: float = 1.0
+    # bf16 autocast over the float32 weights: what a bf16 training run uses for its other
+    # forward passes (3.5x the fp32 matmul rate on an AVX512-BF16 CPU). Off by default, so
+    # `tether score` gives the raw scores `from_pretrained` gives.
+    bf16: bool = False
 
     @classmethod
-    def load(cls, path: str, max_length: int = 512, dtype: str = "float32") -> RewardModel:
+    def load(
+        cls, path: str, max_length: int = 512, dtype: str = "float32", bf16: bool = False
+    ) -> RewardModel:
         tokenizer = load_tokenizer(path)
         model = load_reward_backbone(ModelConfig(name=path, dtype=dtype), tokenizer, seed=0)
         model.eval()
         norm = getattr(model.config, NORMALIZATION_KEY, None) or {"mean": 0.0, "std": 1.0}
-        return cls(model, tokenizer, max_length, float(norm["mean"]), float(norm["std"]))
+        mean, std = float(norm["mean"]), float(norm["std"])
+        return cls(model, tokenizer, max_length, mean, std, bf16)
 
     @torch.inference_mode()
     def score(
@@ -149,7 +222,10 @@ class RewardModel:
         out = []
         for start in range(0, len(rows), batch_size):
             ids, mask = pad_rows(rows[start : start + batch_size], self.tokenizer.pad_token_id)
-            out.append(sequence_scores(self.model, ids, mask))
+            # Called on the reward's own thread (rewards.call_with_timeout): autocast is
+            # per thread, so it is entered here rather than by the caller.
+            with autocast(self.bf16):
+                out.append(sequence_scores(self.model, ids, mask).float())
         raw = torch.cat(out) if out else torch.zeros(0)
         return (raw - self.mean) / self.std if normalize else raw
 

@@ -148,15 +148,23 @@ def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[Message]], lis
     return kept, rows
 
 
-def build_reward(cfg: PPOConfig) -> tuple[CombinedReward, RewardTerm | None]:
+def build_reward(cfg: PPOConfig, bf16: bool) -> tuple[CombinedReward, RewardTerm | None]:
+    """The trained-on reward and the gold judge. Reward models score under the run's
+    precision (bf16 autocast where it has it), unless a term's `args` say otherwise."""
     timeout = cfg.reward.timeout_s
+
+    def args_of(name: str, args: dict | None) -> dict | None:
+        return {"bf16": bf16, **(args or {})} if name.startswith("model:") else args
+
     terms = [
-        build_term(t["name"], t.get("weight", 1.0), t.get("args"), timeout)
+        build_term(t["name"], t.get("weight", 1.0), args_of(t["name"], t.get("args")), timeout)
         for t in cfg.reward.terms
     ]
     gold = None
     if cfg.reward.gold:
-        gold = build_term(cfg.reward.gold, 1.0, cfg.reward.gold_args, timeout)
+        gold = build_term(
+            cfg.reward.gold, 1.0, args_of(cfg.reward.gold, cfg.reward.gold_args), timeout
+        )
     return CombinedReward(terms), gold
 
 
@@ -431,7 +439,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     begun = begin_run(cfg, out, resume)
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     messages, rows = prepare_prompts(cfg, tokenizer)
-    reward, gold = build_reward(cfg)
+    reward, gold = build_reward(cfg, bf16)
     k = cfg.rollout.samples_per_prompt
     prompts_per_rank = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     if prompts_per_rank * k % (cfg.ppo.num_minibatches * cfg.train.grad_accum):

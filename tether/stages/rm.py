@@ -38,6 +38,7 @@ from tether.losses import (
 from tether.metrics import preference_metrics
 from tether.reward_model import (
     encode_response,
+    grouped_sequence_scores,
     load_reward_backbone,
     pad_rows,
     save_reward_model,
@@ -167,10 +168,9 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
 
 
 def score_items(items: list[TrainItem], model, pad_id: int, bf16: bool) -> torch.Tensor:
-    """[Σ rows] scores of every response of a micro-batch, in ONE forward pass."""
-    ids, mask = pad_rows([r for item in items for r in item.rows], pad_id)
+    """[Σ rows] scores of every response of a micro-batch; each item's prompt runs once."""
     with autocast(bf16):
-        return sequence_scores(model, ids, mask)
+        return grouped_sequence_scores(model, [item.rows for item in items], pad_id)
 
 
 def ranking_loss(
