@@ -211,6 +211,15 @@ def test_reward_model_plugs_in_as_a_reward_term(trained_rm):
     assert total == pytest.approx([2 * v + 1.0 for v in parts[f"model:{trained_rm / 'final'}"]])
 
 
+def test_score_groups_answers_to_one_prompt_and_keeps_their_scores(trained_rm):
+    rm = RewardModel.load(str(trained_rm / "final"))
+    prompts = ["the sky"] * 3 + ["a tree"] * 2 + ["the sky"]
+    responses = ["a banana", "a river", "the sea", "a leaf", "a long green branch", "a cloud"]
+    together = rm.score(prompts, responses, batch_size=4)  # runs of 3, 2, 1: batches 3 and 3
+    alone = torch.cat([rm.score([p], [r]) for p, r in zip(prompts, responses, strict=True)])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
 def test_a_bf16_reward_term_scores_in_bf16_on_the_reward_thread(trained_rm):
     """PPO calls rewards on a thread of their own (for the timeout), where the caller's
     autocast does not reach: the reward model enters it itself."""

@@ -212,20 +212,34 @@ class RewardModel:
         batch_size: int = 16,
         normalize: bool = True,
     ) -> torch.Tensor:
-        """[N] scores, normalised to the reference set when `normalize`."""
+        """[N] scores, normalised to the reference set when `normalize`. Consecutive
+        responses to the same prompt (k samples of a rollout, best-of-n candidates) are
+        scored after one pass over their shared prompt; batches hold whole such runs,
+        about `batch_size` rows each."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         rows = [
             encode_response(self.tokenizer, as_messages(p), r, self.max_length)
             for p, r in zip(prompts, responses, strict=True)
         ]
+        groups: list[list[list[int]]] = []
+        for i, row in enumerate(rows):
+            if i and prompts[i] == prompts[i - 1]:
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        batches: list[list[list[list[int]]]] = []
+        for group in groups:
+            if not batches or sum(map(len, batches[-1])) + len(group) > batch_size:
+                batches.append([])
+            batches[-1].append(group)
         out = []
-        for start in range(0, len(rows), batch_size):
-            ids, mask = pad_rows(rows[start : start + batch_size], self.tokenizer.pad_token_id)
+        for batch in batches:
             # Called on the reward's own thread (rewards.call_with_timeout): autocast is
             # per thread, so it is entered here rather than by the caller.
             with autocast(self.bf16):
-                out.append(sequence_scores(self.model, ids, mask).float())
+                scores = grouped_sequence_scores(self.model, batch, self.tokenizer.pad_token_id)
+            out.append(scores.float())
         raw = torch.cat(out) if out else torch.zeros(0)
         return (raw - self.mean) / self.std if normalize else raw
 
