@@ -82,6 +82,41 @@ def test_response_logprobs_match_an_unpadded_full_forward(tiny):
             assert torch.allclose(batched[row, : len(r)], expected, atol=1e-5), row
 
 
+def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradients(tiny):
+    """k samples of a prompt (GRPO/RLOO groups): the prompt runs once for its rows, and the
+    response log-probs and their gradients are those of a full pass per row."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.rollout import build_batch, response_hidden, sequence_logprobs_of
+
+    model, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
+    long_prompt, short_prompt = list(range(30, 60)), [11, 12]
+    prompts = [long_prompt] * 3 + [short_prompt] * 2
+    responses = [[21, 22], [23, 24, 25, 26], [27], [28, 29, 30], [31]]
+    batch = build_batch(prompts, responses, pad_id=0)
+    tokens_seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: tokens_seen.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    grouped = sequence_logprobs_of(model, batch, temperature=0.7)
+    hook.remove()
+    mask = batch.response_mask.bool()
+    grouped[mask].sum().backward()
+    grouped_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert sum(tokens_seen) == 2 * 30 + 5 * 3  # two prompts once each, then the responses
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        alone = sequence_logprobs_of(model, build_batch([p], [r], pad_id=0), temperature=0.7)
+        assert torch.allclose(grouped[row, : len(r)], alone[0], atol=1e-5), row
+        alone[0].sum().backward()
+    for p, g in zip(model.parameters(), grouped_grads, strict=True):  # float32 rounding only
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+    # one response token each: the prompt pass alone gives every state
+    single = build_batch([short_prompt] * 2, [[40], [41]], pad_id=0)
+    assert response_hidden(model, single).shape[:2] == (2, 1)
+
+
 @pytest.mark.parametrize("engine", ["hf", "auto"])
 def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     from tether.rollout import encode_prompt, generate

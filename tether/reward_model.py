@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +61,17 @@ def sequence_scores(
     return inner.score(last).squeeze(-1).float()
 
 
+def new_cache(backbone: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
+    """An empty KV cache and the keyword arguments that hand it to `backbone` (filled in
+    place by its forward): for running a shared prefix once and its continuations after."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    # transformers 5.24 renamed `past_key_values` to `cache`
+    named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
+    return cache, {named or "past_key_values": cache, "use_cache": True}
+
+
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """Tokens every row begins with, leaving each row at least its last token (which the
     score is read at): 0 for a single row."""
@@ -101,11 +113,7 @@ def grouped_sequence_scores(
     suffix_ids, suffix_mask = pad_rows(
         [r[p:] for p, g in zip(prefix_lengths, groups, strict=True) for r in g], pad_id
     )
-    from transformers import DynamicCache
-
-    cache = DynamicCache()  # filled in place by the prefix pass
-    named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
-    cache_kwargs = {named or "past_key_values": cache, "use_cache": True}  # transformers < 5.24
+    cache, cache_kwargs = new_cache(backbone)
     backbone(
         input_ids=prefix_ids,
         attention_mask=prefix_mask,

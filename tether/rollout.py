@@ -26,7 +26,7 @@ from tether.data import Message, as_messages, pad_rows
 from tether.errors import TetherError
 from tether.models import bf16_available
 from tether.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
-from tether.reward_model import hf_model
+from tether.reward_model import hf_model, new_cache
 
 R = TypeVar("R")  # a prompt row, or its index
 
@@ -270,16 +270,50 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     """[B, R, H] final hidden states at the positions that emit each response token.
 
     `model` is a Hugging Face model (causal LM or sequence classifier), optionally wrapped by
-    peft; its backbone runs once over prompt + response.
+    peft. Rows that share their prompt (the k samples of a GRPO/RLOO group) run it once: the
+    prompt's keys and values are copied to its rows and only the responses run after it,
+    which gives the same states (and gradients) as one pass over prompt + response per row.
+    Without repeated prompts, or under gradient checkpointing (no cache), the backbone runs
+    once over prompt + response.
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(
-        input_ids=batch.ids,
-        attention_mask=batch.mask,
-        position_ids=position_ids_from_mask(batch.mask),
-    ).last_hidden_state
-    return hidden[:, batch.prompt_width - 1 : -1]
+    width = batch.prompt_width
+    prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
+    first_row_of: dict[tuple[int, ...], int] = {}  # each distinct prompt (with its padding)
+    for row, prompt in enumerate(map(tuple, prompt_part.tolist())):
+        first_row_of.setdefault(prompt, row)
+    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
+    if len(first_row_of) == batch.ids.shape[0] or checkpointing:
+        hidden = backbone(
+            input_ids=batch.ids,
+            attention_mask=batch.mask,
+            position_ids=position_ids_from_mask(batch.mask),
+        ).last_hidden_state
+        return hidden[:, width - 1 : -1]
+    group_of = {prompt: group for group, prompt in enumerate(first_row_of)}
+    group_of_row = torch.tensor([group_of[tuple(p)] for p in prompt_part.tolist()])
+    first_row = torch.tensor(list(first_row_of.values()))
+    prompt_mask = batch.mask[first_row, :width]
+    cache, cache_kwargs = new_cache(backbone)
+    last_prompt_state = backbone(
+        input_ids=batch.ids[first_row, :width],
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        **cache_kwargs,
+    ).last_hidden_state[:, -1:]  # [G, 1, H]: emits each row's first response token
+    states = last_prompt_state[group_of_row]
+    if batch.ids.shape[1] - width > 1:  # the responses, but for their last token
+        cache.batch_select_indices(group_of_row)
+        mask = batch.mask[:, :-1]
+        responses = backbone(
+            input_ids=batch.ids[:, width:-1],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask)[:, width:],
+            **cache_kwargs,
+        ).last_hidden_state
+        states = torch.cat([states, responses], dim=1)
+    return states
 
 
 def output_logits(inner, hidden: torch.Tensor) -> torch.Tensor:
