@@ -199,12 +199,14 @@ def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny, engine):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_row_seeded_samples_do_not_depend_on_the_batch(peaked_model_dir):
+def test_row_seeded_samples_do_not_depend_on_the_batch(peaked_model_dir, monkeypatch):
     """With row_seeds a row's answer is a function of its seed alone: decoded in one batch of
     6, in chunks of 2, or alone (as on the ranks of a torchrun job), it is the same. The
-    answers still differ from row to row (the seeds are not all alike)."""
+    answers still differ from row to row (the seeds are not all alike). A batch prefills
+    each of its distinct prompts once."""
     from transformers import AutoModelForCausalLM
 
+    from tether import engine
     from tether.models import load_tokenizer
     from tether.rollout import generate
     from tether.stages.ppo import row_seed
@@ -224,7 +226,17 @@ def test_row_seeded_samples_do_not_depend_on_the_batch(peaked_model_dir):
             row_seeds=seeds[rows],
         ).response_ids
 
+    prefill_rows = []
+    real_forward = engine.forward
+
+    def spy(w, cache, ids, *rest):
+        if ids.shape[1] > 1:
+            prefill_rows.append(ids.shape[0])
+        return real_forward(w, cache, ids, *rest)
+
+    monkeypatch.setattr(engine, "forward", spy)
     whole = answers(6)
+    assert prefill_rows == [2]  # 6 rows, 2 distinct prompts
     assert answers(2) == whole
     assert [answers(1, slice(i, i + 1))[0] for i in range(6)] == whole
     assert len({tuple(a) for a in whole}) > 2

@@ -265,8 +265,19 @@ def decode(
     valid = torch.zeros((batch, width + max_new_tokens), dtype=torch.bool)
     valid[:, :width] = prompt_mask.bool()
     positions = position_ids_from_mask(prompt_mask)
-    cache = KVCache(w, batch, width + max_new_tokens)
-    hidden = forward(w, cache, ids, positions, valid)
+    # A prompt repeated over rows (k samples, best-of-n) is prefilled once, then its cache
+    # and last state are copied to its rows.
+    first_row_of: dict[tuple[int, ...], int] = {}
+    for row, prompt in enumerate(prompt_rows):
+        first_row_of.setdefault(tuple(prompt), row)
+    distinct = torch.tensor(list(first_row_of.values()))
+    cache = KVCache(w, len(distinct), width + max_new_tokens)
+    hidden = forward(w, cache, ids[distinct], positions[distinct], valid[distinct])
+    if len(distinct) < batch:
+        group_of = {prompt: group for group, prompt in enumerate(first_row_of)}
+        group_of_row = torch.tensor([group_of[tuple(p)] for p in prompt_rows])
+        cache.keep(group_of_row)
+        hidden = hidden[group_of_row]
     next_position = positions[:, -1] + 1
     rows = torch.arange(batch)  # original row of each active row
     finished = torch.zeros(batch, dtype=torch.bool)  # per active row: has emitted a stop
