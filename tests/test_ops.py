@@ -7,6 +7,7 @@ import torch
 
 from tether.ops import (
     entropy_from_logits,
+    logprobs_and_entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -152,6 +153,25 @@ def test_entropy_is_differentiable() -> None:
     logits = torch.tensor([[[1.0, 0.0, 0.0]]], requires_grad=True)
     entropy_from_logits(logits).sum().backward()
     assert logits.grad[0, 0, 0] < 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_entropy_in_one_pass_equal_the_two_apart(temperature: float) -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels, temperature, 4)
+    assert logprobs.shape == entropy.shape == (3, 5)
+    assert torch.equal(logprobs, logprobs_from_logits(logits, labels, temperature, 4))
+    assert torch.allclose(entropy, entropy_from_logits(logits, temperature, 4), atol=1e-6)
+    (logprobs.sum() + entropy.sum()).backward()  # through the chunks' checkpoints
+    both = logits.grad.clone()
+    logits.grad = None
+    (
+        _reference_logprobs(logits, labels, temperature).sum()
+        + entropy_from_logits(logits, temperature).sum()
+    ).backward()
+    assert torch.allclose(both, logits.grad, atol=1e-5)
 
 
 def test_sequence_logprobs_sums_masked_tokens() -> None:

@@ -125,7 +125,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def _chunked(
     fn: Callable[..., torch.Tensor], logits: torch.Tensor, *extra: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
-    """Apply fn(logits_rows [n, V], *extra_rows [n]) -> [n] chunk by chunk over B*T rows.
+    """Apply fn(logits_rows [n, V], *extra_rows [n]) -> [n, ...] chunk by chunk over B*T rows.
 
     Each chunk is upcast to fp32 on its own, so no fp32 [B, T, V] copy exists at once. When a
     gradient is needed the chunk is checkpointed: autograd keeps only the (original dtype)
@@ -141,7 +141,14 @@ def _chunked(
             out.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
         else:
             out.append(fn(*args))
-    return torch.cat(out).reshape(logits.shape[:-1])
+    flat = torch.cat(out)
+    return flat.reshape(*logits.shape[:-1], *flat.shape[1:])
+
+
+def _scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T; at T = 1 without the division, a second pass over [n, V]."""
+    rows = rows.float()
+    return rows if temperature == 1.0 else rows / temperature
 
 
 def logprobs_from_logits(
@@ -155,11 +162,27 @@ def logprobs_from_logits(
     """
 
     def fn(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        rows = rows.float() / temperature
+        rows = _scaled(rows, temperature)
         picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(rows, dim=-1)
 
     return _chunked(fn, logits, labels, chunk_size=chunk_size)
+
+
+def logprobs_and_entropy_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` and `entropy_from_logits` from one fp32 pass over the logits
+    (the upcast and the log-normaliser are most of the cost of either): [B, T] each."""
+
+    def fn(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows = _scaled(rows, temperature)
+        logp = rows - torch.logsumexp(rows, dim=-1, keepdim=True)
+        picked = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return torch.stack([picked, -(logp.exp() * logp).sum(-1)], dim=-1)
+
+    both = _chunked(fn, logits, labels, chunk_size=chunk_size)
+    return both[..., 0], both[..., 1]
 
 
 def entropy_from_logits(
@@ -168,7 +191,7 @@ def entropy_from_logits(
     """H = -sum_v p_v log p_v of softmax(logits / T): [B, T, V] -> [B, T] fp32."""
 
     def fn(rows: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(rows.float() / temperature, dim=-1)
+        logp = torch.log_softmax(_scaled(rows, temperature), dim=-1)
         return -(logp.exp() * logp).sum(-1)
 
     return _chunked(fn, logits, chunk_size=chunk_size)

@@ -25,7 +25,11 @@ from tether import engine as tether_engine
 from tether.data import Message, as_messages, pad_rows
 from tether.errors import TetherError
 from tether.models import bf16_available
-from tether.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
+from tether.ops import (
+    logprobs_and_entropy_from_logits,
+    logprobs_from_logits,
+    position_ids_from_mask,
+)
 from tether.reward_model import hf_model, new_cache
 
 R = TypeVar("R")  # a prompt row, or its index
@@ -341,9 +345,9 @@ def token_logprobs(
     """
     logits = output_logits(hf_model(model), hidden)  # [B, R, V], response positions only
     labels = batch.ids[:, batch.prompt_width :]
-    logprobs = logprobs_from_logits(logits, labels, temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
-    return logprobs, entropy
+    if with_entropy:
+        return logprobs_and_entropy_from_logits(logits, labels, temperature)
+    return logprobs_from_logits(logits, labels, temperature), None
 
 
 def sequence_logprobs_of(model, batch: RolloutBatch, temperature: float) -> torch.Tensor:

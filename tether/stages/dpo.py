@@ -59,7 +59,8 @@ def tokenize_preferences(
 
 
 def pair_logps(model, pairs: list[TokenizedPreference], pad_id: int, bf16: bool) -> torch.Tensor:
-    """[B, 2] sequence log-probs (chosen, rejected) from ONE forward pass over 2B rows."""
+    """[B, 2] sequence log-probs (chosen, rejected) of 2B rows in one batch, in which each
+    pair's prompt runs once for both answers (`response_hidden` shares repeated prompts)."""
     prompts = [p.prompt for p in pairs] * 2
     answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = build_batch(prompts, answers, pad_id)
