@@ -494,6 +494,41 @@ def test_single_pass_algorithms_take_one_unclipped_step(tiny_model_dir, ppo_file
     assert metrics[-1]["kl/mean"] != 0  # but the policy did move
 
 
+@pytest.mark.parametrize("algo", ["grpo", "a2c"])
+def test_one_update_per_rollout_reuses_the_rollout_forward(
+    tiny_model_dir, ppo_files, tmp_path, monkeypatch, algo
+):
+    """With one update over the whole batch in one micro-batch, the rollout's policy pass is
+    the update's forward: the policy runs once per step instead of twice, and the run ends
+    where the same update split into two accumulated micro-batches (two fresh forwards)
+    ends (within float rounding, as a torchrun job's)."""
+    from test_distributed import assert_same_run  # not at the top: it imports this module
+
+    from tether import actor_critic
+
+    calls = []
+    real_forward = actor_critic.ActorCritic.forward_responses
+
+    def counted(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(actor_critic.ActorCritic, "forward_responses", counted)
+    common = [f"algo={algo}", "train.batch_size=4", "train.max_steps=3", "ppo.ppo_epochs=1"]
+    if algo == "grpo":
+        common.append("rollout.samples_per_prompt=2")
+    run_ppo(ppo_config(tiny_model_dir, ppo_files, *common), tmp_path / "once")
+    assert calls == [True] * 3  # one pass per step, with its graph
+    calls.clear()
+    run_ppo(
+        ppo_config(tiny_model_dir, ppo_files, *common, "train.grad_accum=2"), tmp_path / "twice"
+    )
+    assert calls == [False, False, True, True] * 3  # rollout and update, 2 micro-batches each
+    assert all(m["policy/approx_kl"] == 0.0 for m in read_metrics(tmp_path / "once/metrics.jsonl"))
+    keys = ["train/loss", "policy/loss", "kl/mean", "policy/entropy"]
+    assert_same_run(tmp_path / "once", tmp_path / "twice", keys)
+
+
 # --------------------------------------------------------------------------- resume, bad input
 
 

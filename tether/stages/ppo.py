@@ -84,6 +84,9 @@ class Rollout:
     kl: torch.Tensor  # [B, R] the penalty's estimator, the same one logged
     advantages: torch.Tensor  # [B, R]
     returns: torch.Tensor  # [B, R]
+    # (log-probs, values, entropy) with their graph, when the update's one forward is the
+    # rollout's own (update_reuses_rollout_pass); None otherwise
+    live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,18 @@ def algo_settings(cfg: PPOConfig) -> AlgoSettings:
         clip_eps=math.inf if single_pass else cfg.ppo.clip_eps,
         kl_placement=placement,
         kl_estimator=estimator,
+    )
+
+
+def update_reuses_rollout_pass(cfg: PPOConfig) -> bool:
+    """One update over the whole batch in one micro-batch (GRPO's and RLOO's usual setting:
+    ppo_epochs = num_minibatches = grad_accum = 1) starts from the rollout's weights, so the
+    rollout's forward, run with its graph, is the update's forward: π_old is that pass
+    detached (the ratio is exactly 1) and the pass is not run twice."""
+    return (
+        algo_settings(cfg).epochs == 1
+        and cfg.ppo.num_minibatches == 1
+        and cfg.train.grad_accum == 1
     )
 
 
@@ -235,16 +250,23 @@ def collect_rollout(
     )
 
     logprobs, values, entropy, ref_logprobs = [], [], [], []
+    live = None
     ac.eval()
     micro = len(rows) // ppo.num_minibatches // cfg.train.grad_accum
     for start in range(0, batch.ids.shape[0], micro):
         sub = batch.rows(slice(start, start + micro))
         with autocast(bf16):
-            lp, v, ent = parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True)
             if reference is None:
                 ref = parallel(reference_logprobs, sub, ro_cfg.temperature)
             else:
                 ref = sequence_logprobs_of(reference, sub, ro_cfg.temperature)
+            if update_reuses_rollout_pass(cfg):  # this pass is the update's forward too
+                ac.train()
+                with torch.enable_grad():
+                    live = parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True)
+                lp, v, ent = (t.detach() for t in live)
+            else:
+                lp, v, ent = parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True)
         logprobs.append(lp)
         values.append(v)
         entropy.append(ent)
@@ -342,6 +364,7 @@ def collect_rollout(
         own(kl),
         own(advantages),
         own(returns),
+        live,
     )
     return rollout, stats, samples
 
@@ -392,13 +415,16 @@ def ppo_update(
                 sub = ro.batch.rows(idx)
                 mask = sub.response_mask
                 with parallel.micro_batch(last=start + micro >= minibatch):
-                    with autocast(bf16):
-                        logprobs, values, entropy = parallel(
-                            ActorCritic.forward_responses,
-                            sub,
-                            cfg.rollout.temperature,
-                            ppo.ent_coef > 0,
-                        )
+                    if ro.live is not None:  # the rollout's pass, in this minibatch's order
+                        logprobs, values, entropy = (t[idx] for t in ro.live)
+                    else:
+                        with autocast(bf16):
+                            logprobs, values, entropy = parallel(
+                                ActorCritic.forward_responses,
+                                sub,
+                                cfg.rollout.temperature,
+                                ppo.ent_coef > 0,
+                            )
                     pg_loss, pg = ppo_policy_loss(
                         logprobs, ro.logprobs[idx], ro.advantages[idx], mask, algo.clip_eps
                     )
