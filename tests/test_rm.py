@@ -330,7 +330,7 @@ def test_common_prefix_length_leaves_every_row_its_last_token():
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not all of the shorter row
     assert common_prefix_length([[7, 2], [1, 2]]) == 0
-    assert common_prefix_length([[1, 2, 3]]) == 0  # nothing to share with
+    assert common_prefix_length([[1, 2, 3]]) == 2  # a row alone: all but its last token
 
 
 def test_grouped_scores_run_each_prompt_once_and_equal_whole_rows(tiny_model_dir):
@@ -347,6 +347,7 @@ def test_grouped_scores_run_each_prompt_once_and_equal_whole_rows(tiny_model_dir
     groups = [
         [[*prompt_a, 5, 6, 7], [*prompt_a, 8], [*prompt_a, 5, 6, 9, 9, 9], [*prompt_a, 3]],
         [[*prompt_b, 4, 4], [*prompt_b, 4, 4, 2]],  # one answer the start of the other
+        [[7, *prompt_b], [8, *prompt_b, 1]],  # cut from the left at different points
     ]
     tokens_seen = []
     model.model.register_forward_pre_hook(
@@ -361,7 +362,7 @@ def test_grouped_scores_run_each_prompt_once_and_equal_whole_rows(tiny_model_dir
     ids, mask = pad_rows([r for g in groups for r in g], 0)
     whole = sequence_scores(model, ids, mask)
     whole.pow(2).sum().backward()
-    assert shared_tokens < 0.5 * sum(tokens_seen)
+    assert shared_tokens <= 0.6 * sum(tokens_seen)  # 4 prefixes of <= 30 + 8 answers of <= 5
     assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
     for p, g in zip(model.parameters(), grouped_grads, strict=True):
         assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)

@@ -74,9 +74,7 @@ def new_cache(backbone: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
 
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """Tokens every row begins with, leaving each row at least its last token (which the
-    score is read at): 0 for a single row."""
-    if len(rows) < 2:
-        return 0
+    score is read at)."""
     shortest = min(len(r) for r in rows)
     length = 0
     while length < shortest - 1 and all(r[length] == rows[0][length] for r in rows):
@@ -98,6 +96,9 @@ def grouped_sequence_scores(
     (gradient checkpointing).
     """
     rows = [r for g in groups for r in g]
+    # A group whose rows share nothing (a pair cut from the left at different points) runs
+    # as single rows, each its own prefix: the batch still shares the other groups' prompts.
+    groups = [s for g in groups for s in ([g] if common_prefix_length(g) else [[r] for r in g])]
     prefix_lengths = [common_prefix_length(g) for g in groups]
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
