@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tether.ops import (
+    distinct_rows,
     entropy_from_logits,
     logprobs_and_entropy_from_logits,
     logprobs_from_logits,
@@ -172,6 +173,14 @@ def test_logprobs_and_entropy_in_one_pass_equal_the_two_apart(temperature: float
         + entropy_from_logits(logits, temperature).sum()
     ).backward()
     assert torch.allclose(both, logits.grad, atol=1e-5)
+
+
+def test_distinct_rows_hand_values() -> None:
+    first, group_of = distinct_rows(["b", "a", "b", "c", "a"])
+    assert first.tolist() == [0, 1, 3]  # "b", "a", "c" in order of first appearance
+    assert group_of.tolist() == [0, 1, 0, 2, 1]
+    first, group_of = distinct_rows([(1, 2), (3,)])
+    assert first.tolist() == [0, 1] and group_of.tolist() == [0, 1]
 
 
 def test_sequence_logprobs_sums_masked_tokens() -> None:

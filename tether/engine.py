@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tether.data import pad_rows
-from tether.ops import position_ids_from_mask
+from tether.ops import distinct_rows, position_ids_from_mask
 from tether.reward_model import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -267,15 +267,10 @@ def decode(
     positions = position_ids_from_mask(prompt_mask)
     # A prompt repeated over rows (k samples, best-of-n) is prefilled once, then its cache
     # and last state are copied to its rows.
-    first_row_of: dict[tuple[int, ...], int] = {}
-    for row, prompt in enumerate(prompt_rows):
-        first_row_of.setdefault(tuple(prompt), row)
-    distinct = torch.tensor(list(first_row_of.values()))
+    distinct, group_of_row = distinct_rows([tuple(p) for p in prompt_rows])
     cache = KVCache(w, len(distinct), width + max_new_tokens)
     hidden = forward(w, cache, ids[distinct], positions[distinct], valid[distinct])
     if len(distinct) < batch:
-        group_of = {prompt: group for group, prompt in enumerate(first_row_of)}
-        group_of_row = torch.tensor([group_of[tuple(p)] for p in prompt_rows])
         cache.keep(group_of_row)
         hidden = hidden[group_of_row]
     next_position = positions[:, -1] + 1

@@ -9,7 +9,7 @@ Masks are 0/1 (bool or float) tensors broadcastable to `x`; 1 marks a token that
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -115,6 +115,19 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] index of the rightmost real token, for left or right padding alike."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask).argmax(dim=1)
+
+
+def distinct_rows(keys: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first [G], group_of [N]) for N keys with G distinct values: `first` holds the index
+    of each distinct key's first occurrence (in order of appearance) and `group_of[i]` the
+    position in `first` of key i's value, so keys[first[group_of[i]]] == keys[i]. For work
+    done once per distinct row (a shared prompt) and then copied to its rows."""
+    first_of: dict[Hashable, int] = {}
+    for index, key in enumerate(keys):
+        first_of.setdefault(key, index)
+    group = {key: g for g, key in enumerate(first_of)}
+    first = torch.tensor(list(first_of.values()), dtype=torch.long)
+    return first, torch.tensor([group[key] for key in keys], dtype=torch.long)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tether.data import Message, as_messages, pad_rows
 from tether.errors import TetherError
 from tether.models import bf16_available
 from tether.ops import (
+    distinct_rows,
     logprobs_and_entropy_from_logits,
     logprobs_from_logits,
     position_ids_from_mask,
@@ -284,20 +285,15 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     backbone = getattr(inner, inner.base_model_prefix)
     width = batch.prompt_width
     prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
-    first_row_of: dict[tuple[int, ...], int] = {}  # each distinct prompt (with its padding)
-    for row, prompt in enumerate(map(tuple, prompt_part.tolist())):
-        first_row_of.setdefault(prompt, row)
+    first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
     checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
-    if len(first_row_of) == batch.ids.shape[0] or checkpointing:
+    if len(first_row) == batch.ids.shape[0] or checkpointing:
         hidden = backbone(
             input_ids=batch.ids,
             attention_mask=batch.mask,
             position_ids=position_ids_from_mask(batch.mask),
         ).last_hidden_state
         return hidden[:, width - 1 : -1]
-    group_of = {prompt: group for group, prompt in enumerate(first_row_of)}
-    group_of_row = torch.tensor([group_of[tuple(p)] for p in prompt_part.tolist()])
-    first_row = torch.tensor(list(first_row_of.values()))
     prompt_mask = batch.mask[first_row, :width]
     cache, cache_kwargs = new_cache(backbone)
     last_prompt_state = backbone(

@@ -250,7 +250,7 @@ def collect_rollout(
     )
 
     logprobs, values, entropy, ref_logprobs = [], [], [], []
-    live = None
+    live, reuse = None, update_reuses_rollout_pass(cfg)
     ac.eval()
     micro = len(rows) // ppo.num_minibatches // cfg.train.grad_accum
     for start in range(0, batch.ids.shape[0], micro):
@@ -260,7 +260,7 @@ def collect_rollout(
                 ref = parallel(reference_logprobs, sub, ro_cfg.temperature)
             else:
                 ref = sequence_logprobs_of(reference, sub, ro_cfg.temperature)
-            if update_reuses_rollout_pass(cfg):  # this pass is the update's forward too
+            if reuse:  # this pass is the update's forward too
                 ac.train()
                 with torch.enable_grad():
                     live = parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True)

@@ -36,6 +36,7 @@ from tether.losses import (
     score_l2_penalty,
 )
 from tether.metrics import preference_metrics
+from tether.ops import distinct_rows
 from tether.reward_model import (
     encode_response,
     grouped_sequence_scores,
@@ -245,11 +246,10 @@ def score_all(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[P] chosen and [P] rejected scores. Each distinct row is scored once: the pairs of a
     held-out ranking of K answers hold each answer K − 1 times (3x the forwards at K = 4)."""
-    rows = [tuple(r) for p in pairs for r in p.rows]  # chosen, rejected, chosen, ...
-    distinct = list(dict.fromkeys(rows))
-    where = {row: i for i, row in enumerate(distinct)}
-    scores = score_rows(model, [list(r) for r in distinct], batch_size * 2, pad_id, bf16)
-    scores = scores[torch.tensor([where[r] for r in rows])].view(-1, 2)
+    rows = [r for p in pairs for r in p.rows]  # chosen, rejected, chosen, ...
+    first, group_of_row = distinct_rows([tuple(r) for r in rows])
+    scores = score_rows(model, [rows[i] for i in first], batch_size * 2, pad_id, bf16)
+    scores = scores[group_of_row].view(-1, 2)
     return scores[:, 0], scores[:, 1]
 
 
