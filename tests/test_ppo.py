@@ -117,6 +117,40 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradien
     assert response_hidden(model, single).shape[:2] == (2, 1)
 
 
+def test_prompts_that_open_alike_run_the_opening_once(tiny):
+    """Distinct prompts with a common opening (a system prompt, an instruction): the opening
+    runs once for all rows, and log-probs and gradients are those of a full pass per row."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.rollout import build_batch, common_prompt_opening, sequence_logprobs_of
+
+    model, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
+    opening = list(range(100, 125))
+    prompts = [[*opening, 5], [*opening, 6, 7, 8], [*opening, 9, 9]]
+    responses = [[21, 22], [23, 24, 25, 26], [27]]
+    batch = build_batch(prompts, responses, pad_id=0)
+    assert common_prompt_opening(batch) == 25
+    assert common_prompt_opening(build_batch([[1, 2, 3], [1, 2, 3, 4]], [[5], [5]], 0)) == 2
+    assert common_prompt_opening(build_batch([[1, 2, 3], [9, 1, 2]], [[5], [5]], 0)) == 0
+    tokens_seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: tokens_seen.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    shared = sequence_logprobs_of(model, batch, temperature=0.7)
+    hook.remove()
+    assert sum(tokens_seen) == 25 + 3 * (batch.ids.shape[1] - 25)
+    shared[batch.response_mask.bool()].sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        alone = sequence_logprobs_of(model, build_batch([p], [r], pad_id=0), temperature=0.7)
+        assert torch.allclose(shared[row, : len(r)], alone[0], atol=1e-5), row
+        alone[0].sum().backward()
+    for p, g in zip(model.parameters(), shared_grads, strict=True):  # float32 rounding only
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+
+
 @pytest.mark.parametrize("engine", ["hf", "auto"])
 def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     from tether.rollout import encode_prompt, generate

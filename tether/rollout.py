@@ -275,25 +275,39 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     """[B, R, H] final hidden states at the positions that emit each response token.
 
     `model` is a Hugging Face model (causal LM or sequence classifier), optionally wrapped by
-    peft. Rows that share their prompt (the k samples of a GRPO/RLOO group) run it once: the
-    prompt's keys and values are copied to its rows and only the responses run after it,
-    which gives the same states (and gradients) as one pass over prompt + response per row.
-    Without repeated prompts, or under gradient checkpointing (no cache), the backbone runs
+    peft. Tokens several rows share run once, their keys and values copied to the rows, with
+    the states (and gradients) of one pass over prompt + response per row:
+    - rows with the same prompt (the k samples of a GRPO/RLOO group, DPO's chosen and
+      rejected) run it once, then only their responses;
+    - distinct prompts that open alike (a system prompt, a task's instruction) run the
+      opening once, then each its own rest and response.
+    Under gradient checkpointing (no cache), or where little is shared, the backbone runs
     once over prompt + response.
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
+    width, rows = batch.prompt_width, batch.ids.shape[0]
+    if not (getattr(backbone, "gradient_checkpointing", False) and backbone.training):
+        prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
+        first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
+        if len(first_row) < rows:
+            return _hidden_after_shared_prompts(backbone, batch, first_row, group_of_row)
+        opening = common_prompt_opening(batch)
+        if opening * (rows - 1) >= 0.1 * int(batch.mask.sum()):
+            return _hidden_after_common_opening(backbone, batch, opening)
+    hidden = backbone(
+        input_ids=batch.ids,
+        attention_mask=batch.mask,
+        position_ids=position_ids_from_mask(batch.mask),
+    ).last_hidden_state
+    return hidden[:, width - 1 : -1]
+
+
+def _hidden_after_shared_prompts(
+    backbone, batch: RolloutBatch, first_row: torch.Tensor, group_of_row: torch.Tensor
+) -> torch.Tensor:
+    """Each distinct prompt (row `first_row[g]`) once, then every row's response after it."""
     width = batch.prompt_width
-    prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
-    first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
-    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
-    if len(first_row) == batch.ids.shape[0] or checkpointing:
-        hidden = backbone(
-            input_ids=batch.ids,
-            attention_mask=batch.mask,
-            position_ids=position_ids_from_mask(batch.mask),
-        ).last_hidden_state
-        return hidden[:, width - 1 : -1]
     prompt_mask = batch.mask[first_row, :width]
     cache, cache_kwargs = new_cache(backbone)
     last_prompt_state = backbone(
@@ -314,6 +328,47 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
         ).last_hidden_state
         states = torch.cat([states, responses], dim=1)
     return states
+
+
+def common_prompt_opening(batch: RolloutBatch) -> int:
+    """How many tokens every row's (left-padded) prompt opens with, leaving each prompt at
+    least its last token."""
+    width = batch.prompt_width
+    lengths = batch.mask[:, :width].sum(dim=1)
+    most = int(lengths.min()) - 1
+    if most < 1:
+        return 0
+    columns = (width - lengths)[:, None] + torch.arange(most)
+    heads = batch.ids.gather(1, columns)  # [B, most]: the first tokens of each prompt
+    alike = (heads == heads[:1]).all(dim=0)
+    return most if bool(alike.all()) else int(alike.int().argmin())
+
+
+def _hidden_after_common_opening(backbone, batch: RolloutBatch, opening: int) -> torch.Tensor:
+    """The prompts' common opening once, then each row without it: [pad | rest of prompt |
+    response], its positions counted on from the opening's."""
+    rows, width = batch.ids.shape[0], batch.prompt_width
+    starts = width - batch.mask[:, :width].sum(dim=1)  # where each prompt begins
+    columns = torch.arange(batch.ids.shape[1])
+    keep = (columns < starts[:, None]) | (columns >= starts[:, None] + opening)
+    ids, mask = batch.ids[keep].view(rows, -1), batch.mask[keep].view(rows, -1)
+    head = batch.ids[:1, int(starts[0]) : int(starts[0]) + opening]
+    cache, cache_kwargs = new_cache(backbone)
+    backbone(
+        input_ids=head,
+        attention_mask=torch.ones_like(head),
+        position_ids=torch.arange(opening)[None],
+        **cache_kwargs,
+    )
+    cache.batch_select_indices(torch.zeros(rows, dtype=torch.long))
+    full_mask = torch.cat([torch.ones(rows, opening, dtype=mask.dtype), mask], dim=1)
+    hidden = backbone(
+        input_ids=ids,
+        attention_mask=full_mask,
+        position_ids=position_ids_from_mask(full_mask)[:, opening:],
+        **cache_kwargs,
+    ).last_hidden_state
+    return hidden[:, width - opening - 1 : -1]
 
 
 def output_logits(inner, hidden: torch.Tensor) -> torch.Tensor:
