@@ -6,9 +6,11 @@ Llama built from a config, so every end-to-end test runs real transformers code 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,20 @@ def write_jsonl(path: Path, records: list) -> Path:
         for r in records:
             fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def backbone_inputs(model) -> Iterator[list[torch.Size]]:
+    """The shape of every `input_ids` the model's backbone (`model.model`) is called with
+    inside the block: how many rows and tokens a pass really ran."""
+    seen: list[torch.Size] = []
+    hook = model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import backbone_inputs
 from test_sft import run_cli
 
 from tether.config import ConfigError, PPOConfig, load_config
@@ -95,17 +96,13 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradien
     prompts = [long_prompt] * 3 + [short_prompt] * 2
     responses = [[21, 22], [23, 24, 25, 26], [27], [28, 29, 30], [31]]
     batch = build_batch(prompts, responses, pad_id=0)
-    tokens_seen = []
-    hook = model.model.register_forward_pre_hook(
-        lambda _, args, kwargs: tokens_seen.append(kwargs["input_ids"].numel()), with_kwargs=True
-    )
-    grouped = sequence_logprobs_of(model, batch, temperature=0.7)
-    hook.remove()
+    with backbone_inputs(model) as seen:
+        grouped = sequence_logprobs_of(model, batch, temperature=0.7)
     mask = batch.response_mask.bool()
     grouped[mask].sum().backward()
     grouped_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    assert sum(tokens_seen) == 2 * 30 + 5 * 3  # two prompts once each, then the responses
+    assert sum(x.numel() for x in seen) == 2 * 30 + 5 * 3  # two prompts once, then the answers
     for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         alone = sequence_logprobs_of(model, build_batch([p], [r], pad_id=0), temperature=0.7)
         assert torch.allclose(grouped[row, : len(r)], alone[0], atol=1e-5), row
@@ -133,13 +130,9 @@ def test_prompts_that_open_alike_run_the_opening_once(tiny):
     assert common_prompt_opening(batch) == 25
     assert common_prompt_opening(build_batch([[1, 2, 3], [1, 2, 3, 4]], [[5], [5]], 0)) == 2
     assert common_prompt_opening(build_batch([[1, 2, 3], [9, 1, 2]], [[5], [5]], 0)) == 0
-    tokens_seen = []
-    hook = model.model.register_forward_pre_hook(
-        lambda _, args, kwargs: tokens_seen.append(kwargs["input_ids"].numel()), with_kwargs=True
-    )
-    shared = sequence_logprobs_of(model, batch, temperature=0.7)
-    hook.remove()
-    assert sum(tokens_seen) == 25 + 3 * (batch.ids.shape[1] - 25)
+    with backbone_inputs(model) as seen:
+        shared = sequence_logprobs_of(model, batch, temperature=0.7)
+    assert sum(x.numel() for x in seen) == 25 + 3 * (batch.ids.shape[1] - 25)
     shared[batch.response_mask.bool()].sum().backward()
     shared_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

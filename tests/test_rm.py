@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import backbone_inputs, write_jsonl
 from test_sft import run_cli
 
 from tether.config import RMConfig, load_config
@@ -139,22 +139,32 @@ def test_listwise_records_become_weighted_pairs():
     assert [p.weight for p in adjacent] == pytest.approx([0.5, 0.5])
 
 
-def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_dir):
-    """K responses scored once give the same Bradley-Terry loss as the K(K−1)/2 pairs the
-    ranking expands to, each scored on its own (with the pairs' 1/3 weights)."""
+def tiny_rm_and_ranking(model_dir):
+    """A fresh (seeded) reward model on the tiny Llama, its tokenizer, and a ranking of 3."""
     from transformers import AutoModelForSequenceClassification
 
-    from tether.config import RewardLossConfig
-    from tether.data import LoadReport, PreferencePair, RankedResponses, expand_rankings
+    from tether.data import RankedResponses
     from tether.models import load_tokenizer
-    from tether.stages.rm import pair_loss, tokenize_pairs, tokenize_ranking_pairs
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     prompt = [{"role": "user", "content": "say"}]
     ranked = RankedResponses(prompt, ["one", "two words", "three more words"], ranking=[2, 0, 1])
+    return tokenizer, model, ranked
+
+
+def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_dir):
+    """K responses scored once give the same Bradley-Terry loss as the K(K−1)/2 pairs the
+    ranking expands to, each scored on its own (with the pairs' 1/3 weights)."""
+
+    from tether.config import RewardLossConfig
+    from tether.data import LoadReport, PreferencePair, expand_rankings
+    from tether.stages.rm import pair_loss, tokenize_pairs, tokenize_ranking_pairs
+
+    tokenizer, model, ranked = tiny_rm_and_ranking(tiny_model_dir)
+    prompt = ranked.prompt
     plain = PreferencePair(prompt, "yes", "no", margin=0.5)
     report = LoadReport("x")
     whole = [tokenize_ranking_pairs(ranked, tokenizer, 64, False, report)]
@@ -171,26 +181,15 @@ def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_di
 def test_held_out_pairs_of_a_ranking_score_each_answer_once(tiny_model_dir):
     """A held-out ranking of 3 answers is 3 pairs (6 rows) but 3 distinct answers: they are
     scored once each, and every pair gets the scores its rows get on their own."""
-    from transformers import AutoModelForSequenceClassification
 
-    from tether.data import LoadReport, RankedResponses, expand_rankings
-    from tether.models import load_tokenizer
+    from tether.data import LoadReport, expand_rankings
     from tether.stages.rm import score_all, tokenize_pairs
 
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    prompt = [{"role": "user", "content": "say"}]
-    ranked = RankedResponses(prompt, ["one", "two words", "three more words"], ranking=[2, 0, 1])
+    tokenizer, model, ranked = tiny_rm_and_ranking(tiny_model_dir)
     pairs = tokenize_pairs(expand_rankings([ranked], False), tokenizer, 64, LoadReport("x"))
-    rows_seen = []
-    hook = model.model.register_forward_pre_hook(  # the backbone: scores skip the LM's head
-        lambda _, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
-    chosen, rejected = score_all(model, pairs, 8, tokenizer.pad_token_id, False)
-    hook.remove()
-    assert len(pairs) == 3 and sum(rows_seen) == 3
+    with backbone_inputs(model) as seen:
+        chosen, rejected = score_all(model, pairs, 8, tokenizer.pad_token_id, False)
+    assert len(pairs) == 3 and sum(x[0] for x in seen) == 3
     for pair, c, r in zip(pairs, chosen, rejected, strict=True):
         for row, score in ((pair.chosen, c), (pair.rejected, r)):
             alone = model(input_ids=torch.tensor([row])).logits.squeeze()
@@ -349,20 +348,17 @@ def test_grouped_scores_run_each_prompt_once_and_equal_whole_rows(tiny_model_dir
         [[*prompt_b, 4, 4], [*prompt_b, 4, 4, 2]],  # one answer the start of the other
         [[7, *prompt_b], [8, *prompt_b, 1]],  # cut from the left at different points
     ]
-    tokens_seen = []
-    model.model.register_forward_pre_hook(
-        lambda _, args, kwargs: tokens_seen.append(kwargs["input_ids"].numel()), with_kwargs=True
-    )
-    grouped = grouped_sequence_scores(model, groups, pad_id=0)
+    with backbone_inputs(model) as shared_seen:
+        grouped = grouped_sequence_scores(model, groups, pad_id=0)
     grouped.pow(2).sum().backward()
     grouped_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    shared_tokens = sum(tokens_seen)
-    tokens_seen.clear()
     ids, mask = pad_rows([r for g in groups for r in g], 0)
-    whole = sequence_scores(model, ids, mask)
+    with backbone_inputs(model) as whole_seen:
+        whole = sequence_scores(model, ids, mask)
     whole.pow(2).sum().backward()
-    assert shared_tokens <= 0.6 * sum(tokens_seen)  # 4 prefixes of <= 30 + 8 answers of <= 5
+    shared_tokens = sum(x.numel() for x in shared_seen)  # 4 prefixes of <= 30, 8 answers <= 5
+    assert shared_tokens <= 0.6 * sum(x.numel() for x in whole_seen)
     assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
     for p, g in zip(model.parameters(), grouped_grads, strict=True):
         assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)
