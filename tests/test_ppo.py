@@ -83,6 +83,22 @@ def test_response_logprobs_match_an_unpadded_full_forward(tiny):
             assert torch.allclose(batched[row, : len(r)], expected, atol=1e-5), row
 
 
+def assert_same_as_row_by_row(model, batch, logprobs, prompts, responses) -> None:
+    """`logprobs` of `batch` (at T = 0.7, with their graph) are each row's own full pass,
+    in value and in the gradient of their sum (up to float32 rounding)."""
+    from tether.rollout import build_batch, sequence_logprobs_of
+
+    logprobs[batch.response_mask.bool()].sum().backward()
+    batched_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        alone = sequence_logprobs_of(model, build_batch([p], [r], pad_id=0), temperature=0.7)
+        assert torch.allclose(logprobs[row, : len(r)], alone[0], atol=1e-5), row
+        alone[0].sum().backward()
+    for p, g in zip(model.parameters(), batched_grads, strict=True):
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+
+
 def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradients(tiny):
     """k samples of a prompt (GRPO/RLOO groups): the prompt runs once for its rows, and the
     response log-probs and their gradients are those of a full pass per row."""
@@ -98,17 +114,8 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradien
     batch = build_batch(prompts, responses, pad_id=0)
     with backbone_inputs(model) as seen:
         grouped = sequence_logprobs_of(model, batch, temperature=0.7)
-    mask = batch.response_mask.bool()
-    grouped[mask].sum().backward()
-    grouped_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
     assert sum(x.numel() for x in seen) == 2 * 30 + 5 * 3  # two prompts once, then the answers
-    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        alone = sequence_logprobs_of(model, build_batch([p], [r], pad_id=0), temperature=0.7)
-        assert torch.allclose(grouped[row, : len(r)], alone[0], atol=1e-5), row
-        alone[0].sum().backward()
-    for p, g in zip(model.parameters(), grouped_grads, strict=True):  # float32 rounding only
-        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+    assert_same_as_row_by_row(model, batch, grouped, prompts, responses)
     # one response token each: the prompt pass alone gives every state
     single = build_batch([short_prompt] * 2, [[40], [41]], pad_id=0)
     assert response_hidden(model, single).shape[:2] == (2, 1)
@@ -133,15 +140,7 @@ def test_prompts_that_open_alike_run_the_opening_once(tiny):
     with backbone_inputs(model) as seen:
         shared = sequence_logprobs_of(model, batch, temperature=0.7)
     assert sum(x.numel() for x in seen) == 25 + 3 * (batch.ids.shape[1] - 25)
-    shared[batch.response_mask.bool()].sum().backward()
-    shared_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        alone = sequence_logprobs_of(model, build_batch([p], [r], pad_id=0), temperature=0.7)
-        assert torch.allclose(shared[row, : len(r)], alone[0], atol=1e-5), row
-        alone[0].sum().backward()
-    for p, g in zip(model.parameters(), shared_grads, strict=True):  # float32 rounding only
-        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+    assert_same_as_row_by_row(model, batch, shared, prompts, responses)
 
 
 @pytest.mark.parametrize("engine", ["hf", "auto"])
