@@ -4,7 +4,8 @@ The loop: read and split preference data, expand rankings into weighted pairs, t
 prompt | answer (the answer as the chat template renders it, ending with EOS) -> compute the
 reference's sequence log-probs of every answer ONCE and cache them in the run dir (a resumed
 run reads them back; no reference model stays in memory) -> each step scores chosen and
-rejected in one forward pass and applies `dpo_loss` -> `final/`.
+rejected in one batch, each pair's prompt run once for both, and applies `dpo_loss` ->
+`final/`.
 """
 
 from __future__ import annotations

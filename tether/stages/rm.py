@@ -3,7 +3,8 @@ weighted pairs or under the Plackett-Luce likelihood.
 
 The loop: validate data -> expand rankings into weighted pairs (or keep them whole for
 Plackett-Luce) -> tokenise prompt+response (cut from the left, the score is read at the end)
--> each step scores all responses of its micro-batch in one forward pass -> ranking loss +
+-> each step scores all responses of its micro-batch, each prompt run once for its answers
+(`grouped_sequence_scores`) -> ranking loss +
 offset-pinning penalty -> after training, normalise scores to mean 0, std 1 over the held-out
 responses and save a HF sequence-classification model in `final/`. Held-out evaluation is
 always pairwise, so both losses are judged by the same metrics.
