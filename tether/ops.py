@@ -159,7 +159,7 @@ def _chunked(
 
 
 def _scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 logits / T; at T = 1 without the division, a second pass over [n, V]."""
+    """fp32 logits / T (at T = 1 the division, a second pass over [n, V], is skipped)."""
     rows = rows.float()
     return rows if temperature == 1.0 else rows / temperature
 
