@@ -73,6 +73,13 @@ def several_ranks() -> bool:
     return is_distributed() and world().size > 1
 
 
+def fsdp_sharded(module: nn.Module) -> bool:
+    """True where FSDP2 shards `module`'s parameters (DTensors). Its blocks free their
+    gathered weights after each call, so a forward must call each block once: a pass split
+    in two (a shared prompt, then the answers) would free weights its backward still needs."""
+    return any(hasattr(p, "full_tensor") for p in module.parameters())
+
+
 def per_rank(count: int, what: str) -> int:
     """`count` (a global batch: the config's number) split over the ranks; it must divide."""
     size = world().size

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from tether import distributed
 from tether.config import ModelConfig
 from tether.data import Message, as_messages, pad_rows
 from tether.models import (
@@ -92,8 +93,8 @@ def grouped_sequence_scores(
     copied to the group's rows, and only the rows' own tokens (the answers) run after it:
     with a 46-token prompt and four 30-token answers that is 167 tokens instead of 303.
     Gradients flow through the copied prefix, so training is unchanged. Falls back to one
-    pass over whole rows where that pads to fewer tokens, or where the backbone cannot keep
-    a cache (gradient checkpointing).
+    pass over whole rows where that pads to fewer tokens, where the backbone cannot keep a
+    cache (gradient checkpointing), or where FSDP shards it (`distributed.fsdp_sharded`).
     """
     rows = [r for g in groups for r in g]
     # A group whose rows share nothing (a pair cut from the left at different points) runs
@@ -102,13 +103,15 @@ def grouped_sequence_scores(
     prefix_lengths = [common_prefix_length(g) for g in groups]
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
+    one_pass = distributed.fsdp_sharded(backbone) or (  # no cache under checkpointing
+        getattr(backbone, "gradient_checkpointing", False) and backbone.training
+    )
     # Tokens each way once padded: the rows to their longest, or the prefixes to theirs and
     # the rest to its longest (one pair cut from the left pads every prefix to its length).
     whole = len(rows) * max(len(r) for r in rows)
     suffixes = [len(r) - p for p, g in zip(prefix_lengths, groups, strict=True) for r in g]
     split = len(groups) * max(prefix_lengths) + len(rows) * max(suffixes)
-    if checkpointing or min(prefix_lengths) < 1 or split > 0.9 * whole:
+    if one_pass or min(prefix_lengths) < 1 or split > 0.9 * whole:
         ids, mask = pad_rows(rows, pad_id)
         return sequence_scores(model, ids, mask)
     prefix_ids, prefix_mask = pad_rows(

@@ -21,6 +21,7 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether import engine as tether_engine
 from tether.data import Message, as_messages, pad_rows
 from tether.errors import TetherError
@@ -281,13 +282,14 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
       rejected) run it once, then only their responses;
     - distinct prompts that open alike (a system prompt, a task's instruction) run the
       opening once, then each its own rest and response.
-    Under gradient checkpointing (no cache), or where little is shared, the backbone runs
-    once over prompt + response.
+    Under gradient checkpointing (no cache) or FSDP (`distributed.fsdp_sharded`), or where
+    little is shared, the backbone runs once over prompt + response.
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
     width, rows = batch.prompt_width, batch.ids.shape[0]
-    if not (getattr(backbone, "gradient_checkpointing", False) and backbone.training):
+    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
+    if not (checkpointing or distributed.fsdp_sharded(backbone)):
         prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
         first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
         if len(first_row) < rows:

@@ -232,7 +232,7 @@ def restore_training_state(path, model, optimizer, scheduler) -> tuple[Progress,
     if is_sharded(path):
         state, meta = load_sharded_checkpoint(path, model, optimizer)
     else:
-        if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        if distributed.fsdp_sharded(model):
             raise distributed.DistributedError(
                 f"{path} was written by a single process; resume it with parallel: ddp "
                 "(FSDP resumes checkpoints written under torchrun)"

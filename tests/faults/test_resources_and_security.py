@@ -204,7 +204,7 @@ def test_reward_code_is_imported_only_when_a_run_builds_its_reward(
     )
     cfg = ppo_config(tiny_model_dir, ppo_files, f"reward.terms=[{{name: '{reward}:score'}}]")
     assert not marker.exists()  # reading and validating the config imports nothing
-    build_reward(cfg)
+    build_reward(cfg, bf16=False)
     assert marker.exists()
 
 
