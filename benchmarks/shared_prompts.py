@@ -28,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from tqdm.auto import tqdm
 
     from tether.config import RMConfig, load_config
     from tether.data import pad_rows
@@ -78,7 +79,7 @@ def main() -> None:
     seconds = {}
     for layout in ("whole", "shared"):
         total = 0.0
-        for step in range(args.steps):
+        for step in tqdm(range(args.steps), desc=layout, unit="step"):
             groups = step_items(step)
             started = time.perf_counter()
             with autocast(True):
