@@ -73,6 +73,13 @@ def new_cache(backbone: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
     return cache, {named or "past_key_values": cache, "use_cache": True}
 
 
+def can_split_pass(backbone: torch.nn.Module) -> bool:
+    """Whether a forward may run as a shared prefix, then its continuations (new_cache): not
+    under gradient checkpointing (no cache) nor FSDP (`distributed.fsdp_sharded`)."""
+    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
+    return not (checkpointing or distributed.fsdp_sharded(backbone))
+
+
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """Tokens every row begins with, leaving each row at least its last token (which the
     score is read at)."""
@@ -103,15 +110,12 @@ def grouped_sequence_scores(
     prefix_lengths = [common_prefix_length(g) for g in groups]
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    one_pass = distributed.fsdp_sharded(backbone) or (  # no cache under checkpointing
-        getattr(backbone, "gradient_checkpointing", False) and backbone.training
-    )
     # Tokens each way once padded: the rows to their longest, or the prefixes to theirs and
     # the rest to its longest (one pair cut from the left pads every prefix to its length).
     whole = len(rows) * max(len(r) for r in rows)
     suffixes = [len(r) - p for p, g in zip(prefix_lengths, groups, strict=True) for r in g]
     split = len(groups) * max(prefix_lengths) + len(rows) * max(suffixes)
-    if one_pass or min(prefix_lengths) < 1 or split > 0.9 * whole:
+    if not can_split_pass(backbone) or min(prefix_lengths) < 1 or split > 0.9 * whole:
         ids, mask = pad_rows(rows, pad_id)
         return sequence_scores(model, ids, mask)
     prefix_ids, prefix_mask = pad_rows(

@@ -21,7 +21,6 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from tether import distributed
 from tether import engine as tether_engine
 from tether.data import Message, as_messages, pad_rows
 from tether.errors import TetherError
@@ -32,7 +31,7 @@ from tether.ops import (
     logprobs_from_logits,
     position_ids_from_mask,
 )
-from tether.reward_model import hf_model, new_cache
+from tether.reward_model import can_split_pass, hf_model, new_cache
 
 R = TypeVar("R")  # a prompt row, or its index
 
@@ -288,8 +287,7 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
     width, rows = batch.prompt_width, batch.ids.shape[0]
-    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
-    if not (checkpointing or distributed.fsdp_sharded(backbone)):
+    if can_split_pass(backbone):
         prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
         first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
         if len(first_row) < rows:
