@@ -60,3 +60,29 @@ def test_smollm2_sft_five_steps_and_final_loads_with_transformers(tmp_path):
     assert not torch.equal(tuned.state_dict()[name], base.state_dict()[name])
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(tuned(ids).logits).all()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_linears_stored_in_bf16_give_the_autocast_logits_bit_for_bit(
+    smol_tokenizer_dir, tied
+):
+    """A frozen model that only runs under bf16 autocast keeps its linear layers in bf16: the
+    logits are exactly those of float32 weights under autocast; a tied LM head stays."""
+    from conftest import tiny_llama_config
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tether.models import store_frozen_linears
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(AutoTokenizer.from_pretrained(smol_tokenizer_dir), tied=tied)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, config.vocab_size, (3, 17))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(ids).logits
+        store_frozen_linears(model, torch.bfloat16)
+        stored = model(ids).logits
+    assert torch.equal(stored, expected)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    head = model.lm_head.weight.dtype
+    assert head == (torch.float32 if tied else torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.float32

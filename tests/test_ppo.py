@@ -96,7 +96,7 @@ def assert_same_as_row_by_row(model, batch, logprobs, prompts, responses) -> Non
         assert torch.allclose(logprobs[row, : len(r)], alone[0], atol=1e-5), row
         alone[0].sum().backward()
     for p, g in zip(model.parameters(), batched_grads, strict=True):
-        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
+        assert (g - p.grad).abs().max() <= 5e-5 * p.grad.abs().max()
 
 
 def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradients(tiny):
@@ -141,6 +141,50 @@ def test_prompts_that_open_alike_run_the_opening_once(tiny):
         shared = sequence_logprobs_of(model, batch, temperature=0.7)
     assert sum(x.numel() for x in seen) == 25 + 3 * (batch.ids.shape[1] - 25)
     assert_same_as_row_by_row(model, batch, shared, prompts, responses)
+
+
+def test_length_buckets_cut_where_padding_costs_more_than_a_call():
+    """Worked by hand with BUCKET_OVERHEAD_TOKENS = 32, prompts already run (length 0).
+    Answers 1, 50, 2, 48: one bucket runs 4 × 50 + 32 = 232 tokens; {1, 2} {48, 50} runs
+    2 × 2 + 32 + 2 × 50 + 32 = 168; {1, 2} {48} {50} runs 4 + 48 + 50 + 3 × 32 = 198."""
+    from tether.rollout import BUCKET_OVERHEAD_TOKENS, length_buckets
+
+    assert BUCKET_OVERHEAD_TOKENS == 32
+    zeros = torch.zeros(4, dtype=torch.long)
+    buckets = length_buckets(torch.tensor([1, 50, 2, 48]), zeros)
+    assert [b.tolist() for b in buckets] == [[0, 2], [3, 1]]
+    # answers 10 and 12: a cut saves 2 tokens and costs 32, so the batch stays whole, in order
+    assert [b.tolist() for b in length_buckets(torch.tensor([12, 10]), zeros[:2])] == [[0, 1]]
+    # a 60-token prompt in every row: 2 × 62 + 2 × 110 + 64 = 408 < 4 × 110 + 32 = 472
+    prompts = torch.full((4,), 60)
+    assert len(length_buckets(torch.tensor([1, 50, 2, 48]), prompts)) == 2
+    assert [b.tolist() for b in length_buckets(torch.tensor([3, 1]), zeros[:2], most=1)] == [[0, 1]]
+
+
+@pytest.mark.parametrize("shared_prompts", [True, False])
+def test_rows_in_length_buckets_have_the_logprobs_and_gradients_of_full_passes(
+    tiny, shared_prompts
+):
+    """Short and long responses in one batch run in buckets, each padded to its own longest
+    response only; log-probs and gradients are still those of a full pass per row."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.rollout import build_batch, sequence_logprobs_of
+
+    model, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
+    long_answer, short_answer = list(range(200, 250)), [21]
+    if shared_prompts:
+        prompts = [[5, 6, 7, 8]] * 2 + [[11, 12]] * 2
+    else:
+        prompts = [[5, 6, 7, 8], [11, 12], [13, 14, 15], [16]]
+    responses = [short_answer, long_answer, long_answer[:48], [22, 23]]
+    batch = build_batch(prompts, responses, pad_id=0)
+    with backbone_inputs(model) as seen:
+        bucketed = sequence_logprobs_of(model, batch, temperature=0.7)
+    answers_run = sum(x.numel() for x in seen) - (2 * 4 if shared_prompts else 0)
+    assert answers_run < 4 * 50  # well under every row padded to the longest
+    assert_same_as_row_by_row(model, batch, bucketed, prompts, responses)
 
 
 @pytest.mark.parametrize("engine", ["hf", "auto"])

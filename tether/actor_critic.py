@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tether.config import ModelConfig, PPOConfig
-from tether.models import load_causal_lm
+from tether.models import load_causal_lm, store_frozen_linears
 from tether.reward_model import hf_model, load_reward_backbone
 from tether.rollout import RolloutBatch, response_hidden, token_logprobs
 
@@ -59,11 +59,12 @@ class ActorCritic(nn.Module):
 
 
 def load_actor_critic(
-    cfg: PPOConfig, tokenizer, with_critic: bool = True
+    cfg: PPOConfig, tokenizer, with_critic: bool = True, bf16: bool = False
 ) -> tuple[ActorCritic, nn.Module | None]:
     """(actor-critic, reference model or None when the LoRA policy serves as its own reference).
 
-    `with_critic=False` (RLOO, GRPO, REINFORCE) builds no value function at all.
+    `with_critic=False` (RLOO, GRPO, REINFORCE) builds no value function at all. In a bf16
+    run a separate reference keeps its linear layers in bf16 (`store_frozen_linears`).
     A new value head starts at 0 (weight and bias), so the first values are 0 and the first
     value loss is the plain squared return: no random offset for the critic to unlearn. A
     separate critic keeps its backbone's head: a reward model's (raw, unnormalised scores) or,
@@ -95,4 +96,6 @@ def load_actor_critic(
         )
         reference = load_causal_lm(ref_cfg, tokenizer, dropout=False)
         reference.eval().requires_grad_(False)
+        if bf16:
+            store_frozen_linears(reference, torch.bfloat16)
     return ActorCritic(policy, value_head, critic), reference

@@ -261,6 +261,20 @@ def save_pretrained_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> N
     os.replace(tmp, out_dir)
 
 
+def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store a frozen model's linear layers in `dtype`, the dtype autocast casts their weights
+    to on every call: the same matmuls (bit for bit), without re-casting 134.5M weights per
+    forward, and half the memory. Only for a model that runs under `dtype` autocast alone. A
+    linear layer tied to the input embedding stays as it is: the embedding's output would
+    change dtype, and the residual stream with it."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = embedding.weight if embedding is not None else None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
+            module.to(dtype)
+    return model
+
+
 def bf16_available() -> bool:
     """bf16 autocast pays on CUDA and on CPUs with native bf16 dot products (AVX512-BF16/AMX);
     elsewhere it emulates bf16 and is slower than fp32."""

@@ -31,6 +31,7 @@ from tether.models import (
     load_tokenizer,
     resolve_model_source,
     save_pretrained_model,
+    store_frozen_linears,
 )
 from tether.ops import last_token_index, position_ids_from_mask
 from tether.training import autocast
@@ -71,6 +72,16 @@ def new_cache(backbone: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
     # transformers 5.24 renamed `past_key_values` to `cache`
     named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
     return cache, {named or "past_key_values": cache, "use_cache": True}
+
+
+def cache_rows(cache: Any, backbone: torch.nn.Module, rows: torch.Tensor) -> tuple[Any, dict]:
+    """A new cache (and its `backbone` keyword arguments) holding batch rows `rows` of
+    `cache`, which stays as it was: one shared prefix's cache serves several continuations.
+    Gradients flow back through the copy."""
+    copy, kwargs = new_cache(backbone)
+    for index, layer in enumerate(cache.layers):
+        copy.update(layer.keys[rows], layer.values[rows], index)
+    return copy, kwargs
 
 
 def can_split_pass(backbone: torch.nn.Module) -> bool:
@@ -219,7 +230,9 @@ class RewardModel:
     ) -> RewardModel:
         tokenizer = load_tokenizer(path)
         model = load_reward_backbone(ModelConfig(name=path, dtype=dtype), tokenizer, seed=0)
-        model.eval()
+        model.eval().requires_grad_(False)
+        if bf16:  # it only ever runs under bf16 autocast (`score`)
+            store_frozen_linears(model, torch.bfloat16)
         norm = getattr(model.config, NORMALIZATION_KEY, None) or {"mean": 0.0, "std": 1.0}
         mean, std = float(norm["mean"]), float(norm["std"])
         return cls(model, tokenizer, max_length, mean, std, bf16)

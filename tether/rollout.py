@@ -14,11 +14,13 @@ row instead of P + R, and no [B, P + R, V] logits tensor is ever built.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tether import engine as tether_engine
@@ -31,7 +33,7 @@ from tether.ops import (
     logprobs_from_logits,
     position_ids_from_mask,
 )
-from tether.reward_model import can_split_pass, hf_model, new_cache
+from tether.reward_model import cache_rows, can_split_pass, hf_model, new_cache
 
 R = TypeVar("R")  # a prompt row, or its index
 
@@ -257,6 +259,19 @@ class RolloutBatch:
             self.ids[index], self.mask[index], self.prompt_width, self.response_mask[index]
         )
 
+    def trimmed(self, index: torch.Tensor) -> RolloutBatch:
+        """`rows(index)` without the columns that are padding in all of those rows."""
+        sub = self.rows(index)
+        width = self.prompt_width
+        prompt = int(sub.mask[:, :width].sum(dim=1).max())
+        response = max(1, int(sub.response_mask.sum(dim=1).max()))
+        return RolloutBatch(
+            sub.ids[:, width - prompt : width + response],
+            sub.mask[:, width - prompt : width + response],
+            prompt,
+            sub.response_mask[:, :response],
+        )
+
 
 def build_batch(
     prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int
@@ -275,38 +290,108 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     """[B, R, H] final hidden states at the positions that emit each response token.
 
     `model` is a Hugging Face model (causal LM or sequence classifier), optionally wrapped by
-    peft. Tokens several rows share run once, their keys and values copied to the rows, with
-    the states (and gradients) of one pass over prompt + response per row:
+    peft. The states (and gradients) are those of one pass over prompt + response per row,
+    computed with less work:
     - rows with the same prompt (the k samples of a GRPO/RLOO group, DPO's chosen and
-      rejected) run it once, then only their responses;
+      rejected) run it once, its keys and values copied to the rows (gradients flow through
+      the copy), then only their responses;
     - distinct prompts that open alike (a system prompt, a task's instruction) run the
-      opening once, then each its own rest and response.
-    Under gradient checkpointing (no cache) or FSDP (`distributed.fsdp_sharded`), or where
-    little is shared, the backbone runs once over prompt + response.
+      opening once, then each its own rest and response;
+    - rows run in buckets of similar length (`length_buckets`) where padding every row to
+      the batch's longest response costs more than another call.
+    Under gradient checkpointing (no cache) or FSDP (`distributed.fsdp_sharded`: a second
+    call would find its blocks' weights freed), the backbone runs once over prompt + response.
+    Padding positions hold 0 or garbage; mask them.
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    width, rows = batch.prompt_width, batch.ids.shape[0]
-    if can_split_pass(backbone):
-        prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
-        first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
-        if len(first_row) < rows:
-            return _hidden_after_shared_prompts(backbone, batch, first_row, group_of_row)
-        opening = common_prompt_opening(batch)
-        if opening * (rows - 1) >= 0.1 * int(batch.mask.sum()):
-            return _hidden_after_common_opening(backbone, batch, opening)
+    if not can_split_pass(backbone):
+        return _whole_rows_hidden(backbone, batch)
+    width = batch.prompt_width
+    prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
+    first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
+    if len(first_row) < batch.ids.shape[0]:
+        return _hidden_after_shared_prompts(backbone, batch, first_row, group_of_row)
+    prompt_lengths = batch.mask[:, :width].sum(dim=1)
+    buckets = length_buckets(batch.response_mask.sum(dim=1), prompt_lengths)
+    parts = [_distinct_prompts_hidden(backbone, batch.trimmed(rows)) for rows in buckets]
+    return _unbucket(parts, buckets, batch.response_mask.shape[1])
+
+
+# Another backbone call costs about as much as this many more tokens on a CPU (the fixed
+# per-operation cost of ~30 layers, forward and backward): a bucket must save more padding.
+BUCKET_OVERHEAD_TOKENS = 32
+
+
+def length_buckets(
+    answer_lengths: torch.Tensor, prompt_lengths: torch.Tensor, most: int = 4
+) -> list[torch.Tensor]:
+    """Row indices in at most `most` buckets, chosen to minimise the tokens a bucketed pass
+    runs: per bucket, rows × (its longest prompt + its longest answer) + BUCKET_OVERHEAD_TOKENS.
+
+    Responses in a rollout range from a few tokens to max_new_tokens, so a batch padded to
+    its longest one is often a third padding. Rows are sorted by answer length and cut into
+    contiguous runs by dynamic programming. A prompt already run (a shared prompt's cache)
+    has length 0 here. One bucket, in the batch's own row order, where no cut pays.
+    """
+    rows = answer_lengths.shape[0]
+    order = answer_lengths.argsort(stable=True)
+    answers, prompts = answer_lengths[order].tolist(), prompt_lengths[order].tolist()
+    cost = [[0] * (rows + 1) for _ in range(rows)]  # cost[i][j]: sorted rows i..j-1 as a bucket
+    for i in range(rows):
+        longest_prompt = 0
+        for j in range(i, rows):
+            longest_prompt = max(longest_prompt, prompts[j])
+            # answers are sorted, so row j's is the bucket's longest
+            cost[i][j + 1] = (j + 1 - i) * (longest_prompt + max(answers[j], 1))
+    # best[j]: (tokens, cuts) of the cheapest split of the first j sorted rows into k buckets
+    best = {j: (cost[0][j] + BUCKET_OVERHEAD_TOKENS, [j]) for j in range(1, rows + 1)}
+    cheapest = best[rows]
+    for k in range(2, min(most, rows) + 1):
+        best = {
+            j: min(
+                (best[i][0] + cost[i][j] + BUCKET_OVERHEAD_TOKENS, [*best[i][1], j])
+                for i in range(k - 1, j)
+            )
+            for j in range(k, rows + 1)
+        }
+        cheapest = min(cheapest, best[rows])
+    cuts = cheapest[1]
+    if len(cuts) == 1:
+        return [torch.arange(rows)]
+    return [order[a:b] for a, b in itertools.pairwise([0, *cuts])]
+
+
+def _unbucket(parts: list[torch.Tensor], buckets: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Buckets' [b, R_b, H] states back to one [B, width, H] in the batch's row order."""
+    if len(parts) == 1:
+        return parts[0]
+    stacked = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in parts])
+    return stacked[torch.cat(buckets).argsort()]
+
+
+def _whole_rows_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
     hidden = backbone(
         input_ids=batch.ids,
         attention_mask=batch.mask,
         position_ids=position_ids_from_mask(batch.mask),
     ).last_hidden_state
-    return hidden[:, width - 1 : -1]
+    return hidden[:, batch.prompt_width - 1 : -1]
+
+
+def _distinct_prompts_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
+    rows = batch.ids.shape[0]
+    opening = common_prompt_opening(batch)
+    if opening * (rows - 1) >= 0.1 * int(batch.mask.sum()):
+        return _hidden_after_common_opening(backbone, batch, opening)
+    return _whole_rows_hidden(backbone, batch)
 
 
 def _hidden_after_shared_prompts(
     backbone, batch: RolloutBatch, first_row: torch.Tensor, group_of_row: torch.Tensor
 ) -> torch.Tensor:
-    """Each distinct prompt (row `first_row[g]`) once, then every row's response after it."""
+    """Each distinct prompt (row `first_row[g]`) once, then every row's response after it,
+    the responses in length buckets that all read the one prompt cache."""
     width = batch.prompt_width
     prompt_mask = batch.mask[first_row, :width]
     cache, cache_kwargs = new_cache(backbone)
@@ -316,18 +401,24 @@ def _hidden_after_shared_prompts(
         position_ids=position_ids_from_mask(prompt_mask),
         **cache_kwargs,
     ).last_hidden_state[:, -1:]  # [G, 1, H]: emits each row's first response token
-    states = last_prompt_state[group_of_row]
-    if batch.ids.shape[1] - width > 1:  # the responses, but for their last token
-        cache.batch_select_indices(group_of_row)
-        mask = batch.mask[:, :-1]
-        responses = backbone(
-            input_ids=batch.ids[:, width:-1],
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask)[:, width:],
-            **cache_kwargs,
-        ).last_hidden_state
-        states = torch.cat([states, responses], dim=1)
-    return states
+    answer_lengths = batch.response_mask.sum(dim=1)
+    buckets = length_buckets(answer_lengths, torch.zeros_like(answer_lengths))
+    parts = []
+    for rows in buckets:
+        states = last_prompt_state[group_of_row[rows]]
+        length = int(answer_lengths[rows].max())
+        if length > 1:  # the responses, but for their last token
+            _, kwargs = cache_rows(cache, backbone, group_of_row[rows])
+            mask = batch.mask[rows, : width + length - 1]
+            responses = backbone(
+                input_ids=batch.ids[rows, width : width + length - 1],
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask)[:, width:],
+                **kwargs,
+            ).last_hidden_state
+            states = torch.cat([states, responses], dim=1)
+        parts.append(states)
+    return _unbucket(parts, buckets, batch.response_mask.shape[1])
 
 
 def common_prompt_opening(batch: RolloutBatch) -> int:
@@ -392,13 +483,23 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(response token) [B, R] (and entropy [B, R]) from response hidden states.
 
-    Padding positions hold garbage; callers mask with `batch.response_mask`.
+    The LM head and the fp32 log-softmax over the vocabulary, the costliest part of the pass
+    after the backbone, run on real response tokens only: a batch's responses are padded to
+    its longest, and a third or more of [B, R] is padding in a typical rollout. Padding
+    positions hold 0.
     """
-    logits = output_logits(hf_model(model), hidden)  # [B, R, V], response positions only
-    labels = batch.ids[:, batch.prompt_width :]
+    real = batch.response_mask.bool()
+    logits = output_logits(hf_model(model), hidden[real])  # [N, V]: real tokens only
+    labels = batch.ids[:, batch.prompt_width :][real]
     if with_entropy:
-        return logprobs_and_entropy_from_logits(logits, labels, temperature)
-    return logprobs_from_logits(logits, labels, temperature), None
+        logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels, temperature)
+        return _unpack(logprobs, real), _unpack(entropy, real)
+    return _unpack(logprobs_from_logits(logits, labels, temperature), real), None
+
+
+def _unpack(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """[N] values of the real positions back to [B, R], 0 elsewhere (gradients flow)."""
+    return values.new_zeros(real.shape).masked_scatter(real, values)
 
 
 def sequence_logprobs_of(model, batch: RolloutBatch, temperature: float) -> torch.Tensor:

@@ -473,7 +473,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
             f"ppo.num_minibatches x train.grad_accum must divide each rank's "
             f"{prompts_per_rank * k} rollouts ({prompts_per_rank} prompts x {k} samples)"
         )
-    ac, reference = load_actor_critic(cfg, tokenizer, with_critic=algo_settings(cfg).critic)
+    ac, reference = load_actor_critic(cfg, tokenizer, algo_settings(cfg).critic, bf16)
     ac.train()
     sharded = cfg.parallel == "fsdp" and distributed.world().size > 1
     if sharded and not (cfg.rollout.engine == "auto" and tether_engine.supports(ac.policy)):
