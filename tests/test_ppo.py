@@ -144,18 +144,20 @@ def test_prompts_that_open_alike_run_the_opening_once(tiny):
 
 
 def test_length_buckets_cut_where_padding_costs_more_than_a_call():
-    """Worked by hand with BUCKET_OVERHEAD_TOKENS = 32, prompts already run (length 0).
-    Answers 1, 50, 2, 48: one bucket runs 4 × 50 + 32 = 232 tokens; {1, 2} {48, 50} runs
-    2 × 2 + 32 + 2 × 50 + 32 = 168; {1, 2} {48} {50} runs 4 + 48 + 50 + 3 × 32 = 198."""
+    """Worked by hand with BUCKET_OVERHEAD_TOKENS = 80, prompts already run (length 0).
+    Answers 1, 50, 2, 48: one bucket runs 4 × 50 + 80 = 280 tokens; {1, 2} {48, 50} runs
+    2 × 2 + 80 + 2 × 50 + 80 = 264; {1, 2} {48} {50} runs 4 + 48 + 50 + 3 × 80 = 342."""
     from tether.rollout import BUCKET_OVERHEAD_TOKENS, length_buckets
 
-    assert BUCKET_OVERHEAD_TOKENS == 32
+    assert BUCKET_OVERHEAD_TOKENS == 80
     zeros = torch.zeros(4, dtype=torch.long)
     buckets = length_buckets(torch.tensor([1, 50, 2, 48]), zeros)
     assert [b.tolist() for b in buckets] == [[0, 2], [3, 1]]
-    # answers 10 and 12: a cut saves 2 tokens and costs 32, so the batch stays whole, in order
+    # a dearer call (overhead 100): 4 + 100 + 200 = 304 > 300, so the batch stays whole
+    assert len(length_buckets(torch.tensor([1, 50, 2, 48]), zeros, overhead=100)) == 1
+    # answers 10 and 12: a cut saves 2 tokens and costs 80, so the batch stays whole, in order
     assert [b.tolist() for b in length_buckets(torch.tensor([12, 10]), zeros[:2])] == [[0, 1]]
-    # a 60-token prompt in every row: 2 × 62 + 2 × 110 + 64 = 408 < 4 × 110 + 32 = 472
+    # a 60-token prompt in every row: 2 × 62 + 2 × 110 + 160 = 504 < 4 × 110 + 80 = 520
     prompts = torch.full((4,), 60)
     assert len(length_buckets(torch.tensor([1, 50, 2, 48]), prompts)) == 2
     assert [b.tolist() for b in length_buckets(torch.tensor([3, 1]), zeros[:2], most=1)] == [[0, 1]]
@@ -185,6 +187,9 @@ def test_rows_in_length_buckets_have_the_logprobs_and_gradients_of_full_passes(
     answers_run = sum(x.numel() for x in seen) - (2 * 4 if shared_prompts else 0)
     assert answers_run < 4 * 50  # well under every row padded to the longest
     assert_same_as_row_by_row(model, batch, bucketed, prompts, responses)
+    # a minibatch of the short rows keeps the rollout's width
+    minibatch = batch.rows([0, 3])
+    assert sequence_logprobs_of(model, minibatch, 0.7).shape == minibatch.response_mask.shape
 
 
 @pytest.mark.parametrize("engine", ["hf", "auto"])

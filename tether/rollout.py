@@ -312,22 +312,32 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
     if len(first_row) < batch.ids.shape[0]:
         return _hidden_after_shared_prompts(backbone, batch, first_row, group_of_row)
-    prompt_lengths = batch.mask[:, :width].sum(dim=1)
-    buckets = length_buckets(batch.response_mask.sum(dim=1), prompt_lengths)
+    # Each bucket runs the common opening in a call of its own.
+    opening = common_prompt_opening(batch) if _opening_pays(batch) else 0
+    buckets = length_buckets(
+        batch.response_mask.sum(dim=1),
+        batch.mask[:, :width].sum(dim=1) - opening,
+        _most(backbone),
+        overhead=BUCKET_OVERHEAD_TOKENS * (2 if opening else 1) + opening,
+    )
     parts = [_distinct_prompts_hidden(backbone, batch.trimmed(rows)) for rows in buckets]
     return _unbucket(parts, buckets, batch.response_mask.shape[1])
 
 
-# Another backbone call costs about as much as this many more tokens on a CPU (the fixed
-# per-operation cost of ~30 layers, forward and backward): a bucket must save more padding.
-BUCKET_OVERHEAD_TOKENS = 32
+# Another backbone call costs about as much as this many more tokens (measured on 2 CPU
+# cores with SmolLM2-135M, forward and backward: ~0.1 s, mostly each call's own full-size
+# weight gradients, against 1.3 ms a token at 16 rows): a bucket must save more padding.
+BUCKET_OVERHEAD_TOKENS = 80
 
 
 def length_buckets(
-    answer_lengths: torch.Tensor, prompt_lengths: torch.Tensor, most: int = 4
+    answer_lengths: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    most: int = 4,
+    overhead: int = BUCKET_OVERHEAD_TOKENS,
 ) -> list[torch.Tensor]:
     """Row indices in at most `most` buckets, chosen to minimise the tokens a bucketed pass
-    runs: per bucket, rows × (its longest prompt + its longest answer) + BUCKET_OVERHEAD_TOKENS.
+    runs: per bucket, rows × (its longest prompt + its longest answer) + `overhead`.
 
     Responses in a rollout range from a few tokens to max_new_tokens, so a batch padded to
     its longest one is often a third padding. Rows are sorted by answer length and cut into
@@ -345,14 +355,11 @@ def length_buckets(
             # answers are sorted, so row j's is the bucket's longest
             cost[i][j + 1] = (j + 1 - i) * (longest_prompt + max(answers[j], 1))
     # best[j]: (tokens, cuts) of the cheapest split of the first j sorted rows into k buckets
-    best = {j: (cost[0][j] + BUCKET_OVERHEAD_TOKENS, [j]) for j in range(1, rows + 1)}
+    best = {j: (cost[0][j] + overhead, [j]) for j in range(1, rows + 1)}
     cheapest = best[rows]
     for k in range(2, min(most, rows) + 1):
         best = {
-            j: min(
-                (best[i][0] + cost[i][j] + BUCKET_OVERHEAD_TOKENS, [*best[i][1], j])
-                for i in range(k - 1, j)
-            )
+            j: min((best[i][0] + cost[i][j] + overhead, [*best[i][1], j]) for i in range(k - 1, j))
             for j in range(k, rows + 1)
         }
         cheapest = min(cheapest, best[rows])
@@ -362,12 +369,21 @@ def length_buckets(
     return [order[a:b] for a, b in itertools.pairwise([0, *cuts])]
 
 
+def _most(backbone) -> int:
+    """How many length buckets a pass may use: one where each call would cast frozen float32
+    weights to the autocast dtype (a LoRA policy's base in a bf16 run), since the cast is
+    paid, and in training its copy kept for backward, once per call."""
+    if not torch.is_autocast_enabled(next(backbone.parameters()).device.type):
+        return 4
+    linears = (m.weight for m in backbone.modules() if isinstance(m, torch.nn.Linear))
+    return 1 if any(w.dtype == torch.float32 and not w.requires_grad for w in linears) else 4
+
+
 def _unbucket(parts: list[torch.Tensor], buckets: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Buckets' [b, R_b, H] states back to one [B, width, H] in the batch's row order."""
-    if len(parts) == 1:
-        return parts[0]
+    """Buckets' [b, R_b, H] states back to one [B, width, H] in the batch's row order (a
+    bucket, even the only one, is as wide as its own longest response)."""
     stacked = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in parts])
-    return stacked[torch.cat(buckets).argsort()]
+    return stacked if len(parts) == 1 else stacked[torch.cat(buckets).argsort()]
 
 
 def _whole_rows_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
@@ -379,11 +395,15 @@ def _whole_rows_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
     return hidden[:, batch.prompt_width - 1 : -1]
 
 
-def _distinct_prompts_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
+def _opening_pays(batch: RolloutBatch) -> bool:
+    """Whether running the prompts' common opening once saves a tenth of the pass."""
     rows = batch.ids.shape[0]
-    opening = common_prompt_opening(batch)
-    if opening * (rows - 1) >= 0.1 * int(batch.mask.sum()):
-        return _hidden_after_common_opening(backbone, batch, opening)
+    return common_prompt_opening(batch) * (rows - 1) >= 0.1 * int(batch.mask.sum())
+
+
+def _distinct_prompts_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
+    if _opening_pays(batch):
+        return _hidden_after_common_opening(backbone, batch, common_prompt_opening(batch))
     return _whole_rows_hidden(backbone, batch)
 
 
@@ -402,7 +422,7 @@ def _hidden_after_shared_prompts(
         **cache_kwargs,
     ).last_hidden_state[:, -1:]  # [G, 1, H]: emits each row's first response token
     answer_lengths = batch.response_mask.sum(dim=1)
-    buckets = length_buckets(answer_lengths, torch.zeros_like(answer_lengths))
+    buckets = length_buckets(answer_lengths, torch.zeros_like(answer_lengths), _most(backbone))
     parts = []
     for rows in buckets:
         states = last_prompt_state[group_of_row[rows]]
