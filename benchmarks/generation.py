@@ -1,11 +1,13 @@
 """Rollout generation: tether's KV-cache engine vs Hugging Face `generate`, in one run.
 
-    .venv/bin/python benchmarks/generation.py [--batches 16 64] [--new-tokens 64]
+    .venv/bin/python benchmarks/generation.py [--batches 16 64] [--new-tokens 64] [--compile]
 
 SmolLM2-135M-Instruct, sampling at temperature 1 with EOS ignored (every row generates
 exactly --new-tokens), prompts from examples/data/ppo-prompts.jsonl. Also measures the bf16
 matmul rate of this machine (a 2048³ matmul) and reports each tokens/s as a fraction of the
-bf16 roofline: rate / (2 · parameters) tokens per second.
+bf16 roofline: rate / (2 · parameters) tokens per second. `--compile` adds the engine with
+its forward (prefill and decode step) under `torch.compile(dynamic=True)`, bf16 only, and
+reports the compile time (its warm-up) beside the rate.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
+    from tether import engine as tether_engine
+
+    eager_forward = tether_engine.forward
     set_threads(0)
     source = resolve_model_source("smollm2-135m-instruct")
     tokenizer = load_tokenizer(source)
@@ -58,21 +64,36 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         for batch in args.batches:
             batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
-            for engine in ("hf", "auto"):
+            engines = ["hf", "auto"]
+            if args.compile and dtype_name == "bf16":
+                engines.append("compiled")
+            for engine in engines:
+                tether_engine.forward = eager_forward
+                if engine == "compiled":
+                    torch._dynamo.reset()
+                    tether_engine.forward = torch.compile(eager_forward, dynamic=True)
                 kwargs = dict(
-                    max_new_tokens=args.new_tokens, ignore_eos=True, seed=0, engine=engine
+                    max_new_tokens=args.new_tokens,
+                    ignore_eos=True,
+                    seed=0,
+                    engine="hf" if engine == "hf" else "auto",
                 )
+                started = time.perf_counter()
                 generate(model, tokenizer, batch_prompts[:2], dtype=dtype, **kwargs)  # warm-up
+                warm_up = time.perf_counter() - started
                 started = time.perf_counter()
                 out = generate(model, tokenizer, batch_prompts, dtype=dtype, **kwargs)
                 seconds = time.perf_counter() - started
                 tokens = sum(len(r) for r in out.response_ids)
                 rows.append(
                     {
-                        "engine": "tether" if engine == "auto" else "hf generate",
+                        "engine": {"hf": "hf generate", "auto": "tether"}.get(
+                            engine, "tether + torch.compile"
+                        ),
                         "dtype": dtype_name,
                         "batch": batch,
                         "tokens_per_s": tokens / seconds,
+                        "warm_up_s": warm_up,
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
