@@ -362,3 +362,34 @@ def test_grouped_scores_run_each_prompt_once_and_equal_whole_rows(tiny_model_dir
     assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
     for p, g in zip(model.parameters(), grouped_grads, strict=True):
         assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_scores_of_answers_in_length_buckets_equal_whole_rows(tiny_model_dir):
+    """Short and long answers to shared prompts run in length buckets (each padded to its own
+    longest answer, reading its rows' prefixes): the scores and gradients of whole rows."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.reward_model import grouped_sequence_scores
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = 0
+    prompt_a, prompt_b = list(range(10, 40)), list(range(50, 62))
+    long_answer = list(range(100, 160))
+    groups = [
+        [[*prompt_a, 5], [*prompt_a, *long_answer], [*prompt_a, 6, 7], [*prompt_a, 8]],
+        [[*prompt_b, *long_answer[:55]], [*prompt_b, 4]],
+    ]
+    with backbone_inputs(model) as seen:
+        grouped = grouped_sequence_scores(model, groups, pad_id=0)
+    answers_run = sum(x.numel() for x in seen) - 2 * 30  # the two prefixes, padded to 30
+    assert answers_run < 6 * 60  # under every answer padded to the longest (60 tokens)
+    grouped.pow(2).sum().backward()
+    grouped_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ids, mask = pad_rows([r for g in groups for r in g], 0)
+    whole = sequence_scores(model, ids, mask)
+    whole.pow(2).sum().backward()
+    assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
+    for p, g in zip(model.parameters(), grouped_grads, strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)

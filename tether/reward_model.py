@@ -33,7 +33,7 @@ from tether.models import (
     save_pretrained_model,
     store_frozen_linears,
 )
-from tether.ops import last_token_index, position_ids_from_mask
+from tether.ops import last_token_index, length_buckets, position_ids_from_mask
 from tether.training import autocast
 
 NORMALIZATION_KEY = "tether_reward_normalization"
@@ -84,6 +84,16 @@ def cache_rows(cache: Any, backbone: torch.nn.Module, rows: torch.Tensor) -> tup
     return copy, kwargs
 
 
+def bucket_limit(backbone: torch.nn.Module) -> int:
+    """How many length buckets a pass may use: one where each call would cast frozen float32
+    weights to the autocast dtype (a LoRA policy's base in a bf16 run), since the cast is
+    paid, and in training its copy kept for backward, once per call."""
+    if not torch.is_autocast_enabled(next(backbone.parameters()).device.type):
+        return 4
+    linears = (m.weight for m in backbone.modules() if isinstance(m, torch.nn.Linear))
+    return 1 if any(w.dtype == torch.float32 and not w.requires_grad for w in linears) else 4
+
+
 def can_split_pass(backbone: torch.nn.Module) -> bool:
     """Whether a forward may run as a shared prefix, then its continuations (new_cache): not
     under gradient checkpointing (no cache) nor FSDP (`distributed.fsdp_sharded`)."""
@@ -109,7 +119,8 @@ def grouped_sequence_scores(
 
     Each group's common prefix goes through the backbone once, its keys and values are
     copied to the group's rows, and only the rows' own tokens (the answers) run after it:
-    with a 46-token prompt and four 30-token answers that is 167 tokens instead of 303.
+    with a 46-token prompt and four 30-token answers that is 167 tokens instead of 303. The
+    answers run in length buckets where padding them to the longest costs more than a call.
     Gradients flow through the copied prefix, so training is unchanged. Falls back to one
     pass over whole rows where that pads to fewer tokens, where the backbone cannot keep a
     cache (gradient checkpointing), or where FSDP shards it (`distributed.fsdp_sharded`).
@@ -143,16 +154,25 @@ def grouped_sequence_scores(
         position_ids=position_ids_from_mask(prefix_mask),
         **cache_kwargs,
     )
-    cache.batch_select_indices(group_of_row)  # each row gets its group's prefix
-    mask = torch.cat([prefix_mask[group_of_row], suffix_mask], dim=1)
-    hidden = backbone(
-        input_ids=suffix_ids,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask)[:, prefix_ids.shape[1] :],
-        **cache_kwargs,
-    ).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0]), last_token_index(suffix_mask)]
-    return inner.score(last).squeeze(-1).float()
+    # The answers in length buckets (`ops.length_buckets`), each reading its rows' prefixes
+    suffix_lengths = suffix_mask.sum(dim=1)
+    no_prefix = torch.zeros_like(suffix_lengths)  # the prefixes have run
+    buckets = length_buckets(suffix_lengths, no_prefix, bucket_limit(backbone))
+    last = []
+    for bucket in buckets:
+        width = int(suffix_lengths[bucket].max())
+        _, kwargs = cache_rows(cache, backbone, group_of_row[bucket])
+        own_mask = suffix_mask[bucket, :width]
+        mask = torch.cat([prefix_mask[group_of_row[bucket]], own_mask], dim=1)
+        hidden = backbone(
+            input_ids=suffix_ids[bucket, :width],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask)[:, prefix_ids.shape[1] :],
+            **kwargs,
+        ).last_hidden_state
+        last.append(hidden[torch.arange(hidden.shape[0]), last_token_index(own_mask)])
+    states = torch.cat(last)[torch.cat(buckets).argsort()]  # back to the rows' order
+    return inner.score(states).squeeze(-1).float()
 
 
 def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:

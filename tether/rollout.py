@@ -14,7 +14,6 @@ row instead of P + R, and no [B, P + R, V] logits tensor is ever built.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -28,12 +27,14 @@ from tether.data import Message, as_messages, pad_rows
 from tether.errors import TetherError
 from tether.models import bf16_available
 from tether.ops import (
+    BUCKET_OVERHEAD_TOKENS,
     distinct_rows,
+    length_buckets,
     logprobs_and_entropy_from_logits,
     logprobs_from_logits,
     position_ids_from_mask,
 )
-from tether.reward_model import cache_rows, can_split_pass, hf_model, new_cache
+from tether.reward_model import bucket_limit, cache_rows, can_split_pass, hf_model, new_cache
 
 R = TypeVar("R")  # a prompt row, or its index
 
@@ -317,66 +318,11 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     buckets = length_buckets(
         batch.response_mask.sum(dim=1),
         batch.mask[:, :width].sum(dim=1) - opening,
-        _most(backbone),
+        bucket_limit(backbone),
         overhead=BUCKET_OVERHEAD_TOKENS * (2 if opening else 1) + opening,
     )
     parts = [_distinct_prompts_hidden(backbone, batch.trimmed(rows)) for rows in buckets]
     return _unbucket(parts, buckets, batch.response_mask.shape[1])
-
-
-# Another backbone call costs about as much as this many more tokens (measured on 2 CPU
-# cores with SmolLM2-135M, forward and backward: ~0.1 s, mostly each call's own full-size
-# weight gradients, against 1.3 ms a token at 16 rows): a bucket must save more padding.
-BUCKET_OVERHEAD_TOKENS = 80
-
-
-def length_buckets(
-    answer_lengths: torch.Tensor,
-    prompt_lengths: torch.Tensor,
-    most: int = 4,
-    overhead: int = BUCKET_OVERHEAD_TOKENS,
-) -> list[torch.Tensor]:
-    """Row indices in at most `most` buckets, chosen to minimise the tokens a bucketed pass
-    runs: per bucket, rows × (its longest prompt + its longest answer) + `overhead`.
-
-    Responses in a rollout range from a few tokens to max_new_tokens, so a batch padded to
-    its longest one is often a third padding. Rows are sorted by answer length and cut into
-    contiguous runs by dynamic programming. A prompt already run (a shared prompt's cache)
-    has length 0 here. One bucket, in the batch's own row order, where no cut pays.
-    """
-    rows = answer_lengths.shape[0]
-    order = answer_lengths.argsort(stable=True)
-    answers, prompts = answer_lengths[order].tolist(), prompt_lengths[order].tolist()
-    cost = [[0] * (rows + 1) for _ in range(rows)]  # cost[i][j]: sorted rows i..j-1 as a bucket
-    for i in range(rows):
-        longest_prompt = 0
-        for j in range(i, rows):
-            longest_prompt = max(longest_prompt, prompts[j])
-            # answers are sorted, so row j's is the bucket's longest
-            cost[i][j + 1] = (j + 1 - i) * (longest_prompt + max(answers[j], 1))
-    # best[j]: (tokens, cuts) of the cheapest split of the first j sorted rows into k buckets
-    best = {j: (cost[0][j] + overhead, [j]) for j in range(1, rows + 1)}
-    cheapest = best[rows]
-    for k in range(2, min(most, rows) + 1):
-        best = {
-            j: min((best[i][0] + cost[i][j] + overhead, [*best[i][1], j]) for i in range(k - 1, j))
-            for j in range(k, rows + 1)
-        }
-        cheapest = min(cheapest, best[rows])
-    cuts = cheapest[1]
-    if len(cuts) == 1:
-        return [torch.arange(rows)]
-    return [order[a:b] for a, b in itertools.pairwise([0, *cuts])]
-
-
-def _most(backbone) -> int:
-    """How many length buckets a pass may use: one where each call would cast frozen float32
-    weights to the autocast dtype (a LoRA policy's base in a bf16 run), since the cast is
-    paid, and in training its copy kept for backward, once per call."""
-    if not torch.is_autocast_enabled(next(backbone.parameters()).device.type):
-        return 4
-    linears = (m.weight for m in backbone.modules() if isinstance(m, torch.nn.Linear))
-    return 1 if any(w.dtype == torch.float32 and not w.requires_grad for w in linears) else 4
 
 
 def _unbucket(parts: list[torch.Tensor], buckets: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -422,7 +368,9 @@ def _hidden_after_shared_prompts(
         **cache_kwargs,
     ).last_hidden_state[:, -1:]  # [G, 1, H]: emits each row's first response token
     answer_lengths = batch.response_mask.sum(dim=1)
-    buckets = length_buckets(answer_lengths, torch.zeros_like(answer_lengths), _most(backbone))
+    buckets = length_buckets(
+        answer_lengths, torch.zeros_like(answer_lengths), bucket_limit(backbone)
+    )
     parts = []
     for rows in buckets:
         states = last_prompt_state[group_of_row[rows]]
