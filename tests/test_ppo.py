@@ -143,26 +143,6 @@ def test_prompts_that_open_alike_run_the_opening_once(tiny):
     assert_same_as_row_by_row(model, batch, shared, prompts, responses)
 
 
-def test_length_buckets_cut_where_padding_costs_more_than_a_call():
-    """Worked by hand with BUCKET_OVERHEAD_TOKENS = 80, prompts already run (length 0).
-    Answers 1, 50, 2, 48: one bucket runs 4 × 50 + 80 = 280 tokens; {1, 2} {48, 50} runs
-    2 × 2 + 80 + 2 × 50 + 80 = 264; {1, 2} {48} {50} runs 4 + 48 + 50 + 3 × 80 = 342."""
-    from tether.rollout import BUCKET_OVERHEAD_TOKENS, length_buckets
-
-    assert BUCKET_OVERHEAD_TOKENS == 80
-    zeros = torch.zeros(4, dtype=torch.long)
-    buckets = length_buckets(torch.tensor([1, 50, 2, 48]), zeros)
-    assert [b.tolist() for b in buckets] == [[0, 2], [3, 1]]
-    # a dearer call (overhead 100): 4 + 100 + 200 = 304 > 300, so the batch stays whole
-    assert len(length_buckets(torch.tensor([1, 50, 2, 48]), zeros, overhead=100)) == 1
-    # answers 10 and 12: a cut saves 2 tokens and costs 80, so the batch stays whole, in order
-    assert [b.tolist() for b in length_buckets(torch.tensor([12, 10]), zeros[:2])] == [[0, 1]]
-    # a 60-token prompt in every row: 2 × 62 + 2 × 110 + 160 = 504 < 4 × 110 + 80 = 520
-    prompts = torch.full((4,), 60)
-    assert len(length_buckets(torch.tensor([1, 50, 2, 48]), prompts)) == 2
-    assert [b.tolist() for b in length_buckets(torch.tensor([3, 1]), zeros[:2], most=1)] == [[0, 1]]
-
-
 @pytest.mark.parametrize("shared_prompts", [True, False])
 def test_rows_in_length_buckets_have_the_logprobs_and_gradients_of_full_passes(
     tiny, shared_prompts
