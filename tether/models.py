@@ -9,7 +9,6 @@ directory under the cache dir and loaded from there afterwards.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import importlib.util
 import os
@@ -252,7 +251,6 @@ def save_pretrained_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> N
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
-        _restore_stored_linears(model)
         model = model.merge_and_unload()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -263,55 +261,18 @@ def save_pretrained_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> N
     os.replace(tmp, out_dir)
 
 
-def store_frozen_linears(
-    model: torch.nn.Module, dtype: torch.dtype, source: ModelConfig | None = None
-) -> torch.nn.Module:
-    """Store a model's frozen linear layers in `dtype`, the dtype autocast casts their weights
+def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store a frozen model's linear layers in `dtype`, the dtype autocast casts their weights
     to on every call: the same matmuls (bit for bit), without re-casting 134.5M weights per
-    call and keeping each call's cast copy for backward, in half the memory. Only for a
-    model that runs under `dtype` autocast alone: a frozen reference or reward model, or the
-    base of a LoRA policy in a bf16 run.
-
-    The LM head and a layer tied to the input embedding stay as they are (the embedding's
-    output would change dtype, and the residual stream with it; a head may have been
-    resized). `source`, the model's own config: where `save_pretrained_model` reads the
-    original weights again to merge LoRA adapters into, not into their rounded copies.
-    """
+    forward, and half the memory. Only for a model that runs under `dtype` autocast alone. A
+    linear layer tied to the input embedding stays as it is: the embedding's output would
+    change dtype, and the residual stream with it."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    kept = {id(m.weight) for m in (embedding, head) if m is not None}
+    tied = embedding.weight if embedding is not None else None
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (
-            isinstance(module, torch.nn.Linear)
-            and id(weight) not in kept
-            and not weight.requires_grad
-            and weight.dtype != dtype
-        ):
-            module.stored_from = weight.dtype
+        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
             module.to(dtype)
-    if source is not None:
-        model.stored_linears_source = source
     return model
-
-
-def _restore_stored_linears(model: torch.nn.Module) -> None:
-    """Put back the original weights of the layers `store_frozen_linears` stored rounded,
-    read again from the model's source."""
-    stored = {n: m for n, m in model.named_modules() if hasattr(m, "stored_from")}
-    source = getattr(model, "stored_linears_source", None)
-    if not stored or source is None:
-        return
-    plain = dataclasses.replace(source, lora=LoraConfig(enabled=False))
-    original = dict(load_causal_lm(plain).named_modules())
-    for name, module in stored.items():
-        # peft names the layer base_model.model.<path>.base_layer; the original is <path>
-        key = name.removeprefix("base_model.model.").removesuffix(".base_layer")
-        twin = original[key]
-        module.weight = torch.nn.Parameter(twin.weight.detach(), requires_grad=False)
-        if module.bias is not None:
-            module.bias = torch.nn.Parameter(twin.bias.detach(), requires_grad=False)
-        del module.stored_from
 
 
 def bf16_available() -> bool:

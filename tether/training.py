@@ -25,13 +25,12 @@ from tether.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from tether.config import ModelConfig, OptimConfig, TrainConfig
+from tether.config import OptimConfig, TrainConfig
 from tether.errors import TetherError
 from tether.models import (
     bf16_available,
     load_tokenizer,
     load_trainable_state_dict,
-    store_frozen_linears,
     trainable_state_dict,
 )
 from tether.rewards import RewardError
@@ -57,17 +56,6 @@ def autocast(enabled: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.autocast(device_type=device, dtype=torch.bfloat16)
-
-
-def store_lora_base_in_bf16(
-    model: torch.nn.Module, model_cfg: ModelConfig, bf16: bool, parallel: str
-) -> None:
-    """In a bf16 run, a LoRA policy's frozen base is stored in bf16 (`store_frozen_linears`):
-    the same matmuls without a cast of every base weight per call, and without each call's
-    cast copy kept for backward. Not under FSDP, which shards parameters of one dtype."""
-    sharded = parallel == "fsdp" and distributed.world().size > 1
-    if bf16 and model_cfg.lora.enabled and not sharded:
-        store_frozen_linears(model, torch.bfloat16, model_cfg)
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:

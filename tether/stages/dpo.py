@@ -25,14 +25,7 @@ from tether.losses import dpo_loss
 from tether.models import load_causal_lm, save_pretrained_model
 from tether.ops import sequence_logprobs
 from tether.rollout import build_batch, encode_answer, encode_prompt, sequence_logprobs_of
-from tether.training import (
-    autocast,
-    begin_run,
-    fit,
-    save_final,
-    start_optimization,
-    store_lora_base_in_bf16,
-)
+from tether.training import autocast, begin_run, fit, save_final, start_optimization
 
 REFERENCE_CACHE = "reference_logps.safetensors"
 
@@ -180,7 +173,6 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         raise DataError(f"{cfg.data.train}: no usable preference pairs")
     per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)
-    store_lora_base_in_bf16(model, cfg.model, bf16, cfg.parallel)
     model.train()
     parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     ref = reference_logps(

@@ -67,7 +67,6 @@ from tether.training import (
     fit,
     save_final,
     start_optimization,
-    store_lora_base_in_bf16,
     total_steps,
 )
 
@@ -477,7 +476,6 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     ac, reference = load_actor_critic(cfg, tokenizer, algo_settings(cfg).critic, bf16)
     ac.train()
     sharded = cfg.parallel == "fsdp" and distributed.world().size > 1
-    store_lora_base_in_bf16(ac.policy, cfg.model, bf16, cfg.parallel)
     if sharded and not (cfg.rollout.engine == "auto" and tether_engine.supports(ac.policy)):
         # `generate` would run the sharded blocks, all-gathering at every decode step, and
         # ranks whose answers end at different lengths would wait on each other for ever.

@@ -25,14 +25,7 @@ from tether.data import (
 )
 from tether.losses import sft_loss
 from tether.models import load_causal_lm, save_pretrained_model
-from tether.training import (
-    autocast,
-    begin_run,
-    fit,
-    save_final,
-    start_optimization,
-    store_lora_base_in_bf16,
-)
+from tether.training import autocast, begin_run, fit, save_final, start_optimization
 
 
 def tokenize_all(examples, tokenizer, max_length: int, report) -> list[TokenizedSFT]:
@@ -100,7 +93,6 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
     pad_id = tokenizer.pad_token_id
     per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     model = load_causal_lm(cfg.model, tokenizer)
-    store_lora_base_in_bf16(model, cfg.model, bf16, cfg.parallel)
     model.train()
     parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
