@@ -314,7 +314,7 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     if len(first_row) < batch.ids.shape[0]:
         return _hidden_after_shared_prompts(backbone, batch, first_row, group_of_row)
     # Each bucket runs the common opening in a call of its own.
-    opening = common_prompt_opening(batch) if _opening_pays(batch) else 0
+    opening = _paying_opening(batch)
     buckets = length_buckets(
         batch.response_mask.sum(dim=1),
         batch.mask[:, :width].sum(dim=1) - opening,
@@ -341,15 +341,17 @@ def _whole_rows_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
     return hidden[:, batch.prompt_width - 1 : -1]
 
 
-def _opening_pays(batch: RolloutBatch) -> bool:
-    """Whether running the prompts' common opening once saves a tenth of the pass."""
-    rows = batch.ids.shape[0]
-    return common_prompt_opening(batch) * (rows - 1) >= 0.1 * int(batch.mask.sum())
+def _paying_opening(batch: RolloutBatch) -> int:
+    """The prompts' common opening where running it once saves a tenth of the pass, else 0."""
+    opening = common_prompt_opening(batch)
+    pays = opening * (batch.ids.shape[0] - 1) >= 0.1 * int(batch.mask.sum())
+    return opening if pays else 0
 
 
 def _distinct_prompts_hidden(backbone, batch: RolloutBatch) -> torch.Tensor:
-    if _opening_pays(batch):
-        return _hidden_after_common_opening(backbone, batch, common_prompt_opening(batch))
+    opening = _paying_opening(batch)
+    if opening:
+        return _hidden_after_common_opening(backbone, batch, opening)
     return _whole_rows_hidden(backbone, batch)
 
 
