@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tether.attention import use_grouped_flash_attention
 from tether.config import LoraConfig, ModelConfig
 from tether.errors import TetherError
 
@@ -181,6 +182,7 @@ def load_causal_lm(config: ModelConfig, tokenizer=None, dropout: bool = True) ->
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+    use_grouped_flash_attention(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

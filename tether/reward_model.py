@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from tether import distributed
+from tether.attention import use_grouped_flash_attention
 from tether.config import ModelConfig
 from tether.data import Message, as_messages, pad_rows
 from tether.models import (
@@ -210,6 +211,7 @@ def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.
             hidden = model.score.weight.shape[1]
             torch.nn.init.normal_(model.score.weight, std=1.0 / math.sqrt(hidden + 1))
     model.config.pad_token_id = tokenizer.pad_token_id
+    use_grouped_flash_attention(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if config.lora.enabled:
