@@ -156,6 +156,11 @@ def test_entropy_is_differentiable() -> None:
     assert logits.grad[0, 0, 0] < 0
 
 
+def _reference_entropy(logits: torch.Tensor, t: float) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double() / t, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_and_entropy_in_one_pass_equal_the_two_apart(temperature: float) -> None:
     torch.manual_seed(3)
@@ -165,14 +170,30 @@ def test_logprobs_and_entropy_in_one_pass_equal_the_two_apart(temperature: float
     assert logprobs.shape == entropy.shape == (3, 5)
     assert torch.equal(logprobs, logprobs_from_logits(logits, labels, temperature, 4))
     assert torch.allclose(entropy, entropy_from_logits(logits, temperature, 4), atol=1e-6)
-    (logprobs.sum() + entropy.sum()).backward()  # through the chunks' checkpoints
+    # the hand-written backward, with arbitrary upstream gradients on both outputs
+    g, h = torch.randn(3, 5), torch.randn(3, 5)
+    ((logprobs * g).sum() + (entropy * h).sum()).backward()
     both = logits.grad.clone()
     logits.grad = None
-    (
-        _reference_logprobs(logits, labels, temperature).sum()
-        + entropy_from_logits(logits, temperature).sum()
-    ).backward()
+    reference = _reference_logprobs(logits, labels, temperature) * g
+    (reference.sum() + (_reference_entropy(logits, temperature) * h).sum()).backward()
     assert torch.allclose(both, logits.grad, atol=1e-5)
+
+
+def test_bf16_logits_get_bf16_gradients_of_the_float32_maths() -> None:
+    torch.manual_seed(4)
+    logits = (torch.randn(70, 300) * 4).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 300, (70,))
+    logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels, 0.9, chunk_size=64)
+    (logprobs.sum() - entropy.sum()).backward()
+    assert logits.grad.dtype == torch.bfloat16
+    exact = logits.detach().double().requires_grad_()
+    (
+        _reference_logprobs(exact, labels, 0.9).sum() - _reference_entropy(exact, 0.9).sum()
+    ).backward()
+    expected = _reference_logprobs(exact, labels, 0.9).detach()
+    torch.testing.assert_close(logprobs.double(), expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), exact.grad, rtol=1e-2, atol=1e-3)
 
 
 def test_distinct_rows_hand_values() -> None:

@@ -10,10 +10,9 @@ Masks are 0/1 (bool or float) tensors broadcastable to `x`; 1 marks a token that
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -136,79 +135,111 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def _chunked(
-    fn: Callable[..., torch.Tensor], logits: torch.Tensor, *extra: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """Apply fn(logits_rows [n, V], *extra_rows [n]) -> [n, ...] chunk by chunk over B*T rows.
+class _LogprobsAndEntropy(torch.autograd.Function):
+    """Per row of logits [N, V] at temperature T, with z = logits / T in float32:
 
-    Each chunk is upcast to fp32 on its own, so no fp32 [B, T, V] copy exists at once. When a
-    gradient is needed the chunk is checkpointed: autograd keeps only the (original dtype)
-    input view and recomputes the fp32 softmax in backward, instead of saving every chunk.
+        log p_y = z_y − logsumexp(z),   H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v
+
+    and in backward, with upstream gradients g (of log p_y) and h (of H):
+
+        ∂/∂z_v = g·(1[v = y] − p_v) − h·p_v·(log p_v + H),   ∂/∂logits = (∂/∂z) / T.
+
+    Rows are taken `chunk_size` at a time, so no float32 [N, V] tensor exists, and only
+    the logits (in their own dtype) and two floats a row are kept for backward. Autograd
+    through checkpointed log-softmax chunks took a fifth of a LoRA PPO minibatch's update on
+    SmolLM2 (its intermediate [N, V] tensors are each allocated and zero-faulted afresh).
     """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, with_entropy, chunk_size):
+        n = logits.shape[0]
+        logprobs = torch.empty(n)
+        entropy = torch.zeros(n)
+        normaliser = torch.empty(n)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            z = _scaled(logits[rows], temperature)
+            lse = torch.logsumexp(z, dim=-1)
+            normaliser[rows] = lse
+            logprobs[rows] = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - lse
+            if with_entropy:
+                probs = (z - lse.unsqueeze(-1)).exp_()
+                entropy[rows] = lse - torch.linalg.vecdot(probs, z)
+        ctx.save_for_backward(logits, labels, normaliser, entropy)
+        ctx.temperature, ctx.with_entropy, ctx.chunk_size = temperature, with_entropy, chunk_size
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, labels, normaliser, entropy = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            g = grad_logprobs[rows].unsqueeze(-1)
+            logp = _scaled(logits[rows], temperature, copy=True)
+            logp.sub_(normaliser[rows].unsqueeze(-1))
+            probs = logp.exp()
+            if ctx.with_entropy:
+                h = grad_entropy[rows].unsqueeze(-1)
+                weight = logp.add_(entropy[rows].unsqueeze(-1)).mul_(h).add_(g)
+                dz = probs.mul_(weight).neg_()
+            else:
+                dz = probs.mul_(g).neg_()
+            dz.scatter_add_(-1, labels[rows].unsqueeze(-1), g)
+            grad[rows] = dz if temperature == 1.0 else dz.div_(temperature)
+        return grad, None, None, None, None
+
+
+def _logprobs_and_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    with_entropy: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., V] logits (and [...] labels) -> log p_label and entropy, each [...]."""
     rows = logits.reshape(-1, logits.shape[-1])
-    extra = tuple(e.reshape(-1) for e in extra)
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    out = []
-    for start in range(0, rows.shape[0], chunk_size):
-        args = (rows[start : start + chunk_size], *(e[start : start + chunk_size] for e in extra))
-        if grad:
-            out.append(checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False))
-        else:
-            out.append(fn(*args))
-    flat = torch.cat(out)
-    return flat.reshape(*logits.shape[:-1], *flat.shape[1:])
+    ids = torch.zeros(rows.shape[0], dtype=torch.long) if labels is None else labels.reshape(-1)
+    logprobs, entropy = _LogprobsAndEntropy.apply(rows, ids, temperature, with_entropy, chunk_size)
+    shape = logits.shape[:-1]
+    return logprobs.view(shape), entropy.view(shape)
 
 
-def _scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 logits / T (at T = 1 the division, a second pass over [n, V], is skipped)."""
-    rows = rows.float()
-    return rows if temperature == 1.0 else rows / temperature
+def _scaled(rows: torch.Tensor, temperature: float, copy: bool = False) -> torch.Tensor:
+    """fp32 logits / T (at T = 1 the division, a second pass over [n, V], is skipped);
+    `copy` guarantees a new tensor, for in-place work, where the rows are fp32 already."""
+    scaled = rows.to(torch.float32, copy=copy)
+    return (
+        scaled if temperature == 1.0 else scaled.div_(temperature) if copy else scaled / temperature
+    )
 
 
 def logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = 64
 ) -> torch.Tensor:
     """log softmax(logits / T)[label]: logits [B, T, V], labels [B, T] -> [B, T] fp32.
 
     logits[:, t] must already be the distribution of labels[:, t] (the caller shifts). Use the
     sampling temperature, or ratios and KL are wrong from the first step. Labels must be valid
-    ids; mask padding afterwards.
+    ids; mask padding afterwards. Computed `chunk_size` rows at a time (`_LogprobsAndEntropy`).
     """
-
-    def fn(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        rows = _scaled(rows, temperature)
-        picked = rows.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(rows, dim=-1)
-
-    return _chunked(fn, logits, labels, chunk_size=chunk_size)
+    return _logprobs_and_entropy(logits, labels, temperature, False, chunk_size)[0]
 
 
 def logprobs_and_entropy_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`logprobs_from_logits` and `entropy_from_logits` from one fp32 pass over the logits
     (the upcast and the log-normaliser are most of the cost of either): [B, T] each."""
-
-    def fn(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        rows = _scaled(rows, temperature)
-        logp = rows - torch.logsumexp(rows, dim=-1, keepdim=True)
-        picked = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-        return torch.stack([picked, -(logp.exp() * logp).sum(-1)], dim=-1)
-
-    both = _chunked(fn, logits, labels, chunk_size=chunk_size)
-    return both[..., 0], both[..., 1]
+    return _logprobs_and_entropy(logits, labels, temperature, True, chunk_size)
 
 
 def entropy_from_logits(
-    logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024
+    logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 64
 ) -> torch.Tensor:
     """H = -sum_v p_v log p_v of softmax(logits / T): [B, T, V] -> [B, T] fp32."""
-
-    def fn(rows: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(_scaled(rows, temperature), dim=-1)
-        return -(logp.exp() * logp).sum(-1)
-
-    return _chunked(fn, logits, chunk_size=chunk_size)
+    return _logprobs_and_entropy(logits, None, temperature, True, chunk_size)[1]
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
