@@ -347,7 +347,6 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-@torch.inference_mode()  # both models' weights require grad: no graph may be kept
 def policy_kl(policy, reference, tokenizer, prompt_ids, response_ids, chunk: int = 16):
     """[N] Σ_t log π(y_t|…) − log π_ref(y_t|…) of each policy sample: a one-sample Monte
     Carlo estimate of KL(π ‖ π_ref) per prompt, unbiased, at T = 1."""

@@ -210,9 +210,9 @@ def _scaled(rows: torch.Tensor, temperature: float, copy: bool = False) -> torch
     """fp32 logits / T (at T = 1 the division, a second pass over [n, V], is skipped);
     `copy` guarantees a new tensor, for in-place work, where the rows are fp32 already."""
     scaled = rows.to(torch.float32, copy=copy)
-    return (
-        scaled if temperature == 1.0 else scaled.div_(temperature) if copy else scaled / temperature
-    )
+    if temperature == 1.0:
+        return scaled
+    return scaled.div_(temperature) if copy else scaled / temperature
 
 
 def logprobs_from_logits(
