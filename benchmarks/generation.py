@@ -1,13 +1,17 @@
 """Rollout generation: tether's KV-cache engine vs Hugging Face `generate`, in one run.
 
     .venv/bin/python benchmarks/generation.py [--batches 16 64] [--new-tokens 64] [--compile]
+        [--unpacked] [--dtypes fp32 bf16]
 
 SmolLM2-135M-Instruct, sampling at temperature 1 with EOS ignored (every row generates
-exactly --new-tokens), prompts from examples/data/ppo-prompts.jsonl. Also measures the bf16
-matmul rate of this machine (a 2048³ matmul) and reports each tokens/s as a fraction of the
-bf16 roofline: rate / (2 · parameters) tokens per second. `--compile` adds the engine with
-its forward (prefill and decode step) under `torch.compile(dynamic=True)`, bf16 only, and
-reports the compile time (its warm-up) beside the rate.
+exactly --new-tokens), prompts from examples/data/ppo-prompts.jsonl. Also measures the
+matmul rate of this machine (a 2048³ matmul) in its fastest dtype (bf16 where the CPU has
+native bf16, else fp32) and reports each tokens/s as a fraction of that roofline:
+rate / (2 · parameters) tokens per second. `--compile` adds the engine with its forward
+(prefill and decode step) under `torch.compile(dynamic=True)`, bf16 only, and reports the
+compile time (its warm-up) beside the rate. `--unpacked` adds the engine with its float32
+weights left for F.linear (`tether.engine.can_pack` off). bf16 runs by default only where it
+is native: emulated, a bf16 matmul runs at a few GFLOP/s.
 """
 
 from __future__ import annotations
@@ -43,21 +47,29 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--unpacked", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None)
     args = parser.parse_args()
     from tether import engine as tether_engine
+    from tether.models import bf16_available
 
-    eager_forward = tether_engine.forward
+    eager_forward, can_pack = tether_engine.forward, tether_engine.can_pack
     set_threads(0)
     source = resolve_model_source("smollm2-135m-instruct")
     tokenizer = load_tokenizer(source)
     prompts, _ = load_prompts(ROOT / "examples/data/ppo-prompts.jsonl")
     params = None
+    fastest = "bf16" if bf16_available() else "fp32"
+    dtypes = args.dtypes or (["fp32", "bf16"] if fastest == "bf16" else ["fp32"])
     results = {
-        "bf16_gflops": matmul_gflops(torch.bfloat16),
         "fp32_gflops": matmul_gflops(torch.float32),
+        "bf16_native": fastest == "bf16",
     }
+    if fastest == "bf16":
+        results["bf16_gflops"] = matmul_gflops(torch.bfloat16)
     rows = []
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for dtype_name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
         # Each token costs ~2 FLOPs per weight it multiplies: every parameter once (a tied
         # embedding is counted once, for its use as the LM head; the lookup itself is free).
@@ -65,10 +77,13 @@ def main() -> None:
         for batch in args.batches:
             batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
             engines = ["hf", "auto"]
+            if args.unpacked and dtype_name == "fp32":
+                engines.append("unpacked")
             if args.compile and dtype_name == "bf16":
                 engines.append("compiled")
             for engine in engines:
                 tether_engine.forward = eager_forward
+                tether_engine.can_pack = (lambda _: False) if engine == "unpacked" else can_pack
                 if engine == "compiled":
                     torch._dynamo.reset()
                     tether_engine.forward = torch.compile(eager_forward, dynamic=True)
@@ -87,9 +102,12 @@ def main() -> None:
                 tokens = sum(len(r) for r in out.response_ids)
                 rows.append(
                     {
-                        "engine": {"hf": "hf generate", "auto": "tether"}.get(
-                            engine, "tether + torch.compile"
-                        ),
+                        "engine": {
+                            "hf": "hf generate",
+                            "auto": "tether",
+                            "unpacked": "tether, F.linear",
+                            "compiled": "tether + torch.compile",
+                        }[engine],
                         "dtype": dtype_name,
                         "batch": batch,
                         "tokens_per_s": tokens / seconds,
@@ -97,10 +115,10 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    roofline = results["bf16_gflops"] * 1e9 / (2 * params)
+    roofline = results[f"{fastest}_gflops"] * 1e9 / (2 * params)
     for row in rows:
-        row["fraction_of_bf16_roofline"] = row["tokens_per_s"] / roofline
-    results |= {"params": params, "bf16_roofline_tokens_per_s": roofline, "rows": rows}
+        row[f"fraction_of_{fastest}_roofline"] = row["tokens_per_s"] / roofline
+    results |= {"params": params, f"{fastest}_roofline_tokens_per_s": roofline, "rows": rows}
     print(json.dumps(results, indent=2))
 
 

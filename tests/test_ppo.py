@@ -11,6 +11,7 @@ from conftest import backbone_inputs
 from test_sft import run_cli
 
 from tether.config import ConfigError, PPOConfig, load_config
+from tether.engine import can_pack
 from tether.rundir import read_metrics
 from tether.stages.ppo import run_ppo
 
@@ -192,6 +193,34 @@ def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
         alone = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert response == alone[0, ids.shape[1] :].tolist()[: len(response)]
     assert out.ended == [False] * 3 and all(len(r) == 6 for r in out.response_ids)
+
+
+@pytest.mark.skipif(not can_pack(torch.float32), reason="no oneDNN in this torch build")
+def test_engine_packed_weights_compute_the_same_linears_and_states(tiny):
+    from tether import engine
+    from tether.data import pad_rows
+    from tether.ops import position_ids_from_mask
+    from tether.rollout import encode_prompt
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 40), torch.randn(96)
+    packed = engine.Linear(weight, bias, pack=True)
+    for shape in [(1, 40), (5, 40), (64, 40), (3, 100, 40)]:  # any row count, any batch dims
+        x = torch.randn(shape)
+        torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, weight, bias))
+
+    model, tokenizer = tiny
+    rows = [encode_prompt(tokenizer, p) for p in ["Hi", "Tell me about the sea."]]
+    ids, mask = pad_rows(rows, 0, "left")
+    states = []
+    for pack in (True, False):
+        w = engine.Weights(model, torch.float32, pack=pack)
+        assert all(layer.qkv.packed == pack for layer in w.layers) and w.lm_head.packed == pack
+        cache = engine.KVCache(w, 2, ids.shape[1])
+        with torch.inference_mode():
+            hidden = engine.forward(w, cache, ids, position_ids_from_mask(mask), mask.bool())
+            states.append((hidden, w.lm_head(hidden)))
+    torch.testing.assert_close(states[0], states[1])
 
 
 def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_model_dir):

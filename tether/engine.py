@@ -4,8 +4,9 @@ Why not `model.generate`: on a CPU, a 135M model's decode step is a few small ma
 layer, and generate's per-step overhead (autocast re-casting fp32 weights every op, a cache
 that grows by concatenation, logits processors over the full batch) costs more than the
 maths. Here the weights are exported once per rollout in the compute dtype (LoRA adapters
-merged in), the cache is allocated once, the LM head runs on the last position only, and
-rows that finished are compacted out of the batch.
+merged in, float32 weights reordered for oneDNN: `Linear`), the cache is allocated once, the
+LM head runs on the last position only, and rows that finished are compacted out of the
+batch.
 
 It reuses the model's own modules where the maths could vary by architecture (rotary
 embedding with its scaling rules, RMSNorm epsilon, activation), and covers the Llama layout
@@ -26,6 +27,9 @@ from tether.ops import distinct_rows, position_ids_from_mask
 from tether.reward_model import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
+# The batch size oneDNN lays float32 weights out for; any batch runs on the layout, and
+# 16-64 rows (the rollout sizes) run fastest on this one (RESULTS, 2026-12-01 fourth session).
+PACK_ROWS = 64
 # Compact the batch once this share of its rows has finished: copying the KV cache costs
 # about one decode step, so doing it for every finished row would cost more than it saves.
 COMPACT_SHARE = 0.25
@@ -61,23 +65,55 @@ def _bias(module: torch.nn.Module) -> torch.Tensor | None:
     return getattr(getattr(module, "base_layer", module), "bias", None)
 
 
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether float32 weights can go through oneDNN's reordered-weight linear on this CPU.
+
+    In float32, `F.linear` runs MKL's sgemm, which is slow for the few rows of a decode step:
+    on a 2-core AVX2 EPYC it ran the 49,152 × 576 LM head at 24 GFLOP/s for 16 rows and 51 for
+    64, against 58 and 107 with the weight reordered once for oneDNN, and the layers' matmuls
+    1.1-1.8x slower. bf16 already goes to oneDNN; its reordered path is not measured, so it is
+    not used.
+    """
+    mkldnn = torch.ops.mkldnn
+    return (
+        dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+    )
+
+
+class Linear:
+    """y = x·Wᵀ + b with W fixed for a rollout: reordered once into oneDNN's blocked layout
+    where `can_pack` (an opaque tensor only `_linear_pointwise` reads), else plain F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+        self.bias = bias
+        self.packed = pack
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if pack else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class Layer:
     ln1: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2·Hkv)·D, hidden]: one matmul for q, k and v
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear  # [(H + 2·Hkv)·D, hidden]: one matmul for q, k and v
+    o: Linear
     ln2: torch.Tensor
-    gate_up: torch.Tensor  # [2·I, hidden]
-    down: torch.Tensor
+    gate_up: Linear  # [2·I, hidden]
+    down: Linear
 
 
 class Weights:
     """The model's weights in the compute dtype, exported once per rollout."""
 
     @torch.no_grad()
-    def __init__(self, model, dtype: torch.dtype) -> None:
+    def __init__(self, model, dtype: torch.dtype, pack: bool | None = None) -> None:
+        """`pack`: reorder the weights for oneDNN (`Linear`); None: where `can_pack`."""
         inner = hf_model(model)
         config = inner.config
         self.heads = config.num_attention_heads
@@ -87,8 +123,13 @@ class Weights:
         self.rotary = inner.model.rotary_emb
         self.dtype = dtype
 
+        pack = can_pack(dtype) if pack is None else pack
+
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype).contiguous()
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(cast(weight), cast(bias), pack)
 
         self.embed = cast(_weight(inner.model.embed_tokens))
         self.layers = []
@@ -99,17 +140,18 @@ class Weights:
             self.layers.append(
                 Layer(
                     ln1=cast(layer.input_layernorm.weight),
-                    qkv=cast(torch.cat([_weight(p) for p in projections])),
-                    qkv_bias=cast(torch.cat(biases)) if biases[0] is not None else None,
-                    o=cast(_weight(attn.o_proj)),
-                    o_bias=cast(_bias(attn.o_proj)),
+                    qkv=linear(
+                        torch.cat([_weight(p) for p in projections]),
+                        torch.cat(biases) if biases[0] is not None else None,
+                    ),
+                    o=linear(_weight(attn.o_proj), _bias(attn.o_proj)),
                     ln2=cast(layer.post_attention_layernorm.weight),
-                    gate_up=cast(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)])),
-                    down=cast(_weight(mlp.down_proj)),
+                    gate_up=linear(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)])),
+                    down=linear(_weight(mlp.down_proj)),
                 )
             )
         self.norm = cast(inner.model.norm.weight)
-        self.lm_head = cast(_weight(inner.get_output_embeddings()))
+        self.lm_head = linear(_weight(inner.get_output_embeddings()))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -183,7 +225,7 @@ def forward(
     q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
     for i, layer in enumerate(w.layers):
         h = _rms_norm(x, layer.ln1, w.eps)
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+        qkv = layer.qkv(h)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = _rotate(q.view(batch, steps, w.heads, w.head_dim).transpose(1, 2), cos, sin)
         k = _rotate(k.view(batch, steps, w.kv_heads, w.head_dim).transpose(1, 2), cos, sin)
@@ -198,10 +240,10 @@ def forward(
             attn = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, enable_gqa=w.kv_heads != w.heads
             )
-        x = x + F.linear(attn.transpose(1, 2).reshape(batch, steps, q_size), layer.o, layer.o_bias)
+        x = x + layer.o(attn.transpose(1, 2).reshape(batch, steps, q_size))
         h = _rms_norm(x, layer.ln2, w.eps)
-        gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, layer.down)
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        x = x + layer.down(F.silu(gate) * up)
     cache.length = end
     return _rms_norm(x[:, -1], w.norm, w.eps)
 
@@ -287,7 +329,7 @@ def decode(
             ]
         )
     for step in range(max_new_tokens):
-        logits = F.linear(hidden, w.lm_head)
+        logits = w.lm_head(hidden)
         uniforms = None if row_draws is None else row_draws[rows, step]
         tokens = sample(logits, temperature, top_p, top_k, generator, uniforms)
         for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist(), strict=True):
