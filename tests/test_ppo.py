@@ -578,17 +578,26 @@ def test_single_pass_algorithms_take_one_unclipped_step(tiny_model_dir, ppo_file
     assert metrics[-1]["kl/mean"] != 0  # but the policy did move
 
 
-@pytest.mark.parametrize("algo", ["grpo", "a2c"])
-def test_one_update_per_rollout_reuses_the_rollout_forward(
-    tiny_model_dir, ppo_files, tmp_path, monkeypatch, algo
+@pytest.mark.parametrize(
+    ("algo", "reused", "fresh"),
+    [
+        # one update over the whole batch: the rollout's pass is the update's only forward
+        ("grpo", [True], [False, True]),
+        ("a2c", [True], [False, True]),
+        # 2 epochs x 2 minibatches of 4 rows: the first of the update's four is the rollout's
+        ("ppo", [False, True, True, True, True], [False, False, True, True, True, True]),
+    ],
+)
+def test_the_update_starts_from_the_rollouts_forward(
+    peaked_model_dir, ppo_files, tmp_path, monkeypatch, algo, reused, fresh
 ):
-    """With one update over the whole batch in one micro-batch, the rollout's policy pass is
-    the update's forward: the policy runs once per step instead of twice, and the run ends
-    where the same update split into two accumulated micro-batches (two fresh forwards)
-    ends (within float rounding, as a torchrun job's)."""
-    from test_distributed import assert_same_run  # not at the top: it imports this module
-
+    """The update's first micro-batch runs at the rollout's weights, so the rollout's policy
+    pass over its rows, run with its graph, is that micro-batch's forward: one policy forward
+    fewer per step. Its first step is the one of the same run with every forward run afresh,
+    within float rounding; later steps are not compared: rounding in the first one's weights
+    becomes other samples a step or two later."""
     from tether import actor_critic
+    from tether.stages import ppo
 
     calls = []
     real_forward = actor_critic.ActorCritic.forward_responses
@@ -598,19 +607,24 @@ def test_one_update_per_rollout_reuses_the_rollout_forward(
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(actor_critic.ActorCritic, "forward_responses", counted)
-    common = [f"algo={algo}", "train.batch_size=4", "train.max_steps=3", "ppo.ppo_epochs=1"]
-    if algo == "grpo":
-        common.append("rollout.samples_per_prompt=2")
-    run_ppo(ppo_config(tiny_model_dir, ppo_files, *common), tmp_path / "once")
-    assert calls == [True] * 3  # one pass per step, with its graph
+    common = [f"algo={algo}", "train.max_steps=2"]
+    common += {
+        "grpo": ["train.batch_size=4", "ppo.ppo_epochs=1", "rollout.samples_per_prompt=2"],
+        "a2c": ["train.batch_size=4", "ppo.ppo_epochs=1"],
+        "ppo": ["train.batch_size=8", "ppo.ppo_epochs=2", "ppo.num_minibatches=2"],
+    }[algo]
+    run_ppo(ppo_config(peaked_model_dir, ppo_files, *common), tmp_path / "reused")
+    assert calls == reused * 2  # grad enabled or not, per policy forward
     calls.clear()
-    run_ppo(
-        ppo_config(tiny_model_dir, ppo_files, *common, "train.grad_accum=2"), tmp_path / "twice"
-    )
-    assert calls == [False, False, True, True] * 3  # rollout and update, 2 micro-batches each
-    assert all(m["policy/approx_kl"] == 0.0 for m in read_metrics(tmp_path / "once/metrics.jsonl"))
-    keys = ["train/loss", "policy/loss", "kl/mean", "policy/entropy"]
-    assert_same_run(tmp_path / "once", tmp_path / "twice", keys)
+    monkeypatch.setattr(ppo, "first_micro_batch", lambda *args: None)
+    run_ppo(ppo_config(peaked_model_dir, ppo_files, *common), tmp_path / "fresh")
+    assert calls == fresh * 2
+    reused_run = read_metrics(tmp_path / "reused/metrics.jsonl")
+    if len(reused) == 1:  # π_old is the update's own forward, detached: the ratio is 1
+        assert all(m["policy/approx_kl"] == 0.0 for m in reused_run)
+    first, fresh_first = reused_run[0], read_metrics(tmp_path / "fresh/metrics.jsonl")[0]
+    for key in ["train/loss", "policy/loss", "train/grad_norm", "kl/mean"]:
+        assert first[key] == pytest.approx(fresh_first[key], rel=1e-4, abs=1e-6), key
 
 
 # --------------------------------------------------------------------------- resume, bad input

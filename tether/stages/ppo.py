@@ -84,9 +84,10 @@ class Rollout:
     kl: torch.Tensor  # [B, R] the penalty's estimator, the same one logged
     advantages: torch.Tensor  # [B, R]
     returns: torch.Tensor  # [B, R]
-    # (log-probs, values, entropy) with their graph, when the update's one forward is the
-    # rollout's own (update_reuses_rollout_pass); None otherwise
+    # (log-probs, values, entropy) with their graph, of the rows `live_rows` (ascending): the
+    # update's first micro-batch, whose forward is the rollout's own (first_micro_batch)
     live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    live_rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -111,16 +112,23 @@ def algo_settings(cfg: PPOConfig) -> AlgoSettings:
     )
 
 
-def update_reuses_rollout_pass(cfg: PPOConfig) -> bool:
-    """One update over the whole batch in one micro-batch (GRPO's and RLOO's usual setting:
-    ppo_epochs = num_minibatches = grad_accum = 1) starts from the rollout's weights, so the
-    rollout's forward, run with its graph, is the update's forward: π_old is that pass
-    detached (the ratio is exactly 1) and the pass is not run twice."""
-    return (
-        algo_settings(cfg).epochs == 1
-        and cfg.ppo.num_minibatches == 1
-        and cfg.train.grad_accum == 1
-    )
+def update_shuffle(cfg: PPOConfig, step: int) -> torch.Generator:
+    """The generator of the update's minibatch shuffles, seeded by (seed, step): a resumed
+    run shuffles the same, and the rollout knows the update's first micro-batch."""
+    return torch.Generator().manual_seed(cfg.train.seed * 100_003 + step)
+
+
+def first_micro_batch(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
+    """The rows (ascending) of the update's first micro-batch.
+
+    The update's first forward runs at the rollout's weights, on rows the rollout has just run
+    through the policy for π_old. So the rollout runs those rows with their graph: π_old is
+    that pass detached (the first ratio is exactly 1) and the update starts from it instead of
+    running it again. That is one policy forward of a micro-batch saved per iteration; with
+    GRPO's and RLOO's usual one update over the whole batch, the whole rollout pass.
+    """
+    micro = rows // cfg.ppo.num_minibatches // cfg.train.grad_accum
+    return torch.randperm(rows, generator=update_shuffle(cfg, step))[:micro].sort().values
 
 
 def sequence_advantages(
@@ -214,8 +222,12 @@ def collect_rollout(
     cfg: PPOConfig,
     bf16: bool,
     row_seeds: list[int] | None = None,
+    live_rows: torch.Tensor | None = None,
 ) -> tuple[Rollout, dict[str, float], list[dict]]:
     """Steps 1-4 of the iteration: sample, score, log-probs, values, rewards, advantages.
+
+    `live_rows` (the update's first micro-batch, `first_micro_batch`) run their policy pass
+    with its graph, kept in the rollout for the update to start from.
 
     `messages`/`rows` hold each prompt k times in a row, so groups are consecutive. In a
     torchrun job they are this rank's share: it samples, scores and runs its forward passes
@@ -249,38 +261,43 @@ def collect_rollout(
         torch.tensor(raw), ended, ro_cfg.missing_eos, ro_cfg.missing_eos_penalty
     )
 
-    logprobs, values, entropy, ref_logprobs = [], [], [], []
-    live, reuse = None, update_reuses_rollout_pass(cfg)
-    ac.eval()
+    # π_ref for every row; the policy without a graph for the rows but `live_rows`, then
+    # with its graph for those: last, so that no other forward runs before its backward.
     micro = len(rows) // ppo.num_minibatches // cfg.train.grad_accum
-    for start in range(0, batch.ids.shape[0], micro):
-        sub = batch.rows(slice(start, start + micro))
-        with autocast(bf16):
+    every = torch.arange(batch.ids.shape[0])
+    detached = every if live_rows is None else every[~torch.isin(every, live_rows)]
+    ref_parts, parts, live = [], [], None
+    ac.eval()
+    with autocast(bf16):
+        for start in range(0, len(every), micro):
+            sub = batch.rows(every[start : start + micro])
             if reference is None:
-                ref = parallel(reference_logprobs, sub, ro_cfg.temperature)
+                ref_parts.append(parallel(reference_logprobs, sub, ro_cfg.temperature))
             else:
-                ref = sequence_logprobs_of(reference, sub, ro_cfg.temperature)
-            if reuse:  # this pass is the update's forward too
-                ac.train()
-                with torch.enable_grad():
-                    live = parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True)
-                lp, v, ent = (t.detach() for t in live)
-            else:
-                lp, v, ent = parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True)
-        logprobs.append(lp)
-        values.append(v)
-        entropy.append(ent)
-        ref_logprobs.append(ref)
+                ref_parts.append(sequence_logprobs_of(reference, sub, ro_cfg.temperature))
+        for start in range(0, len(detached), micro):
+            sub = batch.rows(detached[start : start + micro])
+            parts.append(parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True))
+        if live_rows is not None:
+            ac.train()
+            # DDP decides at the forward whether the backward reduces across ranks.
+            with torch.enable_grad(), parallel.micro_batch(last=cfg.train.grad_accum == 1):
+                live = parallel(
+                    ActorCritic.forward_responses, batch.rows(live_rows), ro_cfg.temperature, True
+                )
+            parts.append(tuple(t.detach() for t in live))
     ac.train()
+    order = detached if live_rows is None else torch.cat([detached, live_rows])
+    logprobs, values, entropy = (torch.cat(ts)[order.argsort()] for ts in zip(*parts, strict=True))
 
     # From here on: the job's whole batch, the same on every rank.
     local_width = batch.response_mask.shape[1]
     mask, logprobs, values, entropy, ref_logprobs, scores, ended = distributed.gather_rows(
         batch.response_mask,
-        torch.cat(logprobs),
-        torch.cat(values),
-        torch.cat(entropy),
-        torch.cat(ref_logprobs),
+        logprobs,
+        values,
+        entropy,
+        torch.cat(ref_parts),
         scores,
         ended,
     )
@@ -365,6 +382,7 @@ def collect_rollout(
         own(advantages),
         own(returns),
         live,
+        live_rows,
     )
     return rollout, stats, samples
 
@@ -399,7 +417,7 @@ def ppo_update(
     ppo, algo, rows = cfg.ppo, algo_settings(cfg), ro.batch.ids.shape[0]
     minibatch = rows // ppo.num_minibatches
     micro = minibatch // cfg.train.grad_accum
-    shuffle = torch.Generator().manual_seed(cfg.train.seed * 100_003 + step)
+    shuffle = update_shuffle(cfg, step)
     keys = ["train/loss", "policy/loss", "policy/clipfrac", "policy/approx_kl", "train/grad_norm"]
     keys += ["value/loss", "value/clipfrac"] if algo.critic else []
     keys += ["kl/loss"] if algo.kl_placement == "loss" else []
@@ -415,8 +433,12 @@ def ppo_update(
                 sub = ro.batch.rows(idx)
                 mask = sub.response_mask
                 with parallel.micro_batch(last=start + micro >= minibatch):
-                    if ro.live is not None:  # the rollout's pass, in this minibatch's order
-                        logprobs, values, entropy = (t[idx] for t in ro.live)
+                    if ro.live is not None:  # the first micro-batch: the rollout's pass
+                        at = torch.searchsorted(ro.live_rows, idx)
+                        if not torch.equal(ro.live_rows[at.clamp(max=len(ro.live_rows) - 1)], idx):
+                            raise RuntimeError("the rollout's live pass is of other rows")
+                        logprobs, values, entropy = (t[at] for t in ro.live)
+                        ro.live = None  # used once: later micro-batches run at new weights
                     else:
                         with autocast(bf16):
                             logprobs, values, entropy = parallel(
@@ -525,6 +547,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
             cfg,
             bf16,
             seeds,
+            first_micro_batch(cfg, step, len(grouped)),
         )
         stats["time/rollout_s"] = time.perf_counter() - started
         started = time.perf_counter()
