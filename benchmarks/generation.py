@@ -83,7 +83,7 @@ def main() -> None:
                 engines.append("compiled")
             for engine in engines:
                 tether_engine.forward = eager_forward
-                tether_engine.can_pack = (lambda _: False) if engine == "unpacked" else can_pack
+                tether_engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
                 if engine == "compiled":
                     torch._dynamo.reset()
                     tether_engine.forward = torch.compile(eager_forward, dynamic=True)

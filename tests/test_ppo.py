@@ -195,7 +195,9 @@ def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     assert out.ended == [False] * 3 and all(len(r) == 6 for r in out.response_ids)
 
 
-@pytest.mark.skipif(not can_pack(torch.float32), reason="no oneDNN in this torch build")
+@pytest.mark.skipif(
+    not can_pack(torch.float32, torch.device("cpu")), reason="no oneDNN in this torch build"
+)
 def test_engine_packed_weights_compute_the_same_linears_and_states(tiny):
     from tether import engine
     from tether.data import pad_rows

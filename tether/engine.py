@@ -65,8 +65,8 @@ def _bias(module: torch.nn.Module) -> torch.Tensor | None:
     return getattr(getattr(module, "base_layer", module), "bias", None)
 
 
-def can_pack(dtype: torch.dtype) -> bool:
-    """Whether float32 weights can go through oneDNN's reordered-weight linear on this CPU.
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether float32 weights on the CPU can go through oneDNN's reordered-weight linear.
 
     In float32, `F.linear` runs MKL's sgemm, which is slow for the few rows of a decode step:
     on a 2-core AVX2 EPYC it ran the 49,152 × 576 LM head at 24 GFLOP/s for 16 rows and 51 for
@@ -77,7 +77,9 @@ def can_pack(dtype: torch.dtype) -> bool:
     mkldnn = torch.ops.mkldnn
     return (
         dtype == torch.float32
+        and device.type == "cpu"
         and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
         and hasattr(mkldnn, "_reorder_linear_weight")
         and hasattr(mkldnn, "_linear_pointwise")
     )
@@ -123,7 +125,8 @@ class Weights:
         self.rotary = inner.model.rotary_emb
         self.dtype = dtype
 
-        pack = can_pack(dtype) if pack is None else pack
+        if pack is None:
+            pack = can_pack(dtype, inner.model.embed_tokens.weight.device)
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype).contiguous()

@@ -167,12 +167,16 @@ class _LogprobsAndEntropy(torch.autograd.Function):
                 entropy[rows] = lse - torch.linalg.vecdot(probs, z)
         ctx.save_for_backward(logits, labels, normaliser, entropy)
         ctx.temperature, ctx.with_entropy, ctx.chunk_size = temperature, with_entropy, chunk_size
+        ctx.set_materialize_grads(False)  # an output the loss leaves out costs no work
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, labels, normaliser, entropy = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        with_entropy = ctx.with_entropy and grad_entropy is not None
+        if grad_logprobs is None:  # the entropy alone is in the loss
+            grad_logprobs = torch.zeros(logits.shape[0])
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -180,7 +184,7 @@ class _LogprobsAndEntropy(torch.autograd.Function):
             logp = _scaled(logits[rows], temperature, copy=True)
             logp.sub_(normaliser[rows].unsqueeze(-1))
             probs = logp.exp()
-            if ctx.with_entropy:
+            if with_entropy:
                 h = grad_entropy[rows].unsqueeze(-1)
                 weight = logp.add_(entropy[rows].unsqueeze(-1)).mul_(h).add_(g)
                 dz = probs.mul_(weight).neg_()

@@ -278,15 +278,17 @@ def collect_rollout(
         for start in range(0, len(detached), micro):
             sub = batch.rows(detached[start : start + micro])
             parts.append(parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True))
-        if live_rows is not None:
-            ac.train()
-            # DDP decides at the forward whether the backward reduces across ranks.
-            with torch.enable_grad(), parallel.micro_batch(last=cfg.train.grad_accum == 1):
-                live = parallel(
-                    ActorCritic.forward_responses, batch.rows(live_rows), ro_cfg.temperature, True
-                )
-            parts.append(tuple(t.detach() for t in live))
     ac.train()
+    if live_rows is not None:
+        # An autocast block of its own: autocast caches the bf16 copies of trainable weights
+        # until its outermost block exits, and copies cast without grad (the passes above)
+        # would reach this pass's graph on torch releases that do not key the cache on it.
+        # DDP decides at the forward whether the backward reduces across ranks.
+        with autocast(bf16), torch.enable_grad(), parallel.micro_batch(cfg.train.grad_accum == 1):
+            live = parallel(
+                ActorCritic.forward_responses, batch.rows(live_rows), ro_cfg.temperature, True
+            )
+        parts.append(tuple(t.detach() for t in live))
     order = detached if live_rows is None else torch.cat([detached, live_rows])
     logprobs, values, entropy = (torch.cat(ts)[order.argsort()] for ts in zip(*parts, strict=True))
 
