@@ -20,6 +20,8 @@ parser.add_argument("--batch-size", type=int, required=True)
 parser.add_argument("--max-length", type=int, required=True)
 parser.add_argument("--lr", type=float, required=True)
 parser.add_argument("--beta", type=float, required=True)
+# --no-bf16 where the CPU has no native bf16 (common.trl_precision): tether runs float32 there
+parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
 args = parser.parse_args()
 
 records = [json.loads(line) for line in open(args.train)]
@@ -42,7 +44,7 @@ config = DPOConfig(
     lr_scheduler_type="cosine",
     max_length=args.max_length,
     beta=args.beta,
-    bf16=True,
+    bf16=args.bf16,
     save_strategy="no",
     report_to="none",
     logging_steps=10,

@@ -21,6 +21,8 @@ for flag in ("--steps", "--prompts-per-step", "--group-size", "--max-new-tokens"
 parser.add_argument("--lr", type=float, required=True)
 parser.add_argument("--beta", type=float, required=True)
 parser.add_argument("--algo", choices=["grpo", "rloo"], default="grpo")
+# --no-bf16 where the CPU has no native bf16 (common.trl_precision): tether runs float32 there
+parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
 args = parser.parse_args()
 Config, Trainer = (GRPOConfig, GRPOTrainer) if args.algo == "grpo" else (RLOOConfig, RLOOTrainer)
 
@@ -45,7 +47,7 @@ config = Config(
     top_p=1.0,
     top_k=0,
     num_iterations=1,
-    bf16=True,
+    bf16=args.bf16,
     save_strategy="no",
     report_to="none",
     logging_steps=1,

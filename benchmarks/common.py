@@ -62,6 +62,15 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, int(proc.stderr.strip().splitlines()[-1]) / 2**20
 
 
+def trl_precision() -> list[str]:
+    """TRL's precision flag for the TRL scripts: tether's `precision: auto` (bf16 autocast
+    where the CPU has native bf16, else float32), so both sides of a run compute alike.
+    Emulated bf16 is many times slower than float32."""
+    from tether.models import bf16_available
+
+    return [] if bf16_available() else ["--no-bf16"]
+
+
 def ensure_trl_venv() -> Path:
     python = TRL_VENV / "bin/python"
     if not python.exists():

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ensure_trl_venv, split_hh, timed
+from common import ROOT, ensure_trl_venv, split_hh, timed, trl_precision
 
 
 def held_out_dpo_metrics(
@@ -94,7 +94,7 @@ def main() -> None:
     command = [str(ensure_trl_venv()), str(ROOT / "benchmarks/_trl_dpo.py"), "--model", model_dir]
     command += ["--train", str(train), "--out", str(trl_out), "--steps", str(steps)]
     command += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-    command += ["--lr", str(args.lr), "--beta", str(args.beta)]
+    command += ["--lr", str(args.lr), "--beta", str(args.beta), *trl_precision()]
     wall, rss = timed(command)
     trl_metrics = json.loads((trl_out / "train_metrics.json").read_text())
     results["trl"] = {

@@ -3,7 +3,8 @@ function, group size and generation length, in one run; samples (completions) pe
 
     .venv/bin/python benchmarks/grpo_vs_trl.py [--algo grpo|rloo] [--steps 10]
 
-SmolLM2-135M-Instruct, full fine-tuning, bf16, the prompts of examples/data/ppo-prompts.jsonl,
+SmolLM2-135M-Instruct, full fine-tuning, bf16 on both sides (float32 on a CPU without native
+bf16: `common.trl_precision`), the prompts of examples/data/ppo-prompts.jsonl,
 the rule reward of benchmarks/_exclaim_reward.py (1 for an answer ending in '!'), group size
 4, 64 new tokens at temperature 1 with no top-k/top-p, one optimizer step per generation
 batch, KL coefficient 0.04 (GRPO: a loss term; RLOO: in the reward; both sides run a
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ensure_trl_venv, timed
+from common import ROOT, ensure_trl_venv, timed, trl_precision
 
 
 def main() -> None:
@@ -82,6 +83,7 @@ def main() -> None:
     command += ["--prompts-per-step", str(args.prompts_per_step)]
     command += ["--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens)]
     command += ["--lr", str(args.lr), "--beta", str(args.beta), "--algo", args.algo]
+    command += trl_precision()
     wall, rss = timed(command)
     trl_metrics = json.loads((trl_out / "train_metrics.json").read_text())
     results["trl"] = {

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ensure_trl_venv, split_hh, timed
+from common import ROOT, ensure_trl_venv, split_hh, timed, trl_precision
 
 
 def main() -> None:
@@ -86,6 +86,7 @@ def main() -> None:
             str(args.max_length),
             "--lr",
             str(args.lr),
+            *trl_precision(),
         ]
     )
     results["trl"] = {"wall_s": wall, "peak_rss_gib": rss, "final": str(trl_out)}
