@@ -64,11 +64,11 @@ class FlashForwardAttention(torch.autograd.Function):
         scale, dtype = ctx.scale, stacked.dtype
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.reshape(out.shape).to(dtype)
-            q32, k32 = stacked.float(), k.float()
+            q32, k32, grad_out32 = stacked.float(), k.float(), grad_out.float()
             scores = torch.matmul(q32, k32.transpose(-1, -2)).mul_(scale)
             probs = scores.sub_(lse.unsqueeze(-1)).exp_().masked_fill_(~keep, 0.0)
-            grad_probs = torch.matmul(grad_out.float(), v.float().transpose(-1, -2))
-            row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+            grad_probs = torch.matmul(grad_out32, v.float().transpose(-1, -2))
+            row = (grad_out32 * out.float()).sum(-1, keepdim=True)
             grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
             grad_scores = probs.mul_(grad_probs.sub_(row)).to(dtype)
             grad_q = torch.matmul(grad_scores, k).mul_(scale)

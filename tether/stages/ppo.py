@@ -118,6 +118,11 @@ def update_shuffle(cfg: PPOConfig, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.train.seed * 100_003 + step)
 
 
+def micro_batch_rows(cfg: PPOConfig, rows: int) -> int:
+    """Rows in one micro-batch of the update (and of the rollout's passes) over `rows`."""
+    return rows // cfg.ppo.num_minibatches // cfg.train.grad_accum
+
+
 def first_micro_batch(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
     """The rows (ascending) of the update's first micro-batch.
 
@@ -127,7 +132,7 @@ def first_micro_batch(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
     running it again. That is one policy forward of a micro-batch saved per iteration; with
     GRPO's and RLOO's usual one update over the whole batch, the whole rollout pass.
     """
-    micro = rows // cfg.ppo.num_minibatches // cfg.train.grad_accum
+    micro = micro_batch_rows(cfg, rows)
     return torch.randperm(rows, generator=update_shuffle(cfg, step))[:micro].sort().values
 
 
@@ -263,7 +268,7 @@ def collect_rollout(
 
     # π_ref for every row; the policy without a graph for the rows but `live_rows`, then
     # with its graph for those: last, so that no other forward runs before its backward.
-    micro = len(rows) // ppo.num_minibatches // cfg.train.grad_accum
+    micro = micro_batch_rows(cfg, len(rows))
     every = torch.arange(batch.ids.shape[0])
     detached = every if live_rows is None else every[~torch.isin(every, live_rows)]
     ref_parts, parts, live = [], [], None
@@ -436,9 +441,9 @@ def ppo_update(
                 mask = sub.response_mask
                 with parallel.micro_batch(last=start + micro >= minibatch):
                     if ro.live is not None:  # the first micro-batch: the rollout's pass
-                        at = torch.searchsorted(ro.live_rows, idx)
-                        if not torch.equal(ro.live_rows[at.clamp(max=len(ro.live_rows) - 1)], idx):
+                        if not torch.equal(idx.sort().values, ro.live_rows):
                             raise RuntimeError("the rollout's live pass is of other rows")
+                        at = torch.searchsorted(ro.live_rows, idx)  # idx's places in it
                         logprobs, values, entropy = (t[at] for t in ro.live)
                         ro.live = None  # used once: later micro-batches run at new weights
                     else:
