@@ -1,6 +1,6 @@
 """Two training-step kernels against the textbook way, forward + backward, in one run.
 
-    .venv/bin/python benchmarks/kernels.py
+    .venv/bin/python benchmarks/training_kernels.py
 
 1. Attention at SmolLM2's head layout (9 query heads, 3 key/value heads of 64, bf16, a
    causal mask with left padding): PyTorch's SDPA (flash on CPU, k and v repeated as
