@@ -1,6 +1,7 @@
 """End-to-end SFT on a tiny real Llama: learning, accumulation, resume after SIGKILL, LoRA."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,12 @@ def test_accumulation_equals_one_big_batch(tiny_model_dir, memorisable_sft, tmp_
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+def _default_sigint() -> None:
+    """A shell's background job starts with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: the CLI runs with a terminal's Ctrl-C, as a user's would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(args, env_extra=None, check=True):
     env = dict(os.environ, **(env_extra or {}))
     proc = subprocess.run(
@@ -85,6 +92,7 @@ def run_cli(args, env_extra=None, check=True):
         capture_output=True,
         text=True,
         timeout=300,
+        preexec_fn=_default_sigint,
     )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
