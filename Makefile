@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # A CPU build of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
+# Test processes (pytest-xdist): most tests wait on subprocesses that spend seconds importing
+# torch, so two workers on two cores run the suite in 11.5 instead of 18.5 minutes; 0 runs it
+# in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test demo lint clean
 
@@ -20,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: setup
 	$(VENV)/bin/ruff check tether tests benchmarks
