@@ -10,8 +10,9 @@ native bf16, else fp32) and reports each tokens/s as a fraction of that roofline
 rate / (2 · parameters) tokens per second. `--compile` adds the engine with its forward
 (prefill and decode step) under `torch.compile(dynamic=True)`, bf16 only, and reports the
 compile time (its warm-up) beside the rate. (In float32 inductor cannot lower the reordered
-weights: its `_linear_pointwise` lowering asserts that the weight is a graph constant.) `--unpacked` adds the engine with its float32
-weights left for F.linear (`tether.engine.can_pack` off). bf16 runs by default only where it
+weights: its `_linear_pointwise` lowering asserts that the weight is a graph constant.)
+`--unpacked` adds the engine with its float32 weights left for F.linear
+(`tether.engine.can_pack` off). bf16 runs by default only where it
 is native: emulated, a bf16 matmul runs at a few GFLOP/s.
 """
 
