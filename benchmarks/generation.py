@@ -12,8 +12,8 @@ rate / (2 · parameters) tokens per second. `--compile` adds the engine with its
 compile time (its warm-up) beside the rate. (In float32 inductor cannot lower the reordered
 weights: its `_linear_pointwise` lowering asserts that the weight is a graph constant.)
 `--unpacked` adds the engine with its float32 weights left for F.linear
-(`tether.engine.can_pack` off). bf16 runs by default only where it
-is native: emulated, a bf16 matmul runs at a few GFLOP/s.
+(`tether.engine.can_pack` off). bf16 runs by default only where it is native: emulated, a
+bf16 matmul runs at a few GFLOP/s.
 """
 
 from __future__ import annotations

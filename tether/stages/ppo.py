@@ -422,8 +422,7 @@ def ppo_update(
     another (equally random) partition of the batch than one process would draw.
     """
     ppo, algo, rows = cfg.ppo, algo_settings(cfg), ro.batch.ids.shape[0]
-    minibatch = rows // ppo.num_minibatches
-    micro = minibatch // cfg.train.grad_accum
+    minibatch, micro = rows // ppo.num_minibatches, micro_batch_rows(cfg, rows)
     shuffle = update_shuffle(cfg, step)
     keys = ["train/loss", "policy/loss", "policy/clipfrac", "policy/approx_kl", "train/grad_norm"]
     keys += ["value/loss", "value/clipfrac"] if algo.critic else []
