@@ -60,6 +60,46 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     RunDir(tmp_path).prepare(longer, resume=True)  # extending a run is allowed
 
 
+def test_a_resume_cut_off_while_writing_config_keeps_the_old_one(tmp_path, monkeypatch):
+    """A kill can land while a resume rewrites config.yaml; the next resume reads that file
+    to learn where the data is, so it must hold the old text or the new, never a torn one."""
+    import builtins
+    import io
+
+    cfg = load_config(SFTConfig, None, ["data.train=x.jsonl"])
+    RunDir(tmp_path).prepare(cfg, resume=False)
+    before = (tmp_path / "config.yaml").read_text()
+    real_open = io.open
+
+    class DiesHalfway:  # writes half the text, then the process "dies"
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            self.fh.write(text[: len(text) // 2])
+            self.fh.flush()
+            raise KeyboardInterrupt
+
+    def open_dying(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        return DiesHalfway(fh) if "w" in mode and "config.yaml" in str(file) else fh
+
+    monkeypatch.setattr(builtins, "open", open_dying)
+    monkeypatch.setattr(io, "open", open_dying)
+    longer = load_config(SFTConfig, None, ["data.train=x.jsonl", "train.max_steps=99"])
+    with pytest.raises(KeyboardInterrupt):
+        RunDir(tmp_path).prepare(longer, resume=True)
+    monkeypatch.undo()
+    assert (tmp_path / "config.yaml").read_text() == before
+    assert load_config(SFTConfig, tmp_path / "config.yaml") == cfg
+
+
 def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
     run = RunDir(tmp_path)
     logger = MetricsLogger(run)

@@ -659,8 +659,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_config(config: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+def config_yaml(config: Any) -> str:
+    """The YAML text `load_config` reads back to an equal config (the run dir writes it)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

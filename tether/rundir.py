@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from tether.checkpoint import latest_checkpoint, list_checkpoints
-from tether.config import config_differences, config_to_dict, save_config
+from tether.config import config_differences, config_to_dict, config_yaml
 from tether.errors import TetherError
 
 
@@ -83,7 +83,7 @@ class RunDir:
                     f"{self.path} already holds a run; pass --resume to continue it or choose "
                     "a new --out"
                 )
-            save_config(config, saved_path)
+            write_text_atomic(saved_path, config_yaml(config))
             return None
         if saved_path.is_file():
             saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -97,7 +97,9 @@ class RunDir:
                     f"--resume with a config that differs from {saved_path} in: "
                     f"{', '.join(changed)}. Resume with the same config (or none)."
                 )
-        save_config(config, saved_path)
+        # Atomic: a resume killed here (a kill can land anywhere) must find the old config, not
+        # a truncated one that no longer says where the data is.
+        write_text_atomic(saved_path, config_yaml(config))
         return latest_checkpoint(self.checkpoints)
 
     def saved_config_path(self) -> Path | None:
