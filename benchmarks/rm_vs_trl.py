@@ -1,7 +1,12 @@
-"""Reward-model training on HH-RLHF: tether vs TRL's RewardTrainer, same data, model, length,
+"""Reward-model training on HH-RLHF: tether vs TRL's RewardTrainer, same pairs, model, length,
 batch and steps, in one run.
 
-    .venv/bin/python benchmarks/rm_vs_trl.py                 # the full benchmark (1600/200)
+Both sides train on the same pairs, each seen once: the training split keeps only the pairs
+whose chosen and rejected sequences both fit in `--max-length` tokens. Past that length the
+two differ by design (TRL drops such a pair, tether keeps its end), so on the raw split TRL
+would train on shorter sequences than tether and the pairs/s would not compare like for like.
+
+    .venv/bin/python benchmarks/rm_vs_trl.py                 # the full benchmark (1600/200 split)
     .venv/bin/python benchmarks/rm_vs_trl.py --train-pairs 16 --val-pairs 16   # smoke run
 
 TRL is installed into its own venv (benchmarks/.venv-trl) by this script. Each side runs in
@@ -31,11 +36,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench-rm")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    train, val = split_hh(args.work, args.train_pairs, args.val_pairs)
-    steps = args.train_pairs // args.batch_size
     from tether.models import resolve_model_source
 
     model_dir = resolve_model_source("smollm2-135m-instruct")
+    train, val = split_hh(args.work, args.train_pairs, args.val_pairs)
+    steps, train = keep_pairs_that_fit(train, model_dir, args.max_length, args.batch_size)
 
     results = {}
     tether_out = args.work / "tether"
@@ -114,10 +119,39 @@ def main() -> None:
     results["tether"]["train_s"] = sum(m.get("time/step_s", 0.0) for m in tether_metrics)
     trl_metrics = json.loads((trl_out / "train_metrics.json").read_text())
     results["trl"]["train_s"] = float(trl_metrics["train_runtime"])
+    results["trl"]["epochs"] = trl_metrics.get("epoch")  # 1.0: TRL dropped none of the pairs
+    results["pairs"] = steps * args.batch_size
     for side in ("tether", "trl"):
         results[side]["pairs_per_s"] = steps * args.batch_size / results[side]["train_s"]
     results["ratio_pairs_per_s"] = results["tether"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
     print(json.dumps(results, indent=2))
+
+
+def keep_pairs_that_fit(
+    train: Path, model_dir: str, max_length: int, batch_size: int
+) -> tuple[int, Path]:
+    """(steps, path) of the training pairs whose two sequences fit in `max_length` tokens,
+    cut to whole batches, so each side trains on exactly these pairs once."""
+    from transformers import AutoTokenizer
+
+    from tether.data import as_messages
+    from tether.reward_model import encode_response
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [json.loads(line) for line in train.open()]
+    fits = [
+        r
+        for r in records
+        if all(
+            len(encode_response(tokenizer, as_messages(r["prompt"]), r[k], 10**9)) <= max_length
+            for k in ("chosen", "rejected")
+        )
+    ]
+    steps = len(fits) // batch_size
+    kept = train.with_name(f"{train.stem}-fit{max_length}.jsonl")
+    kept.write_text("".join(json.dumps(r) + "\n" for r in fits[: steps * batch_size]))
+    print(f"{len(fits)}/{len(records)} training pairs fit in {max_length} tokens; {steps} steps")
+    return steps, kept
 
 
 if __name__ == "__main__":

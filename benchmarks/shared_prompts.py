@@ -1,12 +1,12 @@
-"""Reward-model steps with each prompt run once for its answers, against whole rows.
+"""Reward-model steps packed (each prompt once, no padding) against whole rows padded.
 
     .venv/bin/python benchmarks/shared_prompts.py [--data FILE] [--steps 22]
 
 Draws the RM stage's length-grouped steps (batch 8 items, max_length 256, seed 0) from a
 preference file (default: the HH split of rm_vs_trl.py, made if missing), counts the tokens
-each layout pads to over every step of an epoch, and times forward + backward (bf16
-autocast, full fine-tuning of SmolLM2-135M-Instruct) over the first `--steps` steps, the
-same batches both ways.
+each layout runs over every step of an epoch, and times forward + backward (full
+fine-tuning of SmolLM2-135M-Instruct, bf16 autocast where the CPU has native bf16, else
+float32) over the first `--steps` steps, the same batches both ways.
 """
 
 from __future__ import annotations
@@ -33,14 +33,10 @@ def main() -> None:
     from tether.config import RMConfig, load_config
     from tether.data import pad_rows
     from tether.models import load_tokenizer, resolve_model_source
-    from tether.reward_model import (
-        common_prefix_length,
-        grouped_sequence_scores,
-        load_reward_backbone,
-        sequence_scores,
-    )
+    from tether.ops import pack_groups
+    from tether.reward_model import grouped_sequence_scores, load_reward_backbone, sequence_scores
     from tether.stages.rm import prepare_data
-    from tether.training import autocast, example_indices
+    from tether.training import autocast, example_indices, use_bf16
 
     if args.data is None:
         work = ROOT / "runs/bench-rm"
@@ -63,27 +59,24 @@ def main() -> None:
         indices = example_indices(step * batch, batch, len(train), cfg.train.seed, lengths)
         return [train[i].rows for i in indices]
 
-    whole_tokens = split_tokens = 0
+    whole_tokens = packed_tokens = 0
     for step in range(len(train) // batch):
         groups = step_items(step)
-        groups = [s for g in groups for s in ([g] if common_prefix_length(g) else [[r] for r in g])]
         rows = [r for g in groups for r in g]
-        prefixes = [common_prefix_length(g) for g in groups]
-        rest = [len(r) - p for p, g in zip(prefixes, groups, strict=True) for r in g]
         whole_tokens += len(rows) * max(map(len, rows))
-        split_tokens += len(groups) * max(prefixes) + len(rows) * max(rest)
+        packed_tokens += pack_groups(groups).input_ids.numel()
 
     torch.manual_seed(0)
     model = load_reward_backbone(cfg.model, tokenizer, 0).train()
-    pad = tokenizer.pad_token_id
+    pad, bf16 = tokenizer.pad_token_id, use_bf16("auto")
     seconds = {}
-    for layout in ("whole", "shared"):
+    for layout in ("whole", "packed"):
         total = 0.0
         for step in tqdm(range(args.steps), desc=layout, unit="step"):
             groups = step_items(step)
             started = time.perf_counter()
-            with autocast(True):
-                if layout == "shared":
+            with autocast(bf16):
+                if layout == "packed":
                     scores = grouped_sequence_scores(model, groups, pad)
                 else:
                     ids, mask = pad_rows([r for g in groups for r in g], pad)
@@ -98,8 +91,9 @@ def main() -> None:
             {
                 "data": str(args.data),
                 "epoch_padded_tokens_whole": whole_tokens,
-                "epoch_padded_tokens_split": split_tokens,
-                "split_over_whole": split_tokens / whole_tokens,
+                "epoch_tokens_packed": packed_tokens,
+                "packed_over_whole": packed_tokens / whole_tokens,
+                "bf16": bf16,
                 f"seconds_steps_2_to_{args.steps - 1}": seconds,
             },
             indent=2,

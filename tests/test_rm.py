@@ -324,7 +324,7 @@ def test_normalisation_without_held_out_uses_training_rankings(tiny_model_dir, t
 
 
 def test_common_prefix_length_leaves_every_row_its_last_token():
-    from tether.reward_model import common_prefix_length
+    from tether.ops import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not all of the shorter row
@@ -332,64 +332,43 @@ def test_common_prefix_length_leaves_every_row_its_last_token():
     assert common_prefix_length([[1, 2, 3]]) == 2  # a row alone: all but its last token
 
 
-def test_grouped_scores_run_each_prompt_once_and_equal_whole_rows(tiny_model_dir):
-    """A prompt's answers scored after one shared pass over the prompt give the scores and
-    the gradients of scoring every whole row, with fewer tokens through the backbone."""
+@pytest.mark.parametrize("attention", ["tether", "sdpa"])
+def test_grouped_scores_run_packed_and_equal_whole_rows(tiny_model_dir, attention):
+    """Answers packed after their prompt, run once, in one row without padding give the
+    scores and the gradients of scoring every whole row padded; with attention that is not
+    tether's the rows run padded, and still score the same."""
     from transformers import AutoModelForSequenceClassification
 
+    from tether.attention import use_grouped_flash_attention
     from tether.reward_model import grouped_sequence_scores
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, attn_implementation="sdpa"
+    )
     model.config.pad_token_id = 0
-    prompt_a, prompt_b = list(range(10, 40)), list(range(50, 62))
-    groups = [
-        [[*prompt_a, 5, 6, 7], [*prompt_a, 8], [*prompt_a, 5, 6, 9, 9, 9], [*prompt_a, 3]],
-        [[*prompt_b, 4, 4], [*prompt_b, 4, 4, 2]],  # one answer the start of the other
-        [[7, *prompt_b], [8, *prompt_b, 1]],  # cut from the left at different points
-    ]
-    with backbone_inputs(model) as shared_seen:
-        grouped = grouped_sequence_scores(model, groups, pad_id=0)
-    grouped.pow(2).sum().backward()
-    grouped_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    ids, mask = pad_rows([r for g in groups for r in g], 0)
-    with backbone_inputs(model) as whole_seen:
-        whole = sequence_scores(model, ids, mask)
-    whole.pow(2).sum().backward()
-    shared_tokens = sum(x.numel() for x in shared_seen)  # 4 prefixes of <= 30, 8 answers <= 5
-    assert shared_tokens <= 0.6 * sum(x.numel() for x in whole_seen)
-    assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
-    for p, g in zip(model.parameters(), grouped_grads, strict=True):
-        assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)
-
-
-def test_grouped_scores_of_answers_in_length_buckets_equal_whole_rows(tiny_model_dir):
-    """Short and long answers to shared prompts run in length buckets (each padded to its own
-    longest answer, reading its rows' prefixes): the scores and gradients of whole rows."""
-    from transformers import AutoModelForSequenceClassification
-
-    from tether.reward_model import grouped_sequence_scores
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    model.config.pad_token_id = 0
+    if attention == "tether":
+        use_grouped_flash_attention(model)
     prompt_a, prompt_b = list(range(10, 40)), list(range(50, 62))
     long_answer = list(range(100, 160))
     groups = [
-        [[*prompt_a, 5], [*prompt_a, *long_answer], [*prompt_a, 6, 7], [*prompt_a, 8]],
-        [[*prompt_b, *long_answer[:55]], [*prompt_b, 4]],
+        [[*prompt_a, 5, 6, 7], [*prompt_a, 8], [*prompt_a, *long_answer], [*prompt_a, 3]],
+        [[*prompt_b, 4, 4], [*prompt_b, 4, 4, 2]],  # one answer the start of the other
+        [[7, *prompt_b], [8, *prompt_b, 1]],  # cut from the left at different points
     ]
-    with backbone_inputs(model) as seen:
+    with backbone_inputs(model) as packed_seen:
         grouped = grouped_sequence_scores(model, groups, pad_id=0)
-    answers_run = sum(x.numel() for x in seen) - 2 * 30  # the two prefixes, padded to 30
-    assert answers_run < 6 * 60  # under every answer padded to the longest (60 tokens)
     grouped.pow(2).sum().backward()
     grouped_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     ids, mask = pad_rows([r for g in groups for r in g], 0)
     whole = sequence_scores(model, ids, mask)
     whole.pow(2).sum().backward()
+    # prompt a once (30) + its answers (3 + 1 + 60 + 1); prompt b and 4 (13) + 1 + 2;
+    # the two rows that share nothing, whole (13 + 14)
+    real_tokens = 30 + 65 + 13 + 3 + 27
+    expected = [(1, real_tokens)] if attention == "tether" else [ids.shape]
+    assert [tuple(x) for x in packed_seen] == [tuple(x) for x in expected]
     assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
     for p, g in zip(model.parameters(), grouped_grads, strict=True):
         assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)

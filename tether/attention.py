@@ -26,6 +26,9 @@ import math
 import torch
 
 NAME = "tether_sdpa"
+# Keyword a caller passes through a transformers forward to the attention calls: the
+# [start, end) spans of a packed row (`ops.pack_groups`) that attend only within themselves.
+SEGMENTS = "tether_segments"
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -117,7 +120,20 @@ def grouped_flash_attention(
     # what autocast does for SDPA: q and k come out of RoPE in float32, v does not
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     query, key, value = (x.to(dtype) for x in (query, key, value))
-    out = FlashForwardAttention.apply(query, key, value, keep, scale)
+    segments = kw.get(SEGMENTS)
+    if segments and keep.shape[-2:] == (query.shape[2], key.shape[2]):
+        # A packed row: each span's attention alone, not T x T with most of it masked off.
+        out = torch.cat(
+            [
+                FlashForwardAttention.apply(
+                    query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], keep[..., s:e, s:e], scale
+                )
+                for s, e in segments
+            ],
+            dim=2,
+        )
+    else:
+        out = FlashForwardAttention.apply(query, key, value, keep, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -128,6 +129,72 @@ def distinct_rows(keys: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]
     group = {key: g for g, key in enumerate(first_of)}
     first = torch.tensor(list(first_of.values()), dtype=torch.long)
     return first, torch.tensor([group[key] for key in keys], dtype=torch.long)
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row begins with, leaving each row at least its last token (which the
+    score is read at)."""
+    shortest = min(len(r) for r in rows)
+    length = 0
+    while length < shortest - 1 and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return length
+
+
+@dataclass(frozen=True)
+class PackedGroups:
+    """Groups of token rows packed into one padding-free row (`pack_groups`)."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    keep: torch.Tensor  # [1, 1, T, T] bool: may token i attend token j
+    segments: tuple[tuple[int, int], ...]  # [start, end) of each group; none attends across
+    last_index: torch.Tensor  # [Σ rows] where each row's last token sits, in row order
+
+
+def pack_groups(groups: Sequence[Sequence[Sequence[int]]]) -> PackedGroups:
+    """Every group in one row without padding: its common prefix once, then each row's own
+    tokens (its suffix) in turn.
+
+    Within a group, token i attends token j iff j ≤ i and j is in the prefix or in i's own
+    suffix; a suffix's positions continue the prefix's (p, p + 1, ...). Each row's tokens so
+    see exactly the context and positions they have alone, and a causal LM gives them the
+    hidden states of an unpacked pass (up to float rounding), while the matmuls run over
+    Σ (prefix + suffixes) real tokens instead of rows × the longest row. Rows of a group that
+    share no token run as groups of their own, so the attention blocks stay small.
+    """
+    groups = [s for g in groups for s in ([g] if common_prefix_length(g) else [[r] for r in g])]
+    ids: list[int] = []
+    positions: list[int] = []
+    parts: list[torch.Tensor] = []  # per group: 0 for the prefix, k + 1 for row k's suffix
+    segments: list[tuple[int, int]] = []
+    last: list[int] = []
+    for group in groups:
+        prefix = common_prefix_length(group)
+        start = len(ids)
+        ids += group[0][:prefix]
+        positions += range(prefix)
+        part = [0] * prefix
+        for k, row in enumerate(group):
+            ids += row[prefix:]
+            positions += range(prefix, len(row))
+            part += [k + 1] * (len(row) - prefix)
+            last.append(len(ids) - 1)
+        segments.append((start, len(ids)))
+        parts.append(torch.tensor(part))
+    total = len(ids)
+    keep = torch.zeros(total, total, dtype=torch.bool)
+    for (start, end), part in zip(segments, parts, strict=True):
+        causal = torch.ones(end - start, end - start, dtype=torch.bool).tril_()
+        visible = (part.unsqueeze(0) == 0) | (part.unsqueeze(1) == part.unsqueeze(0))
+        keep[start:end, start:end] = causal & visible
+    return PackedGroups(
+        input_ids=torch.tensor([ids]),
+        position_ids=torch.tensor([positions]),
+        keep=keep.view(1, 1, total, total),
+        segments=tuple(segments),
+        last_index=torch.tensor(last),
+    )
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

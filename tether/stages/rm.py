@@ -42,9 +42,7 @@ from tether.reward_model import (
     encode_response,
     grouped_sequence_scores,
     load_reward_backbone,
-    pad_rows,
     save_reward_model,
-    sequence_scores,
 )
 from tether.training import autocast, begin_run, fit, save_final, start_optimization
 
@@ -231,9 +229,9 @@ def score_rows(
     mine, real = distributed.eval_share(rows, rows[0])
     out = [torch.zeros(0)]
     for start in range(0, len(mine), batch_size):
-        ids, mask = pad_rows(mine[start : start + batch_size], pad_id)
+        rows_here = [[r] for r in mine[start : start + batch_size]]  # packed, no padding
         with autocast(bf16):
-            out.append(parallel(sequence_scores, ids, mask))
+            out.append(parallel(grouped_sequence_scores, rows_here, pad_id))
     parallel.model.train(was_training)
     return distributed.gather_real(torch.cat(out), real)
 
