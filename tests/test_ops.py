@@ -272,22 +272,20 @@ def test_pack_groups_hand_values() -> None:
     packed = pack_groups([[[1, 2, 3], [1, 2, 4, 5]], [[7, 8]]])
     assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 7, 8]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 2, 3, 0, 1]]  # answers continue at 2
-    assert packed.segments == ((0, 5), (5, 7))
+    assert [(start, end) for start, end, _ in packed.segments] == [(0, 5), (5, 7)]
     assert packed.last_index.tolist() == [2, 4, 6]
-    assert packed.keep.shape == (1, 1, 7, 7)
-    assert packed.keep[0, 0].int().tolist() == [
-        [1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],  # answer 1: the prompt and itself
-        [1, 1, 0, 1, 0, 0, 0],  # answer 2 does not see answer 1
-        [1, 1, 0, 1, 1, 0, 0],
-        [0, 0, 0, 0, 0, 1, 0],  # the next group sees nothing before it
-        [0, 0, 0, 0, 0, 1, 1],
+    assert packed.segments[0][2].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # answer 1: the prompt and itself
+        [1, 1, 0, 1, 0],  # answer 2 does not see answer 1
+        [1, 1, 0, 1, 1],
     ]
+    assert packed.segments[1][2].int().tolist() == [[1, 0], [1, 1]]
 
 
 def test_pack_groups_splits_a_group_that_shares_nothing() -> None:
     packed = pack_groups([[[7, 2], [1, 2]]])
-    assert packed.segments == ((0, 2), (2, 4))
+    assert [(start, end) for start, end, _ in packed.segments] == [(0, 2), (2, 4)]
     assert packed.position_ids.tolist() == [[0, 1, 0, 1]]
     assert packed.last_index.tolist() == [1, 3]

@@ -26,8 +26,9 @@ import math
 import torch
 
 NAME = "tether_sdpa"
-# Keyword a caller passes through a transformers forward to the attention calls: the
-# [start, end) spans of a packed row (`ops.pack_groups`) that attend only within themselves.
+# Keyword a caller passes through a transformers forward to its attention calls: the
+# (start, end, [n, n] bool mask) spans of a packed row (`ops.pack_groups`), each attending
+# only within itself.
 SEGMENTS = "tether_segments"
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -102,6 +103,24 @@ def grouped_flash_attention(
     nothing beyond a boolean mask is asked for, transformers' SDPA attention otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if (segments := kw.pop(SEGMENTS, None)) is not None:
+        # A packed row: each span's attention alone, under its own mask (the call's own
+        # mask, causal over the whole row, is not the packed one and is not used).
+        outs = [
+            grouped_flash_attention(
+                module,
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                block.view(1, 1, *block.shape).to(query.device),
+                dropout,
+                scaling,
+                is_causal=False,
+                **kw,
+            )[0]
+            for start, end, block in segments
+        ]
+        return torch.cat(outs, dim=1), None
     keep = None
     if (
         query.device.type == "cpu"
@@ -120,20 +139,7 @@ def grouped_flash_attention(
     # what autocast does for SDPA: q and k come out of RoPE in float32, v does not
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
     query, key, value = (x.to(dtype) for x in (query, key, value))
-    segments = kw.get(SEGMENTS)
-    if segments and keep.shape[-2:] == (query.shape[2], key.shape[2]):
-        # A packed row: each span's attention alone, not T x T with most of it masked off.
-        out = torch.cat(
-            [
-                FlashForwardAttention.apply(
-                    query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], keep[..., s:e, s:e], scale
-                )
-                for s, e in segments
-            ],
-            dim=2,
-        )
-    else:
-        out = FlashForwardAttention.apply(query, key, value, keep, scale)
+    out = FlashForwardAttention.apply(query, key, value, keep, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -147,8 +147,9 @@ class PackedGroups:
 
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    keep: torch.Tensor  # [1, 1, T, T] bool: may token i attend token j
-    segments: tuple[tuple[int, int], ...]  # [start, end) of each group; none attends across
+    # Per group: its [start, end) in the row and its [n, n] bool mask (may token i attend
+    # token j). No token attends outside its group, so no [T, T] mask is ever built.
+    segments: tuple[tuple[int, int, torch.Tensor], ...]
     last_index: torch.Tensor  # [Σ rows] where each row's last token sits, in row order
 
 
@@ -166,32 +167,26 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]]) -> PackedGroups:
     groups = [s for g in groups for s in ([g] if common_prefix_length(g) else [[r] for r in g])]
     ids: list[int] = []
     positions: list[int] = []
-    parts: list[torch.Tensor] = []  # per group: 0 for the prefix, k + 1 for row k's suffix
-    segments: list[tuple[int, int]] = []
+    segments: list[tuple[int, int, torch.Tensor]] = []
     last: list[int] = []
     for group in groups:
         prefix = common_prefix_length(group)
         start = len(ids)
         ids += group[0][:prefix]
         positions += range(prefix)
-        part = [0] * prefix
+        part = [0] * prefix  # 0 for the prefix, k + 1 for row k's suffix
         for k, row in enumerate(group):
             ids += row[prefix:]
             positions += range(prefix, len(row))
             part += [k + 1] * (len(row) - prefix)
             last.append(len(ids) - 1)
-        segments.append((start, len(ids)))
-        parts.append(torch.tensor(part))
-    total = len(ids)
-    keep = torch.zeros(total, total, dtype=torch.bool)
-    for (start, end), part in zip(segments, parts, strict=True):
-        causal = torch.ones(end - start, end - start, dtype=torch.bool).tril_()
-        visible = (part.unsqueeze(0) == 0) | (part.unsqueeze(1) == part.unsqueeze(0))
-        keep[start:end, start:end] = causal & visible
+        parts = torch.tensor(part)
+        causal = torch.ones(len(part), len(part), dtype=torch.bool).tril_()
+        visible = (parts.unsqueeze(0) == 0) | (parts.unsqueeze(1) == parts.unsqueeze(0))
+        segments.append((start, len(ids), causal & visible))
     return PackedGroups(
         input_ids=torch.tensor([ids]),
         position_ids=torch.tensor([positions]),
-        keep=keep.view(1, 1, total, total),
         segments=tuple(segments),
         last_index=torch.tensor(last),
     )

@@ -124,7 +124,9 @@ def grouped_sequence_scores(
     packed = pack_groups(groups)
     hidden = backbone(
         input_ids=packed.input_ids,
-        attention_mask=packed.keep,
+        # A placeholder 4D mask, which transformers passes on as it is: the segments carry
+        # the real masks, and without it transformers would build a causal [T, T] one.
+        attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
         position_ids=packed.position_ids,
         use_cache=False,
         **{SEGMENTS: packed.segments},
