@@ -122,6 +122,39 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradien
     assert response_hidden(model, single).shape[:2] == (2, 1)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_rows_that_share_a_prompt_run_packed_with_the_same_logprobs_and_gradients(
+    tiny, checkpointed
+):
+    """With tether's attention, rows that share a prompt run in one packed row without
+    padding (each prompt once, then each response but its last token), under gradient
+    checkpointing too, and keep each row's own log-probs and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.attention import use_grouped_flash_attention
+    from tether.rollout import build_batch, sequence_logprobs_of
+
+    model, _ = tiny
+    model = AutoModelForCausalLM.from_pretrained(
+        model.name_or_path, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    use_grouped_flash_attention(model)
+    if checkpointed:
+        model.gradient_checkpointing_enable()
+        model.train()
+    long_prompt, short_prompt = list(range(30, 60)), [11, 12]
+    prompts = [long_prompt, short_prompt, long_prompt, short_prompt, long_prompt]
+    responses = [[21, 22], [28, 29, 30], [21, 24, 25, 26], [31], list(range(100, 140))]
+    batch = build_batch(prompts, responses, pad_id=0)
+    with backbone_inputs(model) as seen:
+        packed = sequence_logprobs_of(model, batch, temperature=0.7)
+    # the long prompt once, then the responses but their last tokens: 30 + 1 + 3 + 39; the
+    # short one: its first token once, its last token with each row's own (every row keeps
+    # a token of its own): 1 + 3 + 1
+    assert [tuple(x) for x in seen] == [(1, 73 + 5)]
+    assert_same_as_row_by_row(model, batch, packed, prompts, responses)
+
+
 def test_prompts_that_open_alike_run_the_opening_once(tiny):
     """Distinct prompts with a common opening (a system prompt, an instruction): the opening
     runs once for all rows, and log-probs and gradients are those of a full pass per row."""

@@ -332,11 +332,11 @@ def test_common_prefix_length_leaves_every_row_its_last_token():
     assert common_prefix_length([[1, 2, 3]]) == 2  # a row alone: all but its last token
 
 
-@pytest.mark.parametrize("attention", ["tether", "sdpa"])
+@pytest.mark.parametrize("attention", ["tether", "tether-checkpointed", "sdpa"])
 def test_grouped_scores_run_packed_and_equal_whole_rows(tiny_model_dir, attention):
     """Answers packed after their prompt, run once, in one row without padding give the
-    scores and the gradients of scoring every whole row padded; with attention that is not
-    tether's the rows run padded, and still score the same."""
+    scores and the gradients of scoring every whole row padded, under gradient checkpointing
+    too; with attention that is not tether's the rows run padded, and still score the same."""
     from transformers import AutoModelForSequenceClassification
 
     from tether.attention import use_grouped_flash_attention
@@ -347,8 +347,11 @@ def test_grouped_scores_run_packed_and_equal_whole_rows(tiny_model_dir, attentio
         tiny_model_dir, num_labels=1, attn_implementation="sdpa"
     )
     model.config.pad_token_id = 0
-    if attention == "tether":
+    if attention.startswith("tether"):
         use_grouped_flash_attention(model)
+    if attention == "tether-checkpointed":
+        model.gradient_checkpointing_enable()
+        model.train()
     prompt_a, prompt_b = list(range(10, 40)), list(range(50, 62))
     long_answer = list(range(100, 160))
     groups = [
@@ -367,7 +370,7 @@ def test_grouped_scores_run_packed_and_equal_whole_rows(tiny_model_dir, attentio
     # prompt a once (30) + its answers (3 + 1 + 60 + 1); prompt b and 4 (13) + 1 + 2;
     # the two rows that share nothing, whole (13 + 14)
     real_tokens = 30 + 65 + 13 + 3 + 27
-    expected = [(1, real_tokens)] if attention == "tether" else [ids.shape]
+    expected = [(1, real_tokens)] if attention.startswith("tether") else [ids.shape]
     assert [tuple(x) for x in packed_seen] == [tuple(x) for x in expected]
     assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
     for p, g in zip(model.parameters(), grouped_grads, strict=True):

@@ -151,6 +151,14 @@ class PackedGroups:
     # token j). No token attends outside its group, so no [T, T] mask is ever built.
     segments: tuple[tuple[int, int, torch.Tensor], ...]
     last_index: torch.Tensor  # [Σ rows] where each row's last token sits, in row order
+    # Per row, in row order: (its group's start, the group's prefix length, its suffix's start)
+    row_layout: tuple[tuple[int, int, int], ...]
+
+    def token_index(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Where tokens start..stop-1 of row `row` (counted in the row alone) sit."""
+        group_start, prefix, suffix_start = self.row_layout[row]
+        t = torch.arange(start, stop)
+        return torch.where(t < prefix, group_start + t, suffix_start + t - prefix)
 
 
 def pack_groups(groups: Sequence[Sequence[Sequence[int]]]) -> PackedGroups:
@@ -169,6 +177,7 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]]) -> PackedGroups:
     positions: list[int] = []
     segments: list[tuple[int, int, torch.Tensor]] = []
     last: list[int] = []
+    layout: list[tuple[int, int, int]] = []
     for group in groups:
         prefix = common_prefix_length(group)
         start = len(ids)
@@ -176,6 +185,7 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]]) -> PackedGroups:
         positions += range(prefix)
         part = [0] * prefix  # 0 for the prefix, k + 1 for row k's suffix
         for k, row in enumerate(group):
+            layout.append((start, prefix, len(ids)))
             ids += row[prefix:]
             positions += range(prefix, len(row))
             part += [k + 1] * (len(row) - prefix)
@@ -189,6 +199,7 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]]) -> PackedGroups:
         position_ids=torch.tensor([positions]),
         segments=tuple(segments),
         last_index=torch.tensor(last),
+        row_layout=tuple(layout),
     )
 
 

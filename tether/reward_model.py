@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from tether import distributed
-from tether.attention import NAME as ATTENTION_NAME
-from tether.attention import SEGMENTS, use_grouped_flash_attention
+from tether.attention import SEGMENTS, runs_packed_rows, use_grouped_flash_attention
 from tether.config import ModelConfig
 from tether.data import Message, as_messages, pad_rows
 from tether.models import (
@@ -35,7 +34,7 @@ from tether.models import (
     save_pretrained_model,
     store_frozen_linears,
 )
-from tether.ops import last_token_index, pack_groups, position_ids_from_mask
+from tether.ops import PackedGroups, last_token_index, pack_groups, position_ids_from_mask
 from tether.training import autocast
 
 NORMALIZATION_KEY = "tether_reward_normalization"
@@ -113,16 +112,23 @@ def grouped_sequence_scores(
     once. On HH pairs cut to 256 tokens a batch of 8 pairs is ~1,400 real tokens; padded,
     with the prefix run once and the answers bucketed, it was 2,000-3,700, and the backbone's
     matmuls scale with that count. Gradients flow as in an unpacked pass, so training is
-    unchanged. Models whose attention is not tether's (`attention.NAME`, which attends
-    within each group only) run the rows padded instead.
+    unchanged. Models that cannot take a packed row (`attention.runs_packed_rows`: tether's
+    attention, which attends within each group only, in a known family) run them padded.
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    if getattr(inner.config, "_attn_implementation", None) != ATTENTION_NAME:
+    if not runs_packed_rows(inner.config):
         ids, mask = pad_rows([r for g in groups for r in g], pad_id)
         return sequence_scores(model, ids, mask)
     packed = pack_groups(groups)
-    hidden = backbone(
+    hidden = packed_hidden_states(backbone, packed)
+    return inner.score(hidden[packed.last_index]).squeeze(-1).float()
+
+
+def packed_hidden_states(backbone: torch.nn.Module, packed: PackedGroups) -> torch.Tensor:
+    """[T, H] final hidden states of a packed row (`ops.pack_groups`), for a backbone whose
+    config passes `attention.runs_packed_rows`."""
+    return backbone(
         input_ids=packed.input_ids,
         # A placeholder 4D mask, which transformers passes on as it is: the segments carry
         # the real masks, and without it transformers would build a causal [T, T] one.
@@ -131,7 +137,6 @@ def grouped_sequence_scores(
         use_cache=False,
         **{SEGMENTS: packed.segments},
     ).last_hidden_state[0]
-    return inner.score(hidden[packed.last_index]).squeeze(-1).float()
 
 
 def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.Module:

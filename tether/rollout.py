@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tether import engine as tether_engine
+from tether.attention import runs_packed_rows
 from tether.data import Message, as_messages, pad_rows
 from tether.errors import TetherError
 from tether.models import bf16_available
@@ -32,9 +33,17 @@ from tether.ops import (
     length_buckets,
     logprobs_and_entropy_from_logits,
     logprobs_from_logits,
+    pack_groups,
     position_ids_from_mask,
 )
-from tether.reward_model import bucket_limit, cache_rows, can_split_pass, hf_model, new_cache
+from tether.reward_model import (
+    bucket_limit,
+    cache_rows,
+    can_split_pass,
+    hf_model,
+    new_cache,
+    packed_hidden_states,
+)
 
 R = TypeVar("R")  # a prompt row, or its index
 
@@ -294,24 +303,29 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     peft. The states (and gradients) are those of one pass over prompt + response per row,
     computed with less work:
     - rows with the same prompt (the k samples of a GRPO/RLOO group, DPO's chosen and
-      rejected) run it once, its keys and values copied to the rows (gradients flow through
-      the copy), then only their responses;
+      rejected) run it once, then only their responses: packed in one row without padding
+      (`ops.pack_groups`) where the model takes one (`attention.runs_packed_rows`), else
+      with the prompt's keys and values copied to the rows (gradients flow through the
+      copy) and the responses in length buckets;
     - distinct prompts that open alike (a system prompt, a task's instruction) run the
       opening once, then each its own rest and response;
     - rows run in buckets of similar length (`length_buckets`) where padding every row to
       the batch's longest response costs more than another call.
     Under gradient checkpointing (no cache) or FSDP (`distributed.fsdp_sharded`: a second
-    call would find its blocks' weights freed), the backbone runs once over prompt + response.
-    Padding positions hold 0 or garbage; mask them.
+    call would find its blocks' weights freed), the backbone runs once: packed, or over
+    prompt + response padded. Padding positions hold 0 or garbage; mask them.
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    if not can_split_pass(backbone):
-        return _whole_rows_hidden(backbone, batch)
     width = batch.prompt_width
     prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
     first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
-    if len(first_row) < batch.ids.shape[0]:
+    shared = len(first_row) < batch.ids.shape[0]
+    if shared and runs_packed_rows(inner.config):
+        return _packed_shared_prompts_hidden(backbone, batch, group_of_row)
+    if not can_split_pass(backbone):
+        return _whole_rows_hidden(backbone, batch)
+    if shared:
         return _hidden_after_shared_prompts(backbone, batch, first_row, group_of_row)
     # Each bucket runs the common opening in a call of its own.
     opening = _paying_opening(batch)
@@ -389,6 +403,34 @@ def _hidden_after_shared_prompts(
             states = torch.cat([states, responses], dim=1)
         parts.append(states)
     return _unbucket(parts, buckets, batch.response_mask.shape[1])
+
+
+def _packed_shared_prompts_hidden(
+    backbone, batch: RolloutBatch, group_of_row: torch.Tensor
+) -> torch.Tensor:
+    """The rows packed (`ops.pack_groups`): each distinct prompt once, then every response
+    after it, in one row without padding. Each row runs as prompt + response but its last
+    token (whose state emits nothing), and the state that emits response token t is that
+    row's position p − 1 + t, as in a pass of its own."""
+    width, (rows, length) = batch.prompt_width, batch.response_mask.shape
+    prompt_lengths = batch.mask[:, :width].sum(dim=1).tolist()
+    response_lengths = batch.response_mask.sum(dim=1).tolist()
+    members = [torch.nonzero(group_of_row == g).flatten().tolist() for g in group_of_row.unique()]
+    order = [r for rows_of_prompt in members for r in rows_of_prompt]
+    cut = [
+        batch.ids[r, width - prompt_lengths[r] : width + max(response_lengths[r] - 1, 0)].tolist()
+        for r in range(rows)
+    ]
+    packed = pack_groups([[cut[r] for r in rows_of_prompt] for rows_of_prompt in members])
+    hidden = packed_hidden_states(backbone, packed)
+    source, target = [], []
+    for k, r in enumerate(order):
+        p, n = prompt_lengths[r], response_lengths[r]
+        source.append(packed.token_index(k, p - 1, p - 1 + n))
+        target.append(r * length + torch.arange(n))
+    states = hidden.new_zeros(rows * length, hidden.shape[-1])
+    states = states.index_copy(0, torch.cat(target), hidden[torch.cat(source)])
+    return states.view(rows, length, -1)
 
 
 def common_prompt_opening(batch: RolloutBatch) -> int:
