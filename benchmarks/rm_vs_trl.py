@@ -120,9 +120,9 @@ def main() -> None:
     trl_metrics = json.loads((trl_out / "train_metrics.json").read_text())
     results["trl"]["train_s"] = float(trl_metrics["train_runtime"])
     results["trl"]["epochs"] = trl_metrics.get("epoch")  # 1.0: TRL dropped none of the pairs
-    results["pairs"] = steps * args.batch_size
+    results["pairs"] = pairs = steps * args.batch_size
     for side in ("tether", "trl"):
-        results[side]["pairs_per_s"] = steps * args.batch_size / results[side]["train_s"]
+        results[side]["pairs_per_s"] = pairs / results[side]["train_s"]
     results["ratio_pairs_per_s"] = results["tether"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
     print(json.dumps(results, indent=2))
 

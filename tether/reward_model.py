@@ -11,17 +11,14 @@ tether scores the same, with mean 0 and std 1 on the reference set.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from tether import distributed
 from tether.attention import SEGMENTS, runs_packed_rows, use_grouped_flash_attention
 from tether.config import ModelConfig
 from tether.data import Message, as_messages, pad_rows
@@ -62,44 +59,6 @@ def sequence_scores(
     ).last_hidden_state
     last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # [B, H]
     return inner.score(last).squeeze(-1).float()
-
-
-def new_cache(backbone: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
-    """An empty KV cache and the keyword arguments that hand it to `backbone` (filled in
-    place by its forward): for running a shared prefix once and its continuations after."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    # transformers 5.24 renamed `past_key_values` to `cache`
-    named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
-    return cache, {named or "past_key_values": cache, "use_cache": True}
-
-
-def cache_rows(cache: Any, backbone: torch.nn.Module, rows: torch.Tensor) -> tuple[Any, dict]:
-    """A new cache (and its `backbone` keyword arguments) holding batch rows `rows` of
-    `cache`, which stays as it was: one shared prefix's cache serves several continuations.
-    Gradients flow back through the copy."""
-    copy, kwargs = new_cache(backbone)
-    for index, layer in enumerate(cache.layers):
-        copy.update(layer.keys[rows], layer.values[rows], index)
-    return copy, kwargs
-
-
-def bucket_limit(backbone: torch.nn.Module) -> int:
-    """How many length buckets a pass may use: one where each call would cast frozen float32
-    weights to the autocast dtype (a LoRA policy's base in a bf16 run), since the cast is
-    paid, and in training its copy kept for backward, once per call."""
-    if not torch.is_autocast_enabled(next(backbone.parameters()).device.type):
-        return 4
-    linears = (m.weight for m in backbone.modules() if isinstance(m, torch.nn.Linear))
-    return 1 if any(w.dtype == torch.float32 and not w.requires_grad for w in linears) else 4
-
-
-def can_split_pass(backbone: torch.nn.Module) -> bool:
-    """Whether a forward may run as a shared prefix, then its continuations (new_cache): not
-    under gradient checkpointing (no cache) nor FSDP (`distributed.fsdp_sharded`)."""
-    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
-    return not (checkpointing or distributed.fsdp_sharded(backbone))
 
 
 def grouped_sequence_scores(

@@ -14,14 +14,16 @@ row instead of P + R, and no [B, P + R, V] logits tensor is ever built.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tether import distributed
 from tether import engine as tether_engine
 from tether.attention import runs_packed_rows
 from tether.data import Message, as_messages, pad_rows
@@ -36,14 +38,7 @@ from tether.ops import (
     pack_groups,
     position_ids_from_mask,
 )
-from tether.reward_model import (
-    bucket_limit,
-    cache_rows,
-    can_split_pass,
-    hf_model,
-    new_cache,
-    packed_hidden_states,
-)
+from tether.reward_model import hf_model, packed_hidden_states
 
 R = TypeVar("R")  # a prompt row, or its index
 
@@ -294,6 +289,44 @@ def build_batch(
         prompt.shape[1],
         response_mask,
     )
+
+
+def new_cache(backbone: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
+    """An empty KV cache and the keyword arguments that hand it to `backbone` (filled in
+    place by its forward): for running a shared prefix once and its continuations after."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    # transformers 5.24 renamed `past_key_values` to `cache`
+    named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
+    return cache, {named or "past_key_values": cache, "use_cache": True}
+
+
+def cache_rows(cache: Any, backbone: torch.nn.Module, rows: torch.Tensor) -> tuple[Any, dict]:
+    """A new cache (and its `backbone` keyword arguments) holding batch rows `rows` of
+    `cache`, which stays as it was: one shared prefix's cache serves several continuations.
+    Gradients flow back through the copy."""
+    copy, kwargs = new_cache(backbone)
+    for index, layer in enumerate(cache.layers):
+        copy.update(layer.keys[rows], layer.values[rows], index)
+    return copy, kwargs
+
+
+def bucket_limit(backbone: torch.nn.Module) -> int:
+    """How many length buckets a pass may use: one where each call would cast frozen float32
+    weights to the autocast dtype (a LoRA policy's base in a bf16 run), since the cast is
+    paid, and in training its copy kept for backward, once per call."""
+    if not torch.is_autocast_enabled(next(backbone.parameters()).device.type):
+        return 4
+    linears = (m.weight for m in backbone.modules() if isinstance(m, torch.nn.Linear))
+    return 1 if any(w.dtype == torch.float32 and not w.requires_grad for w in linears) else 4
+
+
+def can_split_pass(backbone: torch.nn.Module) -> bool:
+    """Whether a forward may run as a shared prefix, then its continuations (new_cache): not
+    under gradient checkpointing (no cache) nor FSDP (`distributed.fsdp_sharded`)."""
+    checkpointing = getattr(backbone, "gradient_checkpointing", False) and backbone.training
+    return not (checkpointing or distributed.fsdp_sharded(backbone))
 
 
 def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
