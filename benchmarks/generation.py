@@ -11,7 +11,7 @@ rate / (2 · parameters) tokens per second. `--compile` adds the engine with its
 (prefill and decode step) under `torch.compile(dynamic=True)`, bf16 only, and reports the
 compile time (its warm-up) beside the rate. (In float32 inductor cannot lower the reordered
 weights: its `_linear_pointwise` lowering asserts that the weight is a graph constant.)
-`--unpacked` adds the engine with its float32 weights left for F.linear
+`--unpacked` adds the engine with its weights left for F.linear
 (`tether.engine.can_pack` off). bf16 runs by default only where it is native: emulated, a
 bf16 matmul runs at a few GFLOP/s.
 """
@@ -79,7 +79,7 @@ def main() -> None:
         for batch in args.batches:
             batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
             engines = ["hf", "auto"]
-            if args.unpacked and dtype_name == "fp32":
+            if args.unpacked:
                 engines.append("unpacked")
             if args.compile and dtype_name == "bf16":
                 engines.append("compiled")

@@ -228,20 +228,23 @@ def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     assert out.ended == [False] * 3 and all(len(r) == 6 for r in out.response_ids)
 
 
-@pytest.mark.skipif(
-    not can_pack(torch.float32, torch.device("cpu")), reason="no oneDNN in this torch build"
-)
-def test_engine_packed_weights_compute_the_same_linears_and_states(tiny):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_packed_weights_compute_the_same_linears_and_states(tiny, dtype):
     from tether import engine
     from tether.data import pad_rows
+    from tether.models import bf16_available
     from tether.ops import position_ids_from_mask
     from tether.rollout import encode_prompt
 
+    if not can_pack(dtype, torch.device("cpu")):
+        pytest.skip("no oneDNN in this torch build")
+    if dtype == torch.bfloat16 and not bf16_available():
+        pytest.skip("the engine runs bf16 only where the CPU has it")
     torch.manual_seed(0)
-    weight, bias = torch.randn(96, 40), torch.randn(96)
+    weight, bias = torch.randn(96, 40, dtype=dtype), torch.randn(96, dtype=dtype)
     packed = engine.Linear(weight, bias, pack=True)
     for shape in [(1, 40), (5, 40), (64, 40), (3, 100, 40)]:  # any row count, any batch dims
-        x = torch.randn(shape)
+        x = torch.randn(shape, dtype=dtype)
         torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, weight, bias))
 
     model, tokenizer = tiny
@@ -249,7 +252,7 @@ def test_engine_packed_weights_compute_the_same_linears_and_states(tiny):
     ids, mask = pad_rows(rows, 0, "left")
     states = []
     for pack in (True, False):
-        w = engine.Weights(model, torch.float32, pack=pack)
+        w = engine.Weights(model, dtype, pack=pack)
         assert all(layer.qkv.packed == pack for layer in w.layers) and w.lm_head.packed == pack
         cache = engine.KVCache(w, 2, ids.shape[1])
         with torch.inference_mode():
@@ -291,6 +294,19 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_mode
     expected = [a[: a.index(stop) + 1] if stop in a else a for a in alone]
     assert decoded == expected
     assert any(len(e) < 10 for e in expected)  # somebody did stop early
+
+
+def test_engine_draw_inverts_the_cumulative_weights_across_blocks():
+    """Weights 1 at index 0, 0 up to 1,030 (the second block), 2 at 1,030 and 1 at the last
+    index 2,047: Σ = 4, so u·4 in [0, 1) → 0, [1, 3) → 1,030, [3, 4) → 2,047. A draw must
+    never land on a zero-weight entry, u = 0 and u just below 1 included."""
+    from tether.engine import DRAW_BLOCK, draw
+
+    weights = torch.zeros(1, 2 * DRAW_BLOCK)
+    weights[0, 0], weights[0, 1030], weights[0, 2047] = 1.0, 2.0, 1.0
+    uniforms = torch.tensor([0.0, 0.2, 0.25, 0.5, 0.74, 0.75, 0.9, 1 - 2**-24])
+    tokens = draw(weights.expand(len(uniforms), -1).contiguous(), uniforms)
+    assert tokens.tolist() == [0, 0, 1030, 1030, 1030, 2047, 2047, 2047]
 
 
 def test_engine_top_k_and_top_p_keep_only_the_head_of_the_distribution():

@@ -4,7 +4,7 @@ Why not `model.generate`: on a CPU, a 135M model's decode step is a few small ma
 layer, and generate's per-step overhead (autocast re-casting fp32 weights every op, a cache
 that grows by concatenation, logits processors over the full batch) costs more than the
 maths. Here the weights are exported once per rollout in the compute dtype (LoRA adapters
-merged in, float32 weights reordered for oneDNN: `Linear`), the cache is allocated once, the
+merged in, weights reordered for oneDNN: `Linear`), the cache is allocated once, the
 LM head runs on the last position only, and rows that finished are compacted out of the
 batch.
 
@@ -27,7 +27,7 @@ from tether.ops import distinct_rows, position_ids_from_mask
 from tether.reward_model import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
-# The batch size oneDNN lays float32 weights out for; any batch runs on the layout, and
+# The batch size oneDNN lays the weights out for; any batch runs on the layout, and
 # 16-64 rows (the rollout sizes) run fastest on this one (RESULTS, 2026-12-01 fourth session).
 PACK_ROWS = 64
 # Compact the batch once this share of its rows has finished: copying the KV cache costs
@@ -66,17 +66,18 @@ def _bias(module: torch.nn.Module) -> torch.Tensor | None:
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether float32 weights on the CPU can go through oneDNN's reordered-weight linear.
+    """Whether the weights on the CPU can go through oneDNN's reordered-weight linear.
 
-    In float32, `F.linear` runs MKL's sgemm, which is slow for the few rows of a decode step:
-    on a 2-core AVX2 EPYC it ran the 49,152 × 576 LM head at 24 GFLOP/s for 16 rows and 51 for
-    64, against 58 and 107 with the weight reordered once for oneDNN, and the layers' matmuls
-    1.1-1.8x slower. bf16 already goes to oneDNN; its reordered path is not measured, so it is
-    not used.
+    `F.linear` re-lays the weight out on every call, which costs most for the few rows of a
+    decode step. In float32 it runs MKL's sgemm: on a 2-core AVX2 EPYC the 49,152 × 576 LM
+    head ran at 24 GFLOP/s for 16 rows and 51 for 64, against 58 and 107 with the weight
+    reordered once for oneDNN, and the layers' matmuls 1.1-1.8x slower. In bf16 on a 2-core
+    AVX-512 EPYC (Zen 4) the reordered weights were 1.2-1.3x faster at 16 rows (the LM head
+    2.1x) and 1.1-1.3x at 64.
     """
     mkldnn = torch.ops.mkldnn
     return (
-        dtype == torch.float32
+        dtype in (torch.float32, torch.bfloat16)
         and device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
@@ -170,20 +171,23 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, dim: int
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, dim: int
 ) -> torch.Tensor:
-    """softmax(q·kᵀ/√d) v for ONE query per row: q [B, H, 1, D], keys/values [B, Hkv, T, D].
+    """softmax(q·kᵀ/√d + bias) v for ONE query per row: q [B, H, 1, D], keys/values the whole
+    cache [B, Hkv, T_max, D], bias [B, 1, 1, T_max] float32 (0 where a key is visible, -inf
+    for padding and for slots not filled yet).
 
     Two small batched matmuls with the query heads grouped by their KV head; for a single
     query this is several times faster on CPU than the fused SDPA kernel, which is built for
-    long query blocks.
+    long query blocks. They run over all T_max slots: a cache sliced to its filled length is
+    not contiguous over the batch, and bmm then copied the keys every layer and step (bf16,
+    64 rows: 1.46 ms a layer against 0.50 ms over the whole cache with its unused slots).
     """
     batch, heads, _, _ = q.shape
     kv_heads = keys.shape[1]
     grouped = q.view(batch, kv_heads, heads // kv_heads, dim)  # [B, Hkv, rep, D]
-    scores = grouped @ keys.transpose(-1, -2) * dim**-0.5  # [B, Hkv, rep, T]
-    scores = scores.float().masked_fill(~valid[:, None, None, :], -torch.inf)
-    weights = scores.softmax(-1).to(values.dtype)
+    scores = (grouped @ keys.transpose(-1, -2)).float()  # [B, Hkv, rep, T_max]
+    weights = scores.mul_(dim**-0.5).add_(bias).softmax(-1).to(values.dtype)
     return (weights @ values).view(batch, heads, 1, dim)
 
 
@@ -225,6 +229,10 @@ def forward(
         # Every position may see itself: a padding query with no visible key would make SDPA
         # return NaN, which would reach later layers' keys and values and, as 0·NaN, real rows.
         mask = ((causal[None] & key_mask[:, None, :end]) | itself[None])[:, None]  # [B,1,T,T']
+    else:  # decode: one additive mask over the whole cache serves every layer
+        slots = cache.keys[0].shape[2]
+        bias = torch.full((batch, 1, 1, slots), -torch.inf)
+        bias[:, 0, 0, :end].masked_fill_(key_mask[:, :end], 0.0)
     q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
     for i, layer in enumerate(w.layers):
         h = _rms_norm(x, layer.ln1, w.eps)
@@ -236,10 +244,10 @@ def forward(
         cache.values[i][:, :, start:end] = v.view(batch, steps, w.kv_heads, w.head_dim).transpose(
             1, 2
         )
-        keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
         if steps == 1:
-            attn = _decode_attention(q, keys, values, key_mask[:, :end], w.head_dim)
+            attn = _decode_attention(q, cache.keys[i], cache.values[i], bias, w.head_dim)
         else:
+            keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
             attn = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, enable_gqa=w.kv_heads != w.heads
             )
@@ -251,6 +259,46 @@ def forward(
     return _rms_norm(x[:, -1], w.norm, w.eps)
 
 
+# Entries per block of the two-level inverse-CDF draw (`draw`): cumulative sums then run over
+# V / 1024 block totals and one block's 1,024 entries instead of all V (49,152 for SmolLM2).
+DRAW_BLOCK = 1024
+
+
+def draw_buffer(batch: int, vocab: int) -> torch.Tensor:
+    """Zeros [batch, vocab rounded up to DRAW_BLOCK] in float32, for `sample` to reuse.
+
+    One buffer for the whole decode: allocating [64, 49,152] float32 tensors afresh each step
+    made glibc map and fault in fresh pages for each, 18 ms of a 4 ms draw at batch 64. The
+    padding columns stay zero, so they carry no weight.
+    """
+    return torch.zeros(batch, -(-vocab // DRAW_BLOCK) * DRAW_BLOCK)
+
+
+def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index i with w_0 + … + w_i > u · Σ w: a draw from the distribution
+    proportional to `weights` [B, W] ≥ 0 (W a multiple of DRAW_BLOCK, zero-padded), given
+    `uniforms` u [B] in [0, 1).
+
+    Inverse-CDF sampling, the same distribution as torch.multinomial, which draws an exponential
+    per vocabulary entry (3M of them at batch 64). In two levels: the block whose running total
+    first exceeds the target, then the entry inside it. The target is held strictly below each
+    level's total, so rounding cannot land on a zero-weight entry or past the end.
+    """
+    batch, width = weights.shape
+    blocks = weights.view(batch, width // DRAW_BLOCK, DRAW_BLOCK)
+    block_cdf = blocks.sum(-1).cumsum(-1)  # [B, blocks]
+    zero = torch.zeros(())
+    target = torch.minimum(uniforms * block_cdf[:, -1], block_cdf[:, -1].nextafter(zero))
+    chosen = torch.searchsorted(block_cdf, target[:, None], right=True).squeeze(-1)
+    before = block_cdf.gather(1, (chosen - 1).clamp(min=0)[:, None]).squeeze(-1)
+    rest = torch.where(chosen > 0, target - before, target).clamp(min=0)
+    flat_block = torch.arange(batch) * blocks.shape[1] + chosen
+    inner_cdf = blocks.view(-1, DRAW_BLOCK).index_select(0, flat_block).cumsum(-1)  # [B, block]
+    rest = torch.minimum(rest, inner_cdf[:, -1].nextafter(zero))
+    inner = torch.searchsorted(inner_cdf, rest[:, None], right=True).squeeze(-1)
+    return chosen * DRAW_BLOCK + inner
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float,
@@ -258,13 +306,33 @@ def sample(
     top_k: int,
     generator: torch.Generator | None,
     uniforms: torch.Tensor | None = None,
+    buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next tokens [B] from last-position logits [B, V]: greedy at temperature 0, else
     softmax(logits / T) restricted to the top-k and then the top-p mass, renormalised.
-    `uniforms` [B] in [0, 1) are the rows' draws when given (else drawn from `generator`)."""
+    `uniforms` [B] in [0, 1) are the rows' draws when given (else drawn from `generator`);
+    `buffer` (`draw_buffer`, at least B rows) holds the weights exp((logits − max) / T)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    batch, vocab = logits.shape
+    if buffer is None:
+        buffer = draw_buffer(batch, vocab)
+    weights = buffer[:batch]
+    scaled = weights[:, :vocab]
+    if top_k or top_p < 1.0:
+        scaled.copy_(_truncate(logits.float() / temperature, top_p, top_k))
+    else:
+        scaled.copy_(logits)
+        if temperature != 1.0:
+            scaled.div_(temperature)
+    scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()  # the truncated entries: exp(-inf) = 0
+    if uniforms is None:
+        uniforms = torch.rand(batch, generator=generator)
+    return draw(weights, uniforms)
+
+
+def _truncate(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """`logits` with everything outside the top-k, then outside the top-p mass, set to -inf."""
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -torch.inf)
@@ -273,15 +341,7 @@ def sample(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token crossing top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
-    # Inverse-CDF sampling: one uniform per row against the cumulative distribution. The same
-    # distribution as torch.multinomial, which draws an exponential per vocabulary entry
-    # (3M of them at batch 64) and was a quarter of a decode step.
-    cdf = logits.softmax(-1).cumsum(-1)
-    if uniforms is None:
-        uniforms = torch.rand(logits.shape[0], generator=generator)
-    u = uniforms[:, None] * cdf[:, -1:]
-    # right=True: a draw of exactly 0 must not land on a leading zero-probability token.
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    return logits
 
 
 @torch.inference_mode()
@@ -331,10 +391,13 @@ def decode(
                 for s in row_seeds
             ]
         )
+    buffer = None
     for step in range(max_new_tokens):
         logits = w.lm_head(hidden)
+        if buffer is None:
+            buffer = draw_buffer(*logits.shape)
         uniforms = None if row_draws is None else row_draws[rows, step]
-        tokens = sample(logits, temperature, top_p, top_k, generator, uniforms)
+        tokens = sample(logits, temperature, top_p, top_k, generator, uniforms, buffer)
         for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist(), strict=True):
             if not done:
                 out[row].append(token)
