@@ -78,3 +78,30 @@ def ensure_trl_venv() -> Path:
         for req in TRL_REQUIREMENTS:  # torch first: a bare torch pulls a CUDA build
             subprocess.run([str(python), "-m", "pip", "install", "-q", req], check=True)
     return python
+
+
+def keep_pairs_that_fit(
+    train: Path, model_dir: str, max_length: int, batch_size: int
+) -> tuple[int, Path]:
+    """(steps, path) of the training pairs whose two sequences fit in `max_length` tokens,
+    cut to whole batches, so each side trains on exactly these pairs once."""
+    from transformers import AutoTokenizer
+
+    from tether.data import as_messages
+    from tether.reward_model import encode_response
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = [json.loads(line) for line in train.open()]
+    fits = [
+        r
+        for r in records
+        if all(
+            len(encode_response(tokenizer, as_messages(r["prompt"]), r[k], 10**9)) <= max_length
+            for k in ("chosen", "rejected")
+        )
+    ]
+    steps = len(fits) // batch_size
+    kept = train.with_name(f"{train.stem}-fit{max_length}.jsonl")
+    kept.write_text("".join(json.dumps(r) + "\n" for r in fits[: steps * batch_size]))
+    print(f"{len(fits)}/{len(records)} training pairs fit in {max_length} tokens; {steps} steps")
+    return steps, kept

@@ -1,6 +1,10 @@
 """DPO on HH-RLHF: tether vs TRL's DPOTrainer, same data, model, length, batch, steps, β and
 learning rate, in one run.
 
+Both sides train on the same pairs, each seen once: the pairs whose chosen and rejected
+sequences both fit in `--max-length` tokens (TRL's DPOTrainer drops the others and cycles
+over the rest; tether would keep them, cut).
+
     .venv/bin/python benchmarks/dpo_vs_trl.py                 # the full benchmark (1600/200)
     .venv/bin/python benchmarks/dpo_vs_trl.py --train-pairs 16 --val-pairs 16   # smoke run
 
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ensure_trl_venv, split_hh, timed, trl_precision
+from common import ROOT, ensure_trl_venv, keep_pairs_that_fit, split_hh, timed, trl_precision
 
 
 def held_out_dpo_metrics(
@@ -62,10 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     train, val = split_hh(args.work, args.train_pairs, args.val_pairs)
-    steps = args.train_pairs // args.batch_size
     from tether.models import resolve_model_source
 
     model_dir = resolve_model_source("smollm2-135m-instruct")
+    steps, train = keep_pairs_that_fit(train, model_dir, args.max_length, args.batch_size)
     results = {}
     tether_out = args.work / "tether"
     subprocess.run(["rm", "-rf", str(tether_out)], check=True)
@@ -101,10 +105,12 @@ def main() -> None:
         "wall_s": wall,
         "peak_rss_gib": rss,
         "train_s": float(trl_metrics["train_runtime"]),
+        "epochs": trl_metrics.get("epoch"),  # 1.0: TRL dropped none of the pairs
         "final": str(trl_out),
     }
-    for side in results.values():
-        side["pairs_per_s"] = steps * args.batch_size / side["train_s"]
+    results["pairs"] = steps * args.batch_size
+    for side in (results["tether"], results["trl"]):
+        side["pairs_per_s"] = results["pairs"] / side["train_s"]
         side["val"] = held_out_dpo_metrics(
             side["final"], model_dir, val, args.max_length, args.beta
         )

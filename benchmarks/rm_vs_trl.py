@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ensure_trl_venv, split_hh, timed, trl_precision
+from common import ROOT, ensure_trl_venv, keep_pairs_that_fit, split_hh, timed, trl_precision
 
 
 def main() -> None:
@@ -125,33 +125,6 @@ def main() -> None:
         results[side]["pairs_per_s"] = pairs / results[side]["train_s"]
     results["ratio_pairs_per_s"] = results["tether"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
     print(json.dumps(results, indent=2))
-
-
-def keep_pairs_that_fit(
-    train: Path, model_dir: str, max_length: int, batch_size: int
-) -> tuple[int, Path]:
-    """(steps, path) of the training pairs whose two sequences fit in `max_length` tokens,
-    cut to whole batches, so each side trains on exactly these pairs once."""
-    from transformers import AutoTokenizer
-
-    from tether.data import as_messages
-    from tether.reward_model import encode_response
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = [json.loads(line) for line in train.open()]
-    fits = [
-        r
-        for r in records
-        if all(
-            len(encode_response(tokenizer, as_messages(r["prompt"]), r[k], 10**9)) <= max_length
-            for k in ("chosen", "rejected")
-        )
-    ]
-    steps = len(fits) // batch_size
-    kept = train.with_name(f"{train.stem}-fit{max_length}.jsonl")
-    kept.write_text("".join(json.dumps(r) + "\n" for r in fits[: steps * batch_size]))
-    print(f"{len(fits)}/{len(records)} training pairs fit in {max_length} tokens; {steps} steps")
-    return steps, kept
 
 
 if __name__ == "__main__":
