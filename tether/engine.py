@@ -68,8 +68,9 @@ def _bias(module: torch.nn.Module) -> torch.Tensor | None:
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the weights on the CPU can go through oneDNN's reordered-weight linear.
 
-    `F.linear` re-lays the weight out on every call, which costs most for the few rows of a
-    decode step. In float32 it runs MKL's sgemm: on a 2-core AVX2 EPYC the 49,152 × 576 LM
+    The reordered weight is in oneDNN's blocked layout, made once per rollout; `F.linear`
+    starts from the plain layout on every call, which costs most for the few rows of a decode
+    step. In float32 it runs MKL's sgemm: on a 2-core AVX2 EPYC the 49,152 × 576 LM
     head ran at 24 GFLOP/s for 16 rows and 51 for 64, against 58 and 107 with the weight
     reordered once for oneDNN, and the layers' matmuls 1.1-1.8x slower. In bf16 on a 2-core
     AVX-512 EPYC (Zen 4) the reordered weights were 1.2-1.3x faster at 16 rows (the LM head
@@ -267,9 +268,10 @@ DRAW_BLOCK = 1024
 def draw_buffer(batch: int, vocab: int) -> torch.Tensor:
     """Zeros [batch, vocab rounded up to DRAW_BLOCK] in float32, for `sample` to reuse.
 
-    One buffer for the whole decode: allocating [64, 49,152] float32 tensors afresh each step
-    made glibc map and fault in fresh pages for each, 18 ms of a 4 ms draw at batch 64. The
-    padding columns stay zero, so they carry no weight.
+    One buffer for the whole decode: a [64, 49,152] float32 tensor is above glibc's mmap
+    threshold, so allocating one afresh each step mapped and faulted in fresh pages. A draw
+    at batch 64 took 18 ms that way and 2-2.5 ms in one buffer. The padding columns stay
+    zero, so they carry no weight.
     """
     return torch.zeros(batch, -(-vocab // DRAW_BLOCK) * DRAW_BLOCK)
 
