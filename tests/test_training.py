@@ -103,3 +103,37 @@ def test_non_finite_gradients_skip_the_step_and_stop_after_max_bad_steps(tmp_pat
     assert not torch.equal(snapshots[3], snapshots[2])  # a good step does change weights
     metrics = read_metrics(tmp_path / "metrics.jsonl")
     assert [m["guard/skipped_steps"] for m in metrics] == [0, 0, 1, 1, 1, 2, 3, 4]
+
+
+FAULTS_OF_REALLOCATING = """
+import resource, sys, torch
+from tether.training import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.ones(16 * 2**20).sum()  # 64 MiB, above glibc's largest dynamic mmap threshold
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(16 * 2**20).sum()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_freed_memory_is_reused_without_faulting_its_pages_in_again():
+    """Five 64 MiB tensors allocated and freed in turn: by default glibc maps each afresh and
+    the kernel faults in its 16,384 pages; kept, the heap grows once and the block is reused."""
+    import platform
+    import resource
+    import subprocess
+    import sys
+
+    import pytest
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    faults = {}
+    for mode in ("default", "keep"):
+        run = [sys.executable, "-c", FAULTS_OF_REALLOCATING, mode]
+        faults[mode] = int(subprocess.run(run, check=True, capture_output=True, text=True).stdout)
+    pages = 16 * 2**20 * 4 // resource.getpagesize()
+    assert faults["default"] >= 5 * pages * 0.95  # every allocation faults its pages in
+    assert faults["keep"] <= pages * 1.1  # at most the first: the heap grows once

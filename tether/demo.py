@@ -40,7 +40,7 @@ from tether.ops import masked_sum
 from tether.rollout import build_batch, encode_prompt, generate, sequence_logprobs_of
 from tether.rundir import read_jsonl, write_text_atomic
 from tether.tasks import Task, annotator_ranking, annotator_utilities, get_task, gold_function
-from tether.training import autocast
+from tether.training import autocast, keep_freed_memory
 
 DEMO_MODEL = "smollm2-135m-instruct"
 BEST_OF_N = (1, 2, 4, 8, 16, 32, 64)
@@ -373,6 +373,7 @@ def run_demo(
     """Run (or resume) every stage and return summary.json's contents."""
     from tether.report import build_report
 
+    keep_freed_memory()  # the preferences stage samples before any stage's begin_run
     out = Path(out)
     s = load_settings(out, settings or DemoSettings(), resume)
     task = get_task(s.task)

@@ -5,6 +5,7 @@ checkpoint and resume. Written once here; the stage loops call them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import math
 import os
@@ -44,6 +45,29 @@ def set_threads(threads: int) -> None:
     )
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(threads or max(1, available // processes))
+
+
+# mallopt's parameter numbers (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory in the process for reuse, rather than hand it back to the
+    kernel; False where the C library is not glibc.
+
+    By default a block above the mmap threshold (128 KiB, rising with use to at most 32 MiB)
+    is mapped when allocated and unmapped when freed, and a free top of the heap is trimmed.
+    A training step or a decode step allocates and frees the same activations over and over,
+    so each time the kernel maps them afresh and faults their pages in. On a 2-core Zen 4,
+    `benchmarks/ppo_iteration.py` went from 79.5 to 69.6 s an iteration (system time 29.5 →
+    13.8 s) with these settings, and its peak RSS from 4.36 to 4.23 GiB: the freed memory is
+    reused, not added to.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def use_bf16(precision: str) -> bool:
@@ -300,6 +324,7 @@ def begin_run(cfg: Any, out, resume: bool) -> RunStart:
     resume_from = run.prepare(cfg, resume) if world.is_main else None
     resume_from = distributed.broadcast(resume_from)
     set_threads(cfg.train.threads)
+    keep_freed_memory()
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     return RunStart(run, resume_from, use_bf16(cfg.train.precision), tokenizer)
