@@ -1,6 +1,12 @@
 """The data order every offline stage draws from: seeded, resumable, optionally length-grouped."""
 
+import platform
 import random
+import resource
+import subprocess
+import sys
+
+import pytest
 
 from tether.training import LENGTH_GROUP_STEPS, epoch_order, example_indices, lr_multiplier
 
@@ -69,7 +75,6 @@ def test_grouped_steps_stay_aligned_when_steps_do_not_divide_the_epoch():
 def test_non_finite_gradients_skip_the_step_and_stop_after_max_bad_steps(tmp_path):
     """A NaN in the loss leaves weights and optimizer state untouched (counted as
     guard/skipped_steps); train.max_bad_steps bad steps in a row stop the run."""
-    import pytest
     import torch
 
     from tether.config import SFTConfig, load_config
@@ -121,13 +126,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_memory_is_reused_without_faulting_its_pages_in_again():
     """Five 64 MiB tensors allocated and freed in turn: by default glibc maps each afresh and
     the kernel faults in its 16,384 pages; kept, the heap grows once and the block is reused."""
-    import platform
-    import resource
-    import subprocess
-    import sys
-
-    import pytest
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's allocator only")
     faults = {}
