@@ -4,6 +4,7 @@ own peak RSS, and TRL's separate venv."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -49,12 +50,25 @@ _PEAK_RSS = (
 )
 
 
+def same_allocator() -> dict[str, str]:
+    """The environment for either side of a comparison: preloading the allocator that the
+    `tether` command would (`tether.allocator`), so that the two differ in their code, not in
+    their malloc. `TETHER_MALLOC=system` runs both on glibc's."""
+    from tether import allocator
+
+    library = allocator.preload_for(os.environ, allocator.library_dirs())
+    return dict(os.environ) if library is None else allocator.preloading(library, os.environ)
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of a command, measured in a fresh wrapper process so each
-    side's peak is its own."""
+    side's peak is its own; on `same_allocator`."""
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS, *cmd], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", _PEAK_RSS, *cmd],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=same_allocator(),
     )
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")

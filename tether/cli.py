@@ -261,9 +261,9 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from tether import __version__
+    from tether import __version__, allocator
 
-    return f"tether {__version__}"
+    return f"tether {__version__} (malloc: {allocator.active()})"
 
 
 def _run_stage(args: argparse.Namespace) -> int:
@@ -308,5 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The `tether` command: `main` on tcmalloc or jemalloc where one is installed
+    (`tether.allocator`), re-executing this process once to preload it."""
+    from tether import allocator
+
+    allocator.relaunch(sys.argv[1:])
+    return main()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())
