@@ -1,7 +1,7 @@
 """Rollout generation: tether's KV-cache engine vs Hugging Face `generate`, in one run.
 
     .venv/bin/python benchmarks/generation.py [--batches 16 64] [--new-tokens 64] [--compile]
-        [--unpacked] [--dtypes fp32 bf16]
+        [--unpacked] [--unfused] [--repeats 1] [--dtypes fp32 bf16]
 
 SmolLM2-135M-Instruct, sampling at temperature 1 with EOS ignored (every row generates
 exactly --new-tokens), prompts from examples/data/ppo-prompts.jsonl. Also measures the
@@ -12,14 +12,17 @@ rate / (2 · parameters) tokens per second. `--compile` adds the engine with its
 compile time (its warm-up) beside the rate. (In float32 inductor cannot lower the reordered
 weights: its `_linear_pointwise` lowering asserts that the weight is a graph constant.)
 `--unpacked` adds the engine with its weights left for F.linear
-(`tether.engine.can_pack` off). bf16 runs by default only where it is native: emulated, a
-bf16 matmul runs at a few GFLOP/s.
+(`tether.engine.can_pack` off), `--unfused` the engine on ATen ops instead of its fused C++
+kernels (`tether.fused`). `--repeats N` times each engine N times in turn and reports the
+median (this machine's rate moves by a third from minute to minute), with every run listed.
+bf16 runs by default only where it is native: emulated, a bf16 matmul runs at a few GFLOP/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -50,12 +53,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--unpacked", action="store_true")
+    parser.add_argument("--unfused", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None)
     args = parser.parse_args()
     from tether import engine as tether_engine
     from tether.models import bf16_available
 
     eager_forward, can_pack = tether_engine.forward, tether_engine.can_pack
+    kernels = tether_engine.tether_fused.kernels
     set_threads(0)
     source = resolve_model_source("smollm2-135m-instruct")
     tokenizer = load_tokenizer(source)
@@ -81,11 +87,16 @@ def main() -> None:
             engines = ["hf", "auto"]
             if args.unpacked:
                 engines.append("unpacked")
+            if args.unfused:
+                engines.append("unfused")
             if args.compile and dtype_name == "bf16":
                 engines.append("compiled")
             for engine in engines:
                 tether_engine.forward = eager_forward
                 tether_engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
+                tether_engine.tether_fused.kernels = (
+                    (lambda: None) if engine == "unfused" else kernels
+                )
                 if engine == "compiled":
                     torch._dynamo.reset()
                     tether_engine.forward = torch.compile(eager_forward, dynamic=True)
@@ -98,21 +109,25 @@ def main() -> None:
                 started = time.perf_counter()
                 generate(model, tokenizer, batch_prompts[:2], dtype=dtype, **kwargs)  # warm-up
                 warm_up = time.perf_counter() - started
-                started = time.perf_counter()
-                out = generate(model, tokenizer, batch_prompts, dtype=dtype, **kwargs)
-                seconds = time.perf_counter() - started
-                tokens = sum(len(r) for r in out.response_ids)
+                rates = []
+                for _ in range(args.repeats):
+                    started = time.perf_counter()
+                    out = generate(model, tokenizer, batch_prompts, dtype=dtype, **kwargs)
+                    seconds = time.perf_counter() - started
+                    rates.append(sum(len(r) for r in out.response_ids) / seconds)
                 rows.append(
                     {
                         "engine": {
                             "hf": "hf generate",
                             "auto": "tether",
                             "unpacked": "tether, F.linear",
+                            "unfused": "tether, ATen ops (no fused kernels)",
                             "compiled": "tether + torch.compile",
                         }[engine],
                         "dtype": dtype_name,
                         "batch": batch,
-                        "tokens_per_s": tokens / seconds,
+                        "tokens_per_s": statistics.median(rates),
+                        "runs_tokens_per_s": [round(r, 1) for r in rates],
                         "warm_up_s": warm_up,
                     }
                 )
