@@ -122,7 +122,7 @@ class Weights:
     ) -> None:
         """`pack`: reorder the weights for oneDNN (`Linear`); None: where `can_pack`.
         `fused`: run norms, RoPE and SiLU in `tether.fused`'s kernels; None: where they
-        build (the same results: in bf16 bit for bit)."""
+        build (the same maths; the norm's last bit can differ, so bf16 samples do)."""
         inner = hf_model(model)
         config = inner.config
         self.heads = config.num_attention_heads

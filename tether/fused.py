@@ -4,10 +4,11 @@ as `torch.ops.tether.*`.
 Why C++: a decode step's elementwise work (RMSNorm, RoPE and the cache writes, SiLU·up) is a
 few dozen ATen ops per layer on tensors of a few rows; their dispatch and separate passes over
 memory cost about as much as the step's matmuls. One kernel per group does the same
-arithmetic, with the same roundings, in one pass.
+arithmetic in one pass, rounding where the ATen ops round (the norm's float32 sum of squares
+runs in another order, so its last bit can differ).
 
-Why not `torch.utils.cpp_extension.load`: it needs ninja and pybind11 and recompiles per Python
-process layout. The kernels register plain torch ops (`TORCH_LIBRARY`), so one `g++` call
+Why not `torch.utils.cpp_extension.load`: it needs ninja and builds a pybind11 module. The
+kernels register plain torch ops (`TORCH_LIBRARY`), so one `g++` call
 against torch's headers builds them (~12 s) and `torch.ops.load_library` loads them. The
 library lands in the cache directory under a name hashed from the source, torch's version, the
 flags and the CPU's features (it is built with `-march=native`), written by rename, so
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tether.models import cache_dir
+from tether.models import cache_dir, cpu_flags
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
 SWITCH = "TETHER_FUSED"
@@ -38,20 +39,10 @@ SWITCH = "TETHER_FUSED"
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-std=c++20"]
 
 
-def _cpu_features() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 def library_path() -> Path:
     """Where this machine's build lives (whether or not it exists yet)."""
     key = "\n".join(
-        [SOURCE.read_text(), torch.__version__, " ".join(FLAGS), sys.platform, _cpu_features()]
+        [SOURCE.read_text(), torch.__version__, " ".join(FLAGS), sys.platform, cpu_flags()]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"fused_decode-{digest}.so"

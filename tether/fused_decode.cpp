@@ -50,8 +50,9 @@ struct BF16 {
 
 // e^x in float32 to about 2 ulp, in plain arithmetic so that loops over it vectorise (std::exp
 // does not without -ffast-math): x = n·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor
-// polynomial, 2^n put into the exponent bits. Inputs are clamped to the float range, where e^x
-// underflows to 0 below −87.3 (as it should: 0 weight for a −inf score).
+// polynomial, 2^n put into the exponent bits. Inputs are clamped to where e^x is a finite
+// float: 0 below −87.3, at most ~3.4e38 above 88.7, so SiLU's g / (1 + e^−g) stays g for a
+// large gate and ≈ 0 for a large negative one, as ATen's.
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.3f), 88.7f);
   // Round to nearest by adding and removing 1.5·2²³ (nearbyint would be a library call).

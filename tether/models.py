@@ -277,13 +277,20 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn
     return model
 
 
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them ("" where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
 def bf16_available() -> bool:
     """bf16 autocast pays on CUDA and on CPUs with native bf16 dot products (AVX512-BF16/AMX);
     elsewhere it emulates bf16 and is slower than fp32."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu_flags()))
