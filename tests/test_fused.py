@@ -111,11 +111,70 @@ def test_rms_norm_matches_llamas_within_one_step_of_the_dtype(ops, dtype):
     torch.testing.assert_close(by_hand, torch.tensor([[3 / 12.5**0.5, 8 / 12.5**0.5]]))
 
 
+def _attention_inputs(dtype, batch=5, heads=6, kv_heads=2, dim=32, slots=21, end=13):
+    torch.manual_seed(3)
+    q = torch.randn(batch, heads, 1, dim, dtype=dtype)
+    keys = torch.randn(batch, kv_heads, slots, dim, dtype=dtype)
+    values = torch.randn(batch, kv_heads, slots, dim, dtype=dtype)
+    keys[:, :, end:] = values[:, :, end:] = 1e4  # slots not filled yet: must carry no weight
+    bias = torch.full((batch, 1, 1, slots), -torch.inf)
+    bias[..., :end] = 0.0
+    bias[1, ..., :4] = -torch.inf  # a left-padded row
+    bias[2, ..., end:] = 0.0  # a bias that wrongly shows unfilled slots: `end` still rules
+    return q, keys, values, bias, end
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_decode_attention_is_as_accurate_as_the_eager_matmuls(ops, dtype, dim):
+    q, keys, values, bias, end = _attention_inputs(dtype, dim=dim)
+    out = ops.decode_attention(q, keys, values, bias.view(len(q), -1), end, dim**-0.5)
+    visible = bias.clone()
+    visible[..., end:] = -torch.inf
+    exact = engine._decode_attention(q.double(), keys.double(), values.double(), visible, dim)
+    eager = engine._decode_attention(q, keys, values, visible, dim)
+    assert out.shape == q.shape and out.dtype == dtype
+    # fp32 scores and one rounding of the weights, where the eager path rounds scores too
+    assert (out.double() - exact).abs().max() <= 1.5 * (eager.double() - exact).abs().max()
+
+
+def test_decode_attention_worked_by_hand(ops):
+    # One head, D = 16, three slots filled of four, the first one padding. q = 4·ln3·e₀,
+    # k₁ = 0, k₂ = e₀: the scores q·k/4 are [0, ln 3], the weights [1/4, 3/4], and the output
+    # 4·1/4 + 8·3/4 = 7 in every lane.
+    dim = 16
+    q = torch.zeros(1, 1, 1, dim)
+    q[..., 0] = 4 * torch.log(torch.tensor(3.0))
+    keys, values = torch.zeros(2, 1, 1, 4, dim)
+    keys[0, 0, 0] = 5.0  # padding: would dominate if it were seen
+    keys[0, 0, 2, 0] = 1.0
+    values[0, 0, 0] = 100.0
+    values[0, 0, 1, :] = 4.0
+    values[0, 0, 2, :] = 8.0
+    values[0, 0, 3] = 1000.0  # not filled
+    bias = torch.tensor([[-torch.inf, 0.0, 0.0, 0.0]])
+    out = ops.decode_attention(q, keys, values, bias, 3, 0.25)
+    torch.testing.assert_close(out, torch.full((1, 1, 1, dim), 7.0))
+
+
 def test_kernels_reject_bad_input_with_the_reason(ops):
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.rms_norm(torch.randn(4, 8).t(), torch.ones(4), 1e-5)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         ops.silu_mul(torch.randn(2, 8, dtype=torch.float64))
+    q, keys, values, bias, end = _attention_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match="head dimension must be 16, 32, 64 or 128, not 24"):
+        ops.decode_attention(
+            q[..., :24].contiguous(),
+            *(t[..., :24].contiguous() for t in (keys, values)),
+            bias.view(len(q), -1),
+            end,
+            1.0,
+        )
+    with pytest.raises(RuntimeError, match=r"end 22 out of 1\.\.21"):
+        ops.decode_attention(q, keys, values, bias.view(len(q), -1), 22, 1.0)
+    with pytest.raises(RuntimeError, match="bias has dtype"):
+        ops.decode_attention(q, keys, values, bias.view(len(q), -1).bool(), end, 1.0)
     keys = torch.zeros(1, 1, 4, 4)
     with pytest.raises(RuntimeError, match="out of 4"):
         ops.rope_into_cache(

@@ -121,8 +121,9 @@ class Weights:
         self, model, dtype: torch.dtype, pack: bool | None = None, fused: bool | None = None
     ) -> None:
         """`pack`: reorder the weights for oneDNN (`Linear`); None: where `can_pack`.
-        `fused`: run norms, RoPE and SiLU in `tether.fused`'s kernels; None: where they
-        build (the same maths; the norm's last bit can differ, so bf16 samples do)."""
+        `fused`: run norms, RoPE, SiLU and decode attention in `tether.fused`'s kernels;
+        None: where they build (the same maths; the norm's last bit and attention's roundings
+        can differ, so bf16 samples do)."""
         inner = hf_model(model)
         config = inner.config
         self.heads = config.num_attention_heads
@@ -185,7 +186,9 @@ def _decode_attention(
 ) -> torch.Tensor:
     """softmax(q·kᵀ/√d + bias) v for ONE query per row: q [B, H, 1, D], keys/values the whole
     cache [B, Hkv, T_max, D], bias [B, 1, 1, T_max] float32 (0 where a key is visible, -inf
-    for padding and for slots not filled yet).
+    for padding and for slots not filled yet). Where the fused kernels are built, the engine
+    runs `decode_attention` from tether/fused_decode.cpp instead, which reads only the filled
+    slots; this is the fallback and the tests' reference.
 
     Two small batched matmuls with the query heads grouped by their KV head; for a single
     query this is several times faster on CPU than the fused SDPA kernel, which is built for
@@ -244,6 +247,10 @@ def forward(
         bias[:, 0, 0, :end].masked_fill_(key_mask[:, :end], 0.0)
     q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
     fused = w.kernels
+    # The shapes the attention kernel unrolls its loops for (tether/fused_decode.cpp)
+    fused_attention = (
+        fused is not None and w.head_dim in (16, 32, 64, 128) and w.heads // w.kv_heads <= 8
+    )
     if fused is not None:
         norm = fused.rms_norm
         cos, sin = cos.to(w.dtype).contiguous(), sin.to(w.dtype).contiguous()  # [B, T, D]
@@ -263,7 +270,11 @@ def forward(
             cache.values[i][:, :, start:end] = v.view(
                 batch, steps, w.kv_heads, w.head_dim
             ).transpose(1, 2)
-        if steps == 1:
+        if steps == 1 and fused_attention:
+            attn = fused.decode_attention(
+                q, cache.keys[i], cache.values[i], bias.view(batch, -1), end, w.head_dim**-0.5
+            )
+        elif steps == 1:
             attn = _decode_attention(q, cache.keys[i], cache.values[i], bias, w.head_dim)
         else:
             keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]

@@ -5,7 +5,9 @@ Why C++: a decode step's elementwise work (RMSNorm, RoPE and the cache writes, S
 few dozen ATen ops per layer on tensors of a few rows; their dispatch and separate passes over
 memory cost about as much as the step's matmuls. One kernel per group does the same
 arithmetic in one pass, rounding where the ATen ops round (the norm's float32 sum of squares
-runs in another order, so its last bit can differ).
+runs in another order, so its last bit can differ). Decode attention, one query per row
+against the cache, is a kernel too: as two bmm it ran a few kilobytes per matrix at a small
+fraction of the machine's rate, over every slot of the cache rather than the filled ones.
 
 Why not `torch.utils.cpp_extension.load`: it needs ninja and builds a pybind11 module. The
 kernels register plain torch ops (`TORCH_LIBRARY`), so one `g++` call
