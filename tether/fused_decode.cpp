@@ -318,8 +318,17 @@ void attend_one_group(
   f32x16 query[REP][CHUNKS];
   for (int r = 0; r < REP; ++r)
     for (int c = 0; c < CHUNKS; ++c) query[r][c] = load16(q + r * dim + c * 16);
+  // The cache is read from memory, not from cache, at rollout sizes (a layer's filled keys
+  // and values at 64 rows are megabytes), and one group's slots span a few 4 KiB pages, which
+  // the hardware prefetcher does not cross: ask for the values now, into L2, while the keys
+  // are scored, and for each key block two blocks ahead.
+  constexpr int64_t kLine = 64 / sizeof(typename K::Storage);  // elements per cache line
+  for (int64_t i = 0; i < end * dim; i += kLine) __builtin_prefetch(values + i, 0, 2);
   for (int64_t t0 = 0; t0 < end; t0 += kBlock) {
     f32x16 acc[REP][kBlock];
+    const int64_t ahead = t0 + 2 * kBlock;
+    for (int64_t i = ahead * dim; i < std::min(ahead + kBlock, end) * dim; i += kLine)
+      __builtin_prefetch(keys + i, 0, 3);
     for (int j = 0; j < kBlock; ++j) {
       // Past `end` (the last block's tail) the key slot exists but is not filled: it is
       // scored and then given −inf below.
@@ -422,6 +431,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     at::parallel_for(0, batch * kv_heads, 4, [&](int64_t begin, int64_t stop) {
       std::vector<float> scores(rep * ((end + kBlock - 1) / kBlock * kBlock));
       for (int64_t bg = begin; bg < stop; ++bg) {
+        if (bg + 1 < stop)  // the next group's first key blocks, which no block prefetched
+          for (int64_t i = 0; i < std::min(2 * kBlock, end) * dim; i += 64 / sizeof(*ks))
+            __builtin_prefetch(ks + (bg + 1) * slots * dim + i, 0, 2);
         const int64_t first = bg * rep * dim;  // query heads g·rep … of row b = bg / Hkv
         kernel(qs + first, ks + bg * slots * dim, vs + bg * slots * dim,
                bs + bg / kv_heads * slots, os + first, end, static_cast<float>(scale),
