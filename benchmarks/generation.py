@@ -13,8 +13,9 @@ compile time (its warm-up) beside the rate. (In float32 inductor cannot lower th
 weights: its `_linear_pointwise` lowering asserts that the weight is a graph constant.)
 `--unpacked` adds the engine with its weights left for F.linear
 (`tether.engine.can_pack` off), `--unfused` the engine on ATen ops instead of its fused C++
-kernels (`tether.fused`). `--repeats N` times each engine N times in turn and reports the
-median (this machine's rate moves by a third from minute to minute), with every run listed.
+kernels (`tether.fused`). `--repeats N` times every engine N times, the engines taking turns
+(this machine's rate moves by a third from minute to minute, and a drift then reaches every
+engine alike), and reports each one's median with every run listed.
 bf16 runs by default only where it is native: emulated, a bf16 matmul runs at a few GFLOP/s.
 """
 
@@ -75,6 +76,26 @@ def main() -> None:
     }
     if fastest == "bf16":
         results["bf16_gflops"] = matmul_gflops(torch.bfloat16)
+
+    def run(model, dtype: torch.dtype, engine: str, batch_prompts: list, compiled) -> float:
+        """Tokens/s of one `generate` call with `engine` ("hf", "auto", "unpacked",
+        "unfused" or "compiled")."""
+        tether_engine.forward = compiled if engine == "compiled" else eager_forward
+        tether_engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
+        tether_engine.tether_fused.kernels = (lambda: None) if engine == "unfused" else kernels
+        started = time.perf_counter()
+        out = generate(
+            model,
+            tokenizer,
+            batch_prompts,
+            dtype=dtype,
+            max_new_tokens=args.new_tokens,
+            ignore_eos=True,
+            seed=0,
+            engine="hf" if engine == "hf" else "auto",
+        )
+        return sum(len(r) for r in out.response_ids) / (time.perf_counter() - started)
+
     rows = []
     for dtype_name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -91,30 +112,21 @@ def main() -> None:
                 engines.append("unfused")
             if args.compile and dtype_name == "bf16":
                 engines.append("compiled")
+            compiled = None
+            if "compiled" in engines:
+                torch._dynamo.reset()
+                compiled = torch.compile(eager_forward, dynamic=True)
+
+            warm_up = {}
             for engine in engines:
-                tether_engine.forward = eager_forward
-                tether_engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
-                tether_engine.tether_fused.kernels = (
-                    (lambda: None) if engine == "unfused" else kernels
-                )
-                if engine == "compiled":
-                    torch._dynamo.reset()
-                    tether_engine.forward = torch.compile(eager_forward, dynamic=True)
-                kwargs = dict(
-                    max_new_tokens=args.new_tokens,
-                    ignore_eos=True,
-                    seed=0,
-                    engine="hf" if engine == "hf" else "auto",
-                )
                 started = time.perf_counter()
-                generate(model, tokenizer, batch_prompts[:2], dtype=dtype, **kwargs)  # warm-up
-                warm_up = time.perf_counter() - started
-                rates = []
-                for _ in range(args.repeats):
-                    started = time.perf_counter()
-                    out = generate(model, tokenizer, batch_prompts, dtype=dtype, **kwargs)
-                    seconds = time.perf_counter() - started
-                    rates.append(sum(len(r) for r in out.response_ids) / seconds)
+                run(model, dtype, engine, batch_prompts[:2], compiled)
+                warm_up[engine] = time.perf_counter() - started
+            rates: dict[str, list[float]] = {engine: [] for engine in engines}
+            for _ in range(args.repeats):  # in turn, so that a drift of the machine hits all
+                for engine in engines:
+                    rates[engine].append(run(model, dtype, engine, batch_prompts, compiled))
+            for engine in engines:
                 rows.append(
                     {
                         "engine": {
@@ -126,9 +138,14 @@ def main() -> None:
                         }[engine],
                         "dtype": dtype_name,
                         "batch": batch,
-                        "tokens_per_s": statistics.median(rates),
-                        "runs_tokens_per_s": [round(r, 1) for r in rates],
-                        "warm_up_s": warm_up,
+                        "tokens_per_s": statistics.median(rates[engine]),
+                        "runs_tokens_per_s": [round(r, 1) for r in rates[engine]],
+                        "warm_up_s": warm_up[engine],
+                        # each turn's rate over HF's in the same turn: the ratio without the
+                        # drift between turns
+                        "vs_hf_generate_per_turn": [
+                            round(r / h, 2) for r, h in zip(rates[engine], rates["hf"], strict=True)
+                        ],
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
