@@ -157,6 +157,38 @@ def test_decode_attention_worked_by_hand(ops):
     torch.testing.assert_close(out, torch.full((1, 1, 1, dim), 7.0))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_softmax_weights_are_the_samplers_and_their_block_sums(ops, dtype, temperature):
+    torch.manual_seed(4)
+    vocab = 2 * engine.DRAW_BLOCK + 300  # a last block only partly filled
+    logits = (torch.randn(5, vocab) * 6).to(dtype)
+    logits[1, 17] = -torch.inf  # a token the caller ruled out
+    buffer = engine.draw_buffer(7, vocab)  # more rows than the batch, as after compaction
+    sums = ops.softmax_weights(logits, buffer[:5], temperature)
+    scaled = logits.float() / temperature
+    expected = (scaled - scaled.amax(-1, keepdim=True)).exp()
+    torch.testing.assert_close(buffer[:5, :vocab], expected, rtol=1e-6, atol=1e-30)
+    assert buffer[1, 17] == 0
+    assert (buffer[:, vocab:] == 0).all() and (buffer[5:] == 0).all()  # padding left alone
+    blocks = buffer[:5].view(5, -1, engine.DRAW_BLOCK).double().sum(-1)
+    torch.testing.assert_close(sums.double(), blocks, rtol=1e-5, atol=0)  # a float32 sum
+    # by hand: logits [0, ln 2, ln 4] → weights e^(x − ln 4) = [1/4, 1/2, 1], block sum 7/4
+    small = engine.draw_buffer(1, 3)
+    small_sums = ops.softmax_weights(torch.tensor([[1.0, 2.0, 4.0]]).log(), small, 1.0)
+    torch.testing.assert_close(small[0, :3], torch.tensor([0.25, 0.5, 1.0]))
+    torch.testing.assert_close(small_sums, torch.tensor([[1.75]]))
+
+
+def test_sampling_through_the_kernel_draws_the_tokens_the_aten_path_draws(ops):
+    torch.manual_seed(5)
+    logits = torch.randn(64, 49_152).to(torch.bfloat16) * 4
+    uniforms = torch.rand(64)
+    for temperature in (1.0, 0.6):
+        args = (logits, temperature, 1.0, 0, None, uniforms)
+        assert torch.equal(engine.sample(*args, kernels=ops), engine.sample(*args))
+
+
 def test_kernels_reject_bad_input_with_the_reason(ops):
     with pytest.raises(RuntimeError, match="contiguous"):
         ops.rms_norm(torch.randn(4, 8).t(), torch.ones(4), 1e-5)
@@ -175,6 +207,10 @@ def test_kernels_reject_bad_input_with_the_reason(ops):
         ops.decode_attention(q, keys, values, bias.view(len(q), -1), 22, 1.0)
     with pytest.raises(RuntimeError, match="bias has dtype"):
         ops.decode_attention(q, keys, values, bias.view(len(q), -1).bool(), end, 1.0)
+    with pytest.raises(RuntimeError, match="rounded up to 1024"):
+        ops.softmax_weights(torch.randn(2, 1500), torch.zeros(2, 1500), 1.0)
+    with pytest.raises(RuntimeError, match="temperature must be positive"):
+        ops.softmax_weights(torch.randn(2, 100), torch.zeros(2, 1024), 0.0)
     keys = torch.zeros(1, 1, 4, 4)
     with pytest.raises(RuntimeError, match="out of 4"):
         ops.rope_into_cache(

@@ -308,10 +308,13 @@ def draw_buffer(batch: int, vocab: int) -> torch.Tensor:
     return torch.zeros(batch, -(-vocab // DRAW_BLOCK) * DRAW_BLOCK)
 
 
-def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def draw(
+    weights: torch.Tensor, uniforms: torch.Tensor, block_sums: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per row, the first index i with w_0 + … + w_i > u · Σ w: a draw from the distribution
     proportional to `weights` [B, W] ≥ 0 (W a multiple of DRAW_BLOCK, zero-padded), given
-    `uniforms` u [B] in [0, 1).
+    `uniforms` u [B] in [0, 1). `block_sums` [B, W / DRAW_BLOCK]: the sums of the weights'
+    blocks where the caller has them (the fused `softmax_weights`), else summed here.
 
     Inverse-CDF sampling, the same distribution as torch.multinomial, which draws an exponential
     per vocabulary entry (3M of them at batch 64). In two levels: the block whose running total
@@ -320,7 +323,7 @@ def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """
     batch, width = weights.shape
     blocks = weights.view(batch, width // DRAW_BLOCK, DRAW_BLOCK)
-    block_cdf = blocks.sum(-1).cumsum(-1)  # [B, blocks]
+    block_cdf = (blocks.sum(-1) if block_sums is None else block_sums).cumsum(-1)  # [B, blocks]
     zero = torch.zeros(())
     target = torch.minimum(uniforms * block_cdf[:, -1], block_cdf[:, -1].nextafter(zero))
     chosen = torch.searchsorted(block_cdf, target[:, None], right=True).squeeze(-1)
@@ -341,17 +344,25 @@ def sample(
     generator: torch.Generator | None,
     uniforms: torch.Tensor | None = None,
     buffer: torch.Tensor | None = None,
+    kernels=None,
 ) -> torch.Tensor:
     """Next tokens [B] from last-position logits [B, V]: greedy at temperature 0, else
     softmax(logits / T) restricted to the top-k and then the top-p mass, renormalised.
     `uniforms` [B] in [0, 1) are the rows' draws when given (else drawn from `generator`);
-    `buffer` (`draw_buffer`, at least B rows) holds the weights exp((logits − max) / T)."""
+    `buffer` (`draw_buffer`, at least B rows) holds the weights exp((logits − max) / T).
+    `kernels` (`tether.fused.kernels()`): compute those weights and their block sums in one
+    pass where there is no truncation (the same maths; its exp differs in the last bits)."""
     if temperature == 0:
         return logits.argmax(-1)
     batch, vocab = logits.shape
     if buffer is None:
         buffer = draw_buffer(batch, vocab)
     weights = buffer[:batch]
+    if uniforms is None:
+        uniforms = torch.rand(batch, generator=generator)
+    if kernels is not None and not top_k and top_p == 1.0:
+        sums = kernels.softmax_weights(logits.contiguous(), weights, temperature)
+        return draw(weights, uniforms, sums)
     scaled = weights[:, :vocab]
     if top_k or top_p < 1.0:
         scaled.copy_(_truncate(logits.float() / temperature, top_p, top_k))
@@ -360,8 +371,6 @@ def sample(
         if temperature != 1.0:
             scaled.div_(temperature)
     scaled.sub_(scaled.amax(-1, keepdim=True)).exp_()  # the truncated entries: exp(-inf) = 0
-    if uniforms is None:
-        uniforms = torch.rand(batch, generator=generator)
     return draw(weights, uniforms)
 
 
@@ -431,7 +440,7 @@ def decode(
         if buffer is None:
             buffer = draw_buffer(*logits.shape)
         uniforms = None if row_draws is None else row_draws[rows, step]
-        tokens = sample(logits, temperature, top_p, top_k, generator, uniforms, buffer)
+        tokens = sample(logits, temperature, top_p, top_k, generator, uniforms, buffer, w.kernels)
         for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist(), strict=True):
             if not done:
                 out[row].append(token)

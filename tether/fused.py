@@ -8,6 +8,8 @@ arithmetic in one pass, rounding where the ATen ops round (the norm's float32 su
 runs in another order, so its last bit can differ). Decode attention, one query per row
 against the cache, is a kernel too: as two bmm it ran a few kilobytes per matrix at a small
 fraction of the machine's rate, over every slot of the cache rather than the filled ones.
+So is the sampler's softmax: its weights and their block sums in two passes over the logits,
+where the ATen ops made six over a float32 copy.
 
 Why not `torch.utils.cpp_extension.load`: it needs ninja and builds a pybind11 module. The
 kernels register plain torch ops (`TORCH_LIBRARY`), so one `g++` call

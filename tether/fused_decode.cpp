@@ -444,6 +444,69 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   return out;
 }
 
+
+// The sampler's unnormalised weights (tether/engine.py `sample`): per row b,
+// out[b, j] = e^(x_j − max_i x_i) with x = logits[b] / temperature in float32, for j < V, and
+// the sums of each block of kDrawBlock entries, which `draw` searches first. Replaces a copy,
+// a division, a max, a subtraction, an exp and a sum, each a pass over a [B, 49,152] float32
+// buffer. The columns of `out` from V on are not written (the caller keeps them zero), and
+// an entry of −inf gets weight 0. fast_exp is within ~2 ulp of ATen's exp.
+constexpr int64_t kDrawBlock = 1024;  // engine.DRAW_BLOCK
+
+// One row of `softmax_weights`; SCALED: divide by the temperature (a template argument, so
+// that each loop is one straight vector loop).
+template <typename K, bool SCALED>
+void row_weights(const typename K::Storage* __restrict row, float* __restrict weights,
+                 float* __restrict block_sums, int64_t vocab, float temperature) {
+  // x / T as ATen's div_ rounds it: a division, not a multiplication by 1/T
+  float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+  for (int64_t j = 0; j < vocab; ++j) {
+    const float x = SCALED ? K::load(row[j]) / temperature : K::load(row[j]);
+    top = std::max(top, x);
+  }
+  for (int64_t first = 0, block = 0; first < vocab; first += kDrawBlock, ++block) {
+    const int64_t count = std::min(kDrawBlock, vocab - first);
+    const auto* __restrict in = row + first;
+    float* __restrict out = weights + first;
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < count; ++j) {
+      const float x = SCALED ? K::load(in[j]) / temperature : K::load(in[j]);
+      const float w = fast_exp(x - top);  // 0 for x = −inf
+      out[j] = w;
+      total += w;
+    }
+    block_sums[block] = total;
+  }
+}
+
+at::Tensor softmax_weights(const at::Tensor& logits, at::Tensor& out, double temperature) {
+  check(logits, "logits", logits.scalar_type());
+  check(out, "out", at::kFloat);
+  TORCH_CHECK(logits.dim() == 2 && out.dim() == 2, "logits and out must be [B, V] and [B', W]");
+  const int64_t batch = logits.size(0), vocab = logits.size(1), width = out.size(1);
+  TORCH_CHECK(out.size(0) >= batch && width >= vocab && width % kDrawBlock == 0,
+              "out must have at least logits' rows and its columns rounded up to ", kDrawBlock,
+              " (", logits.sizes(), " into ", out.sizes(), ")");
+  TORCH_CHECK(temperature > 0, "temperature must be positive, not ", temperature);
+  const int64_t blocks = width / kDrawBlock;
+  at::Tensor sums = at::zeros({batch, blocks}, out.options());
+  by_dtype(logits.scalar_type(), [&](auto kind) {
+    using K = decltype(kind);
+    const auto kernel = temperature == 1.0 ? &row_weights<K, false> : &row_weights<K, true>;
+    const auto* ls = ptr<K>(logits);
+    float* os = out.data_ptr<float>();
+    float* ss = sums.data_ptr<float>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t stop) {
+      for (int64_t b = begin; b < stop; ++b)
+        kernel(ls + b * vocab, os + b * width, ss + b * blocks, vocab,
+               static_cast<float>(temperature));
+    });
+  });
+  return sums;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tether, m) {
@@ -457,4 +520,6 @@ TORCH_LIBRARY(tether, m) {
       "decode_attention(Tensor q, Tensor keys, Tensor values, Tensor bias, int end, float scale) "
       "-> Tensor",
       &decode_attention);
+  m.def("softmax_weights(Tensor logits, Tensor(a!) out, float temperature) -> Tensor",
+        &softmax_weights);
 }
