@@ -121,9 +121,9 @@ class Weights:
         self, model, dtype: torch.dtype, pack: bool | None = None, fused: bool | None = None
     ) -> None:
         """`pack`: reorder the weights for oneDNN (`Linear`); None: where `can_pack`.
-        `fused`: run norms, RoPE, SiLU and decode attention in `tether.fused`'s kernels;
-        None: where they build (the same maths; the norm's last bit and attention's roundings
-        can differ, so bf16 samples do)."""
+        `fused`: run norms, RoPE, SiLU, decode attention and the sampler's softmax in
+        `tether.fused`'s kernels; None: where they build (the same maths; the norm's last
+        bit, attention's roundings and the exp's last bits can differ, so bf16 samples do)."""
         inner = hf_model(model)
         config = inner.config
         self.heads = config.num_attention_heads
