@@ -139,6 +139,12 @@ class Weights:
         self.kernels = None
         if fused is not False and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             self.kernels = tether_fused.kernels()
+        # The shapes the attention kernel unrolls its loops for (tether/fused_decode.cpp)
+        self.fused_attention = (
+            self.kernels is not None
+            and self.head_dim in (16, 32, 64, 128)
+            and self.heads // self.kv_heads <= 8
+        )
 
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype).contiguous()
@@ -247,10 +253,6 @@ def forward(
         bias[:, 0, 0, :end].masked_fill_(key_mask[:, :end], 0.0)
     q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
     fused = w.kernels
-    # The shapes the attention kernel unrolls its loops for (tether/fused_decode.cpp)
-    fused_attention = (
-        fused is not None and w.head_dim in (16, 32, 64, 128) and w.heads // w.kv_heads <= 8
-    )
     if fused is not None:
         norm = fused.rms_norm
         cos, sin = cos.to(w.dtype).contiguous(), sin.to(w.dtype).contiguous()  # [B, T, D]
@@ -270,7 +272,7 @@ def forward(
             cache.values[i][:, :, start:end] = v.view(
                 batch, steps, w.kv_heads, w.head_dim
             ).transpose(1, 2)
-        if steps == 1 and fused_attention:
+        if steps == 1 and w.fused_attention:
             attn = fused.decode_attention(
                 q, cache.keys[i], cache.values[i], bias.view(batch, -1), end, w.head_dim**-0.5
             )
@@ -351,7 +353,8 @@ def sample(
     `uniforms` [B] in [0, 1) are the rows' draws when given (else drawn from `generator`);
     `buffer` (`draw_buffer`, at least B rows) holds the weights exp((logits − max) / T).
     `kernels` (`tether.fused.kernels()`): compute those weights and their block sums in one
-    pass where there is no truncation (the same maths; its exp differs in the last bits)."""
+    kernel (two passes over the logits) where there is no truncation (the same maths; its exp
+    differs in the last bits)."""
     if temperature == 0:
         return logits.argmax(-1)
     batch, vocab = logits.shape

@@ -305,6 +305,13 @@ inline f32x16 lane_sums8(const f32x16* a) {
 constexpr int64_t kMaxRep = 8;  // query heads per KV head (a template argument)
 constexpr int64_t kBlock = 8;   // keys scored together
 
+// Elements of storage type T in one 64-byte cache line (the prefetches' stride).
+template <typename T>
+constexpr int64_t kLine = 64 / sizeof(T);
+
+// The score row's length: `end` keys rounded up to whole blocks.
+inline int64_t padded_keys(int64_t end) { return (end + kBlock - 1) / kBlock * kBlock; }
+
 // One (row, KV head): its REP query heads against the first `end` keys. CHUNKS = D / 16.
 // Compile-time REP and CHUNKS keep the accumulators (REP × 8 for the scores, REP × CHUNKS
 // for the output) in vector registers.
@@ -314,7 +321,7 @@ void attend_one_group(
     const typename K::Storage* values, const float* bias, typename K::Storage* out,
     int64_t end, float scale, float* scores /* [REP, end rounded up to kBlock] */) {
   constexpr int64_t dim = CHUNKS * 16;
-  const int64_t padded = (end + kBlock - 1) / kBlock * kBlock;
+  const int64_t padded = padded_keys(end);
   f32x16 query[REP][CHUNKS];
   for (int r = 0; r < REP; ++r)
     for (int c = 0; c < CHUNKS; ++c) query[r][c] = load16(q + r * dim + c * 16);
@@ -322,12 +329,12 @@ void attend_one_group(
   // and values at 64 rows are megabytes), and one group's slots span a few 4 KiB pages, which
   // the hardware prefetcher does not cross: ask for the values now, into L2, while the keys
   // are scored, and for each key block two blocks ahead.
-  constexpr int64_t kLine = 64 / sizeof(typename K::Storage);  // elements per cache line
-  for (int64_t i = 0; i < end * dim; i += kLine) __builtin_prefetch(values + i, 0, 2);
+  constexpr int64_t line = kLine<typename K::Storage>;
+  for (int64_t i = 0; i < end * dim; i += line) __builtin_prefetch(values + i, 0, 2);
   for (int64_t t0 = 0; t0 < end; t0 += kBlock) {
     f32x16 acc[REP][kBlock];
     const int64_t ahead = t0 + 2 * kBlock;
-    for (int64_t i = ahead * dim; i < std::min(ahead + kBlock, end) * dim; i += kLine)
+    for (int64_t i = ahead * dim; i < std::min(ahead + kBlock, end) * dim; i += line)
       __builtin_prefetch(keys + i, 0, 3);
     for (int j = 0; j < kBlock; ++j) {
       // Past `end` (the last block's tail) the key slot exists but is not filled: it is
@@ -429,10 +436,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     auto* os = ptr<K>(out);
     const float* bs = bias.data_ptr<float>();
     at::parallel_for(0, batch * kv_heads, 4, [&](int64_t begin, int64_t stop) {
-      std::vector<float> scores(rep * ((end + kBlock - 1) / kBlock * kBlock));
+      std::vector<float> scores(rep * padded_keys(end));
       for (int64_t bg = begin; bg < stop; ++bg) {
         if (bg + 1 < stop)  // the next group's first key blocks, which no block prefetched
-          for (int64_t i = 0; i < std::min(2 * kBlock, end) * dim; i += 64 / sizeof(*ks))
+          for (int64_t i = 0; i < std::min(2 * kBlock, end) * dim; i += kLine<typename K::Storage>)
             __builtin_prefetch(ks + (bg + 1) * slots * dim + i, 0, 2);
         const int64_t first = bg * rep * dim;  // query heads g·rep … of row b = bg / Hkv
         kernel(qs + first, ks + bg * slots * dim, vs + bg * slots * dim,
@@ -443,7 +450,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   });
   return out;
 }
-
 
 // The sampler's unnormalised weights (tether/engine.py `sample`): per row b,
 // out[b, j] = e^(x_j − max_i x_i) with x = logits[b] / temperature in float32, for j < V, and
