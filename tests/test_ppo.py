@@ -296,6 +296,58 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_mode
     assert any(len(e) < 10 for e in expected)  # somebody did stop early
 
 
+def test_shared_opening_is_prefilled_alone_only_where_it_saves_enough_tokens():
+    from tether.engine import shared_opening
+
+    rows = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]
+    assert shared_opening(rows, min_saved=4) == 2  # [1, 2]: each row keeps its last token
+    assert shared_opening(rows, min_saved=5) == 0  # 2 tokens × 2 other rows save 4 < 5
+    assert shared_opening([[1, 2, 3]], min_saved=1) == 0  # nobody to share it with
+    assert shared_opening([[1, 2], [3, 2]], min_saved=0) == 0  # nothing in common
+
+
+def test_engine_prefills_a_shared_opening_once_and_decodes_each_row_as_alone(tiny, monkeypatch):
+    """Prompts that open alike (a chat template's system turn), one of them twice: the
+    opening runs once in a row of its own, then each distinct prompt's rest, and every row
+    still decodes greedily as Hugging Face does with the row alone."""
+    from tether import engine
+
+    model, _ = tiny
+    opening = list(range(30, 50))
+    tails = [[7], [8, 9, 10, 11], [12, 13], [8, 9, 10, 11]]
+    rows = [opening + tail for tail in tails]
+    assert engine.shared_opening(rows[:3]) == len(opening)
+    alone = []
+    for r in rows:
+        out = model.generate(torch.tensor([r]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        alone.append(out[0, len(r) :].tolist())
+    calls = []
+    forward = engine.forward
+
+    def recording(w, cache, ids, positions, key_mask):
+        calls.append((tuple(ids.shape), positions.tolist()))
+        return forward(w, cache, ids, positions, key_mask)
+
+    monkeypatch.setattr(engine, "forward", recording)
+    decoded = engine.decode(
+        engine.Weights(model, torch.float32),
+        rows,
+        0,
+        [],
+        max_new_tokens=5,
+        temperature=0,
+        top_p=1.0,
+        top_k=0,
+        generator=None,
+    )
+    assert decoded == alone
+    assert calls[0] == ((1, 20), [list(range(20))])
+    # then the three distinct rests, left-padded, their positions going on from the opening
+    # (a padding slot repeats the last real position; no query sees its key)
+    assert calls[1] == ((3, 4), [[19, 19, 19, 20], [20, 21, 22, 23], [19, 19, 20, 21]])
+    assert calls[2][0] == (4, 1) and [p[0] for p in calls[2][1]] == [21, 24, 22, 24]
+
+
 def test_engine_draw_inverts_the_cumulative_weights_across_blocks():
     """Weights 1 at index 0, 0 up to 1,030 (the second block), 2 at 1,030 and 1 at the last
     index 2,047: Σ = 4, so u·4 in [0, 1) → 0, [1, 3) → 1,030, [3, 4) → 2,047. A draw must

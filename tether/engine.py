@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tether import fused as tether_fused
 from tether.data import pad_rows
-from tether.ops import distinct_rows, position_ids_from_mask
+from tether.ops import common_prefix_length, distinct_rows, position_ids_from_mask
 from tether.reward_model import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -219,6 +219,13 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=w.dtype) for _ in w.layers]
         self.length = 0
 
+    def extend(self, head: KVCache) -> None:
+        """Append the filled slots of a one-row cache to every row (a shared opening)."""
+        start, end = self.length, self.length + head.length
+        for mine, theirs in zip(self.keys + self.values, head.keys + head.values, strict=True):
+            mine[:, :, start:end] = theirs[:, :, : head.length]
+        self.length = end
+
     def keep(self, rows: torch.Tensor) -> None:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
@@ -390,6 +397,50 @@ def _truncate(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     return logits
 
 
+# Tokens a shared opening must save (its length × the other rows) to be prefilled on its own.
+# Its extra forward reads every weight once: SmolLM2 in bf16 on 2 cores, a 1-token forward
+# takes 12 ms and the 24-token opening 23; two 39-token prompts take 57 ms, their 15-token
+# rests 28, so at two rows the 24 tokens saved gain 6 ms. Sixteen prompts: 394 → 191 ms.
+OPENING_MIN_SAVED_TOKENS = 32
+
+
+def shared_opening(
+    prompts: Sequence[Sequence[int]], min_saved: int = OPENING_MIN_SAVED_TOKENS
+) -> int:
+    """The tokens every prompt opens with (a chat template's system turn: 24 of SmolLM2's ~40
+    prompt tokens) where prefilling them once pays, else 0; each prompt keeps at least its
+    last token, whose state emits the first response token."""
+    opening = common_prefix_length(prompts)
+    return opening if opening * (len(prompts) - 1) >= min_saved else 0
+
+
+def prefill(
+    w: Weights, prompts: list[list[int]], pad_id: int, max_new_tokens: int
+) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the prompts into a cache with room for `max_new_tokens` more: the cache, the last
+    hidden state of each row [G, hidden], the key mask [G, width + max_new_tokens] (True on
+    real prompt tokens; decoding sets the rest as it goes) and each row's next position [G].
+
+    The prompts' `shared_opening` runs once, in a row of its own, and its keys and values are
+    copied to every row; then each prompt's rest, left-padded after it. A row of the cache is
+    [opening | padding | rest of the prompt | response], its positions counted over the real
+    tokens, so every row computes what it would alone."""
+    opening = shared_opening(prompts)
+    rest, rest_mask = pad_rows([p[opening:] for p in prompts], pad_id, "left")
+    rows, width = len(prompts), opening + rest.shape[1]
+    valid = torch.zeros((rows, width + max_new_tokens), dtype=torch.bool)
+    valid[:, :opening] = True
+    valid[:, opening:width] = rest_mask.bool()
+    positions = position_ids_from_mask(valid[:, :width])
+    cache = KVCache(w, rows, width + max_new_tokens)
+    if opening:
+        head = KVCache(w, 1, opening)
+        forward(w, head, torch.tensor([prompts[0][:opening]]), positions[:1, :opening], valid[:1])
+        cache.extend(head)
+    hidden = forward(w, cache, rest, positions[:, opening:], valid)
+    return cache, hidden, valid, positions[:, -1] + 1
+
+
 @torch.inference_mode()
 def decode(
     w: Weights,
@@ -411,20 +462,17 @@ def decode(
     its sample is then the same whatever batch (or torchrun rank) it is decoded in.
     """
     batch = len(prompt_rows)
-    ids, prompt_mask = pad_rows(prompt_rows, pad_id, "left")
-    width = ids.shape[1]
-    valid = torch.zeros((batch, width + max_new_tokens), dtype=torch.bool)
-    valid[:, :width] = prompt_mask.bool()
-    positions = position_ids_from_mask(prompt_mask)
     # A prompt repeated over rows (k samples, best-of-n) is prefilled once, then its cache
     # and last state are copied to its rows.
     distinct, group_of_row = distinct_rows([tuple(p) for p in prompt_rows])
-    cache = KVCache(w, len(distinct), width + max_new_tokens)
-    hidden = forward(w, cache, ids[distinct], positions[distinct], valid[distinct])
+    cache, hidden, valid, next_position = prefill(
+        w, [prompt_rows[i] for i in distinct], pad_id, max_new_tokens
+    )
     if len(distinct) < batch:
         cache.keep(group_of_row)
-        hidden = hidden[group_of_row]
-    next_position = positions[:, -1] + 1
+        hidden, valid = hidden[group_of_row], valid[group_of_row]
+        next_position = next_position[group_of_row]
+    width = valid.shape[1] - max_new_tokens
     rows = torch.arange(batch)  # original row of each active row
     finished = torch.zeros(batch, dtype=torch.bool)  # per active row: has emitted a stop
     out: list[list[int]] = [[] for _ in range(batch)]
