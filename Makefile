@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 # Installed with apt where set-up runs as root; elsewhere set-up says how, and tether runs on
 # glibc's malloc. TETHER_MALLOC=system skips it.
 MALLOC_PACKAGE ?= libtcmalloc-minimal4
-# Set-up also builds the rollout engine's fused C++ kernels (tether/fused.py, ~12 s with g++)
+# Set-up also builds the rollout engine's fused C++ kernels (tether/fused.py, ~15 s with g++)
 # into the cache directory, so that the first rollout does not wait for them.
 
 .PHONY: setup malloc test demo lint clean

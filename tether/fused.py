@@ -13,7 +13,7 @@ where the ATen ops made six over a float32 copy.
 
 Why not `torch.utils.cpp_extension.load`: it needs ninja and builds a pybind11 module. The
 kernels register plain torch ops (`TORCH_LIBRARY`), so one `g++` call
-against torch's headers builds them (~12 s) and `torch.ops.load_library` loads them. The
+against torch's headers builds them (~15 s) and `torch.ops.load_library` loads them. The
 library lands in the cache directory under a name hashed from the source, torch's version, the
 flags and the CPU's features (it is built with `-march=native`), written by rename, so
 concurrent builders (test workers) and a cache shared between machines stay correct.
