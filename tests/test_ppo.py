@@ -300,8 +300,9 @@ def test_shared_opening_is_prefilled_alone_only_where_it_saves_enough_tokens():
     from tether.engine import shared_opening
 
     rows = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]
-    assert shared_opening(rows, min_saved=4) == 2  # [1, 2]: each row keeps its last token
+    assert shared_opening(rows, min_saved=4) == 2  # [1, 2]: then 3, 3, 9
     assert shared_opening(rows, min_saved=5) == 0  # 2 tokens × 2 other rows save 4 < 5
+    assert shared_opening([[1, 2], [1, 2, 3]], min_saved=1) == 1  # [1, 2] keeps its last token
     assert shared_opening([[1, 2, 3]], min_saved=1) == 0  # nobody to share it with
     assert shared_opening([[1, 2], [3, 2]], min_saved=0) == 0  # nothing in common
 
@@ -313,14 +314,8 @@ def test_engine_prefills_a_shared_opening_once_and_decodes_each_row_as_alone(tin
     from tether import engine
 
     model, _ = tiny
+    weights = engine.Weights(model, torch.float32)
     opening = list(range(30, 50))
-    tails = [[7], [8, 9, 10, 11], [12, 13], [8, 9, 10, 11]]
-    rows = [opening + tail for tail in tails]
-    assert engine.shared_opening(rows[:3]) == len(opening)
-    alone = []
-    for r in rows:
-        out = model.generate(torch.tensor([r]), max_new_tokens=5, do_sample=False, pad_token_id=0)
-        alone.append(out[0, len(r) :].tolist())
     calls = []
     forward = engine.forward
 
@@ -329,18 +324,33 @@ def test_engine_prefills_a_shared_opening_once_and_decodes_each_row_as_alone(tin
         return forward(w, cache, ids, positions, key_mask)
 
     monkeypatch.setattr(engine, "forward", recording)
-    decoded = engine.decode(
-        engine.Weights(model, torch.float32),
-        rows,
-        0,
-        [],
-        max_new_tokens=5,
-        temperature=0,
-        top_p=1.0,
-        top_k=0,
-        generator=None,
-    )
-    assert decoded == alone
+
+    def decode_and_check(tails: list[list[int]]) -> None:
+        rows = [opening + tail for tail in tails]
+        assert engine.shared_opening(rows[:3]) == len(opening)
+        alone = []
+        for r in rows:
+            out = model.generate(
+                torch.tensor([r]), max_new_tokens=5, do_sample=False, pad_token_id=0
+            )
+            alone.append(out[0, len(r) :].tolist())
+        calls.clear()
+        decoded = engine.decode(
+            weights,
+            rows,
+            0,
+            [],
+            max_new_tokens=5,
+            temperature=0,
+            top_p=1.0,
+            top_k=0,
+            generator=None,
+        )
+        assert decoded == alone
+
+    decode_and_check([[7], [8], [9], [8]])  # rests of one token: a decode-sized block
+    assert calls[1] == ((3, 1), [[20], [20], [20]])
+    decode_and_check([[7], [8, 9, 10, 11], [12, 13], [8, 9, 10, 11]])
     assert calls[0] == ((1, 20), [list(range(20))])
     # then the three distinct rests, left-padded, their positions going on from the opening
     # (a padding slot repeats the last real position; no query sees its key)
