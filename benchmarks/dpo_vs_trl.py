@@ -34,11 +34,11 @@ def held_out_dpo_metrics(
     import torch
 
     from tether.config import DataConfig, ModelConfig
+    from tether.core.losses import dpo_loss
     from tether.data import load_preference_splits
-    from tether.losses import dpo_loss
-    from tether.models import load_causal_lm, load_tokenizer
+    from tether.hardware import use_bf16
+    from tether.models.loading import load_causal_lm, load_tokenizer
     from tether.stages.dpo import all_pair_logps, dpo_metrics, tokenize_preferences
-    from tether.training import use_bf16
 
     tokenizer = load_tokenizer(reference_dir)
     splits = load_preference_splits(DataConfig(train=str(val), eval_fraction=0.0), seed=0)
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     train, val = split_hh(args.work, args.train_pairs, args.val_pairs)
-    from tether.models import resolve_model_source
+    from tether.models.loading import resolve_model_source
 
     model_dir = resolve_model_source("smollm2-135m-instruct")
     steps, train = keep_pairs_that_fit(train, model_dir, args.max_length, args.batch_size)

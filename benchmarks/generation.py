@@ -12,8 +12,8 @@ rate / (2 · parameters) tokens per second. `--compile` adds the engine with its
 compile time (its warm-up) beside the rate. (In float32 inductor cannot lower the reordered
 weights: its `_linear_pointwise` lowering asserts that the weight is a graph constant.)
 `--unpacked` adds the engine with its weights left for F.linear
-(`tether.engine.can_pack` off), `--unfused` the engine on ATen ops instead of its fused C++
-kernels (`tether.fused`). `--repeats N` times every engine N times, the engines taking turns
+(`tether.fast.engine.can_pack` off), `--unfused` the engine on ATen ops instead of its fused C++
+kernels (`tether.fast.fused`). `--repeats N` times every engine N times, the engines taking turns
 (this machine's rate moves by a third from minute to minute, and a drift then reaches every
 engine alike), and reports each one's median with every run listed.
 bf16 runs by default only where it is native: emulated, a bf16 matmul runs at a few GFLOP/s.
@@ -45,9 +45,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from tether.data import load_prompts
-    from tether.models import load_tokenizer, resolve_model_source
-    from tether.rollout import generate
-    from tether.training import set_threads
+    from tether.hardware import set_threads
+    from tether.models.loading import load_tokenizer, resolve_model_source
+    from tether.rollout.generation import generate
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
@@ -58,10 +58,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None)
     args = parser.parse_args()
-    from tether import engine as tether_engine
-    from tether.models import bf16_available
+    from tether.fast import engine as tether_engine
+    from tether.hardware import bf16_available
 
-    eager_forward, can_pack = tether_engine.forward, tether_engine.can_pack
+    eager_forward, can_pack = tether_engine.forward, tether.fast.engine.can_pack
     kernels = tether_engine.tether_fused.kernels
     set_threads(0)
     source = resolve_model_source("smollm2-135m-instruct")
@@ -81,7 +81,7 @@ def main() -> None:
         """Tokens/s of one `generate` call with `engine` ("hf", "auto", "unpacked",
         "unfused" or "compiled")."""
         tether_engine.forward = compiled if engine == "compiled" else eager_forward
-        tether_engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
+        tether.fast.engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
         tether_engine.tether_fused.kernels = (lambda: None) if engine == "unfused" else kernels
         started = time.perf_counter()
         out = generate(

@@ -40,7 +40,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = ROOT / "examples/data/ppo-prompts.jsonl"
     reward = ROOT / "benchmarks/_exclaim_reward.py"
-    from tether.models import resolve_model_source
+    from tether.models.loading import resolve_model_source
 
     model_dir = resolve_model_source("smollm2-135m-instruct")
     samples = args.steps * args.prompts_per_step * args.group_size

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench-ppo-iteration")
     args = parser.parse_args()
-    from tether.tasks import sentiment_prompts
+    from tether.tools.tasks import sentiment_prompts
 
     subprocess.run(["rm", "-rf", str(args.work)], check=True)
     args.work.mkdir(parents=True)

@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs/bench-rm")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    from tether.models import resolve_model_source
+    from tether.models.loading import resolve_model_source
 
     model_dir = resolve_model_source("smollm2-135m-instruct")
     train, val = split_hh(args.work, args.train_pairs, args.val_pairs)

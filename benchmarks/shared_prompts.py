@@ -31,12 +31,16 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from tether.config import RMConfig, load_config
-    from tether.data import pad_rows
-    from tether.models import load_tokenizer, resolve_model_source
-    from tether.ops import pack_groups
-    from tether.reward_model import grouped_sequence_scores, load_reward_backbone, sequence_scores
+    from tether.core.packing import pack_groups, pad_rows
+    from tether.hardware import autocast, use_bf16
+    from tether.models.loading import load_tokenizer, resolve_model_source
+    from tether.models.reward_model import (
+        grouped_sequence_scores,
+        load_reward_backbone,
+        sequence_scores,
+    )
+    from tether.runs.training import example_indices
     from tether.stages.rm import prepare_data
-    from tether.training import autocast, example_indices, use_bf16
 
     if args.data is None:
         work = ROOT / "runs/bench-rm"

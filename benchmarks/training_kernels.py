@@ -4,9 +4,9 @@
 
 1. Attention at SmolLM2's head layout (9 query heads, 3 key/value heads of 64, bf16, a
    causal mask with left padding): PyTorch's SDPA (flash on CPU, k and v repeated as
-   transformers does) against `tether.attention.FlashForwardAttention`.
+   transformers does) against `tether.models.attention.FlashForwardAttention`.
 2. Token log-probs and entropy over the 49,152-token vocabulary from bf16 logits: autograd
-   through a float32 log-softmax against `tether.ops.logprobs_and_entropy_from_logits`.
+   through a float32 log-softmax against `tether.core.ops.logprobs_and_entropy_from_logits`.
 
 Milliseconds per call (median of 7 after a warm-up), as JSON.
 """
@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tether.attention import FlashForwardAttention
-from tether.ops import logprobs_and_entropy_from_logits
+from tether.core.ops import logprobs_and_entropy_from_logits
+from tether.models.attention import FlashForwardAttention
 
 
 def median_ms(fn, repeats: int = 7) -> float:

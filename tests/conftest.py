@@ -47,7 +47,7 @@ def backbone_inputs(model) -> Iterator[list[torch.Size]]:
 def smol_tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from tether.models import embedded_gguf_path
+    from tether.models.loading import embedded_gguf_path
 
     gguf = embedded_gguf_path("smollm2-135m-instruct")
     out = tmp_path_factory.mktemp("smol-tokenizer")
@@ -198,8 +198,8 @@ def peaked_model_dir(tmp_path_factory, smol_tokenizer_dir, ppo_files) -> Path:
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from tether.models import load_tokenizer
-    from tether.rollout import encode_prompt
+    from tether.models.loading import load_tokenizer
+    from tether.rollout.generation import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tether.advantages import (
+from tether.core.advantages import (
     MovingAverageBaseline,
     a2c_advantages,
     gae,
@@ -171,7 +171,7 @@ def test_a2c_advantages() -> None:
 
 
 def test_kl_penalized_rewards_hand_values() -> None:
-    from tether.advantages import kl_penalized_rewards
+    from tether.core.advantages import kl_penalized_rewards
 
     scores = torch.tensor([2.0, -1.0, 5.0])
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, -0.2, 9.0], [1.0, 1.0, 1.0]])
@@ -189,7 +189,7 @@ def test_kl_penalized_rewards_hand_values() -> None:
 
 
 def test_kl_penalized_rewards_left_padded_score_lands_on_last_real_token() -> None:
-    from tether.advantages import kl_penalized_rewards
+    from tether.core.advantages import kl_penalized_rewards
 
     rewards = kl_penalized_rewards(
         torch.tensor([1.0]), torch.zeros(1, 4), torch.tensor([[0, 1, 1, 0]]), kl_coef=0.1

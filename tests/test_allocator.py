@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from tether import allocator
+from tether.fast import allocator
 
 
 def make_library(directory, name):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tether.attention import FlashForwardAttention
+from tether.models.attention import FlashForwardAttention
 
 
 def _reference(q, k, v, keep, scale):
@@ -90,7 +90,7 @@ def test_a_loaded_model_trains_through_it_with_the_gradients_of_plain_sdpa(tiny_
     from transformers import AutoModelForCausalLM
 
     from tether.config import ModelConfig
-    from tether.models import load_causal_lm
+    from tether.models.loading import load_causal_lm
 
     model = load_causal_lm(ModelConfig(name=str(tiny_model_dir)), dropout=False)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

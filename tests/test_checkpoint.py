@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from tether.checkpoint import (
+from tether.config import SFTConfig, load_config
+from tether.runs.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from tether.config import SFTConfig, load_config
-from tether.rundir import MetricsLogger, RunDir, RunDirError, read_metrics
+from tether.runs.rundir import MetricsLogger, RunDir, RunDirError, read_metrics
 
 
 def save(dir_, step, value=1.0, keep_last=3):

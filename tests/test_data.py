@@ -161,7 +161,7 @@ def test_bad_parquet_row_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(smol_tokenizer_dir):
-    from tether.models import load_tokenizer
+    from tether.models.loading import load_tokenizer
 
     return load_tokenizer(str(smol_tokenizer_dir))
 

@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import pytest
 
-from tether.demo import DemoSettings, run_demo
 from tether.errors import TetherError
-from tether.report import build_report
+from tether.tools.demo import DemoSettings, run_demo
+from tether.tools.report import build_report
 
 SUMMARY_KEYS = {
     "rm_accuracy",
@@ -111,7 +111,7 @@ def test_demo_killed_mid_stage_resumes_to_the_same_artefacts(tiny_model_dir, tmp
     settings = json.dumps(asdict(tiny_settings(tiny_model_dir)))
     script = (
         "import json, sys; from pathlib import Path\n"
-        "from tether.demo import DemoSettings, run_demo\n"
+        "from tether.tools.demo import DemoSettings, run_demo\n"
         "run_demo(Path(sys.argv[1]), DemoSettings(**json.loads(sys.argv[2])), "
         "resume=sys.argv[3] == 'resume', report=False)\n"
     )

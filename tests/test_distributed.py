@@ -26,7 +26,7 @@ from test_dpo import dpo_overrides
 from test_ppo import ppo_overrides
 from test_sft import run_cli, sft_overrides
 
-from tether.rundir import read_jsonl, read_metrics
+from tether.runs.rundir import read_jsonl, read_metrics
 
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
 UPDATE_RTOL = 1e-3

@@ -9,7 +9,7 @@ import random
 import pytest
 from test_sft import run_cli
 
-from tether.doctor import Run, diagnose, exit_status, read_run
+from tether.tools.doctor import Run, diagnose, exit_status, read_run
 
 STEPS = 30
 
@@ -165,7 +165,7 @@ def test_doctor_on_a_dir_without_metrics_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("severity,status", [("info", 0), ("warning", 1), ("critical", 2)])
 def test_exit_status_by_worst_severity(severity, status):
-    from tether.doctor import Finding
+    from tether.tools.doctor import Finding
 
     findings = [Finding("x", "info", (1, 1), ""), Finding("y", severity, (1, 1), "")]
     assert exit_status(findings) == status

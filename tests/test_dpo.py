@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 from test_sft import TIMING_KEYS, run_cli
 
 from tether.config import DPOConfig, load_config
-from tether.models import load_tokenizer
-from tether.rollout import encode_answer
-from tether.rundir import read_metrics
+from tether.models.loading import load_tokenizer
+from tether.rollout.generation import encode_answer
+from tether.runs.rundir import read_metrics
 from tether.stages.dpo import REFERENCE_CACHE, run_dpo
 
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tether import engine, fused
-from tether.data import pad_rows
-from tether.ops import position_ids_from_mask
-from tether.rollout import encode_prompt
+from tether.core.packing import pad_rows, position_ids_from_mask
+from tether.fast import engine, fused
+from tether.rollout.generation import encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tether.models import load_tokenizer
+    from tether.models.loading import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     return model, load_tokenizer(str(tiny_model_dir))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_sft import run_cli
 
-from tether.inspector import Inspector
-from tether.models import load_tokenizer
+from tether.models.loading import load_tokenizer
+from tether.tools.inspector import Inspector
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def full_forward_answer_logprob(model_dir, prompt: str, response: str) -> float:
     """log p(answer | prompt) from one unpadded forward pass of plain transformers."""
     from transformers import AutoModelForCausalLM
 
-    from tether.rollout import encode_answer, encode_prompt
+    from tether.rollout.generation import encode_answer, encode_prompt
 
     tokenizer = load_tokenizer(str(model_dir))
     messages = [{"role": "user", "content": prompt}]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tether.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tether.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
 
 
 def test_estimators_hand_values() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tether.losses import (
+from tether.core.losses import (
     dpo_loss,
     listwise_to_pairs,
     pairwise_ranking_loss,
@@ -185,7 +185,7 @@ def test_score_penalties() -> None:
 
 
 def test_list_centering_penalty_hand_values_and_k2_equals_pairs() -> None:
-    from tether.losses import list_centering_penalty
+    from tether.core.losses import list_centering_penalty
 
     # List 0: mean of (1, 2, 3) = 2 -> (2·2)² = 16; list 1: mean of (−1, 1) = 0 -> 0.
     scores = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 1.0, 99.0]])

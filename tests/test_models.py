@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_sft import run_cli
 
-from tether.models import ModelLoadError, embedded_gguf_path, resolve_model_source
+from tether.models.loading import ModelLoadError, embedded_gguf_path, resolve_model_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_frozen_linears_stored_in_bf16_give_the_autocast_logits_bit_for_bit(
     from conftest import tiny_llama_config
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from tether.models import store_frozen_linears
+    from tether.models.loading import store_frozen_linears
 
     torch.manual_seed(0)
     config = tiny_llama_config(AutoTokenizer.from_pretrained(smol_tokenizer_dir), tied=tied)

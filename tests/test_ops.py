@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from tether.ops import (
-    distinct_rows,
+from tether.core.ops import (
     entropy_from_logits,
     logprobs_and_entropy_from_logits,
     logprobs_from_logits,
@@ -14,9 +13,9 @@ from tether.ops import (
     masked_sum,
     masked_var,
     masked_whiten,
-    pack_groups,
     sequence_logprobs,
 )
+from tether.core.packing import distinct_rows, pack_groups
 
 
 def test_masked_mean_hand_values() -> None:
@@ -212,7 +211,7 @@ def test_sequence_logprobs_sums_masked_tokens() -> None:
 
 
 def test_explained_variance_hand_values() -> None:
-    from tether.ops import explained_variance
+    from tether.core.ops import explained_variance
 
     returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
@@ -228,7 +227,7 @@ def test_explained_variance_hand_values() -> None:
 
 
 def test_running_moments_equal_the_moments_of_everything_seen() -> None:
-    from tether.ops import RunningMoments
+    from tether.core.ops import RunningMoments
 
     moments = RunningMoments()
     assert (moments.mean, moments.std) == (0.0, 1.0)  # nothing seen: the identity transform
@@ -251,7 +250,7 @@ def test_length_buckets_cut_where_padding_costs_more_than_a_call():
     """Worked by hand with BUCKET_OVERHEAD_TOKENS = 80, prompts already run (length 0).
     Answers 1, 50, 2, 48: one bucket runs 4 × 50 + 80 = 280 tokens; {1, 2} {48, 50} runs
     2 × 2 + 80 + 2 × 50 + 80 = 264; {1, 2} {48} {50} runs 4 + 48 + 50 + 3 × 80 = 342."""
-    from tether.ops import BUCKET_OVERHEAD_TOKENS, length_buckets
+    from tether.core.packing import BUCKET_OVERHEAD_TOKENS, length_buckets
 
     assert BUCKET_OVERHEAD_TOKENS == 80
     zeros = torch.zeros(4, dtype=torch.long)

@@ -11,8 +11,8 @@ from conftest import backbone_inputs
 from test_sft import run_cli
 
 from tether.config import ConfigError, PPOConfig, load_config
-from tether.engine import can_pack
-from tether.rundir import read_metrics
+from tether.fast.engine import can_pack
+from tether.runs.rundir import read_metrics
 from tether.stages.ppo import run_ppo
 
 TIMING_KEYS = {"throughput/tokens_per_s", "time/step_s", "time/rollout_s", "time/train_s"}
@@ -56,7 +56,7 @@ def mean(xs: list[float]) -> float:
 def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tether.models import load_tokenizer
+    from tether.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -64,7 +64,7 @@ def tiny(tiny_model_dir):
 
 
 def test_response_logprobs_match_an_unpadded_full_forward(tiny):
-    from tether.rollout import build_batch, sequence_logprobs_of
+    from tether.rollout.passes import build_batch, sequence_logprobs_of
 
     model, _ = tiny
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
@@ -87,7 +87,7 @@ def test_response_logprobs_match_an_unpadded_full_forward(tiny):
 def assert_same_as_row_by_row(model, batch, logprobs, prompts, responses) -> None:
     """`logprobs` of `batch` (at T = 0.7, with their graph) are each row's own full pass,
     in value and in the gradient of their sum (up to float32 rounding)."""
-    from tether.rollout import build_batch, sequence_logprobs_of
+    from tether.rollout.passes import build_batch, sequence_logprobs_of
 
     logprobs[batch.response_mask.bool()].sum().backward()
     batched_grads = [p.grad.clone() for p in model.parameters()]
@@ -105,7 +105,7 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_logprobs_and_gradien
     response log-probs and their gradients are those of a full pass per row."""
     from transformers import AutoModelForCausalLM
 
-    from tether.rollout import build_batch, response_hidden, sequence_logprobs_of
+    from tether.rollout.passes import build_batch, response_hidden, sequence_logprobs_of
 
     model, _ = tiny
     model = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
@@ -131,8 +131,8 @@ def test_rows_that_share_a_prompt_run_packed_with_the_same_logprobs_and_gradient
     checkpointing too, and keep each row's own log-probs and gradients."""
     from transformers import AutoModelForCausalLM
 
-    from tether.attention import use_grouped_flash_attention
-    from tether.rollout import build_batch, sequence_logprobs_of
+    from tether.models.attention import use_grouped_flash_attention
+    from tether.rollout.passes import build_batch, sequence_logprobs_of
 
     model, _ = tiny
     model = AutoModelForCausalLM.from_pretrained(
@@ -160,7 +160,7 @@ def test_prompts_that_open_alike_run_the_opening_once(tiny):
     runs once for all rows, and log-probs and gradients are those of a full pass per row."""
     from transformers import AutoModelForCausalLM
 
-    from tether.rollout import build_batch, common_prompt_opening, sequence_logprobs_of
+    from tether.rollout.passes import build_batch, common_prompt_opening, sequence_logprobs_of
 
     model, _ = tiny
     model = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
@@ -185,7 +185,7 @@ def test_rows_in_length_buckets_have_the_logprobs_and_gradients_of_full_passes(
     response only; log-probs and gradients are still those of a full pass per row."""
     from transformers import AutoModelForCausalLM
 
-    from tether.rollout import build_batch, sequence_logprobs_of
+    from tether.rollout.passes import build_batch, sequence_logprobs_of
 
     model, _ = tiny
     model = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
@@ -208,7 +208,7 @@ def test_rows_in_length_buckets_have_the_logprobs_and_gradients_of_full_passes(
 
 @pytest.mark.parametrize("engine", ["hf", "auto"])
 def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
-    from tether.rollout import encode_prompt, generate
+    from tether.rollout.generation import encode_prompt, generate
 
     model, tokenizer = tiny
     prompts = ["Hi", "Tell me about the sea and the sky.", "Why?"]
@@ -230,11 +230,10 @@ def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_packed_weights_compute_the_same_linears_and_states(tiny, dtype):
-    from tether import engine
-    from tether.data import pad_rows
-    from tether.models import bf16_available
-    from tether.ops import position_ids_from_mask
-    from tether.rollout import encode_prompt
+    from tether.fast import engine
+    from tether.core.packing import pad_rows, position_ids_from_mask
+    from tether.hardware import bf16_available
+    from tether.rollout.generation import encode_prompt
 
     if not can_pack(dtype, torch.device("cpu")):
         pytest.skip("no oneDNN in this torch build")
@@ -266,9 +265,9 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_mode
     compacted); every row must decode exactly as Hugging Face does alone, cut at the stop."""
     from transformers import AutoModelForCausalLM
 
-    from tether import engine
-    from tether.models import load_tokenizer
-    from tether.rollout import encode_prompt
+    from tether.fast import engine
+    from tether.models.loading import load_tokenizer
+    from tether.rollout.generation import encode_prompt
 
     # The peaked model's greedy answers vary with context (a random one repeats one token).
     tokenizer = load_tokenizer(str(peaked_model_dir))
@@ -297,7 +296,7 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_mode
 
 
 def test_shared_opening_is_prefilled_alone_only_where_it_saves_enough_tokens():
-    from tether.engine import shared_opening
+    from tether.fast.engine import shared_opening
 
     rows = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]
     assert shared_opening(rows, min_saved=4) == 2  # [1, 2]: then 3, 3, 9
@@ -311,7 +310,7 @@ def test_engine_prefills_a_shared_opening_once_and_decodes_each_row_as_alone(tin
     """Prompts that open alike (a chat template's system turn), one of them twice: the
     opening runs once in a row of its own, then each distinct prompt's rest, and every row
     still decodes greedily as Hugging Face does with the row alone."""
-    from tether import engine
+    from tether.fast import engine
 
     model, _ = tiny
     weights = engine.Weights(model, torch.float32)
@@ -362,7 +361,7 @@ def test_engine_draw_inverts_the_cumulative_weights_across_blocks():
     """Weights 1 at index 0, 0 up to 1,030 (the second block), 2 at 1,030 and 1 at the last
     index 2,047: Σ = 4, so u·4 in [0, 1) → 0, [1, 3) → 1,030, [3, 4) → 2,047. A draw must
     never land on a zero-weight entry, u = 0 and u just below 1 included."""
-    from tether.engine import DRAW_BLOCK, draw
+    from tether.fast.engine import DRAW_BLOCK, draw
 
     weights = torch.zeros(1, 2 * DRAW_BLOCK)
     weights[0, 0], weights[0, 1030], weights[0, 2047] = 1.0, 2.0, 1.0
@@ -372,7 +371,7 @@ def test_engine_draw_inverts_the_cumulative_weights_across_blocks():
 
 
 def test_engine_top_k_and_top_p_keep_only_the_head_of_the_distribution():
-    from tether.engine import sample
+    from tether.fast.engine import sample
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     gen = torch.Generator().manual_seed(0)
@@ -386,7 +385,7 @@ def test_engine_top_k_and_top_p_keep_only_the_head_of_the_distribution():
 
 @pytest.mark.parametrize("engine", ["hf", "auto"])
 def test_seeded_sampling_repeats_and_leaves_the_global_rng_alone(tiny, engine):
-    from tether.rollout import generate
+    from tether.rollout.generation import generate
 
     model, tokenizer = tiny
     state = torch.get_rng_state()
@@ -403,9 +402,9 @@ def test_row_seeded_samples_do_not_depend_on_the_batch(peaked_model_dir, monkeyp
     each of its distinct prompts once."""
     from transformers import AutoModelForCausalLM
 
-    from tether import engine
-    from tether.models import load_tokenizer
-    from tether.rollout import generate
+    from tether.fast import engine
+    from tether.models.loading import load_tokenizer
+    from tether.rollout.generation import generate
     from tether.stages.ppo import row_seed
 
     tokenizer = load_tokenizer(str(peaked_model_dir))
@@ -442,7 +441,7 @@ def test_row_seeded_samples_do_not_depend_on_the_batch(peaked_model_dir, monkeyp
 def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     """A repetition penalty (or top_k, min_p...) in generation_config.json would change the
     distribution sampled from; tether's samples must follow the plain softmax it scores."""
-    from tether.rollout import encode_prompt, generate
+    from tether.rollout.generation import encode_prompt, generate
 
     model, tokenizer = tiny
     ids = torch.tensor([encode_prompt(tokenizer, "Hi")])
@@ -461,7 +460,7 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny):
 
 
 def test_a_response_ends_at_any_of_the_models_stop_tokens(tiny):
-    from tether.rollout import _cut_at_stop, stop_token_ids
+    from tether.rollout.generation import _cut_at_stop, stop_token_ids
 
     model, tokenizer = tiny
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
@@ -477,8 +476,8 @@ def test_a_response_ends_at_any_of_the_models_stop_tokens(tiny):
 def test_dropout_is_off_in_rl_models(tiny_model_dir, ppo_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tether.actor_critic import load_actor_critic
-    from tether.models import load_tokenizer
+    from tether.models.loading import load_tokenizer
+    from tether.rollout.actor_critic import load_actor_critic
 
     noisy = tmp_path / "noisy"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5)
@@ -586,9 +585,9 @@ def test_kl_coefficient_sets_how_far_the_policy_moves(peaked_model_dir, ppo_file
 def test_lora_reference_is_the_same_backbone_with_adapters_off(tiny_model_dir, ppo_files):
     from transformers import AutoModelForCausalLM
 
-    from tether.actor_critic import load_actor_critic
-    from tether.models import load_tokenizer
-    from tether.rollout import build_batch, sequence_logprobs_of
+    from tether.models.loading import load_tokenizer
+    from tether.rollout.actor_critic import load_actor_critic
+    from tether.rollout.passes import build_batch, sequence_logprobs_of
 
     cfg = ppo_config(tiny_model_dir, ppo_files, "model.lora.enabled=true", "model.lora.r=4")
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -709,7 +708,7 @@ def test_the_update_starts_from_the_rollouts_forward(
     fewer per step. Its first step is the one of the same run with every forward run afresh,
     within float rounding; later steps are not compared: rounding in the first one's weights
     becomes other samples a step or two later."""
-    from tether import actor_critic
+    from tether.rollout import actor_critic
     from tether.stages import ppo
 
     calls = []

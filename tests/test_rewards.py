@@ -1,6 +1,7 @@
 import pytest
 
-from tether.rewards import CombinedReward, RewardError, RewardTerm, build_term
+from tether.errors import RewardError
+from tether.rewards import CombinedReward, RewardTerm, build_term
 
 PROMPTS = ["What is 2 plus 3?", "What is 4 times 5?"]
 

@@ -8,8 +8,8 @@ from conftest import backbone_inputs, write_jsonl
 from test_sft import run_cli
 
 from tether.config import RMConfig, load_config
-from tether.reward_model import RewardModel, pad_rows, sequence_scores
-from tether.rundir import read_metrics
+from tether.models.reward_model import RewardModel, pad_rows, sequence_scores
+from tether.runs.rundir import read_metrics
 from tether.stages.rm import run_rm
 
 
@@ -144,7 +144,7 @@ def tiny_rm_and_ranking(model_dir):
     from transformers import AutoModelForSequenceClassification
 
     from tether.data import RankedResponses
-    from tether.models import load_tokenizer
+    from tether.models.loading import load_tokenizer
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_dir)
@@ -238,8 +238,8 @@ def test_a_bf16_reward_term_scores_in_bf16_on_the_reward_thread(trained_rm):
 
 def test_reward_model_loading_is_seeded_and_leaves_the_global_rng_alone(tiny_model_dir):
     from tether.config import ModelConfig
-    from tether.models import load_tokenizer
-    from tether.reward_model import load_reward_backbone
+    from tether.models.loading import load_tokenizer
+    from tether.models.reward_model import load_reward_backbone
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     torch.manual_seed(123)
@@ -324,7 +324,7 @@ def test_normalisation_without_held_out_uses_training_rankings(tiny_model_dir, t
 
 
 def test_common_prefix_length_leaves_every_row_its_last_token():
-    from tether.ops import common_prefix_length
+    from tether.core.packing import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not all of the shorter row
@@ -339,8 +339,8 @@ def test_grouped_scores_run_packed_and_equal_whole_rows(tiny_model_dir, attentio
     too; with attention that is not tether's the rows run padded, and still score the same."""
     from transformers import AutoModelForSequenceClassification
 
-    from tether.attention import use_grouped_flash_attention
-    from tether.reward_model import grouped_sequence_scores
+    from tether.models.attention import use_grouped_flash_attention
+    from tether.models.reward_model import grouped_sequence_scores
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether.config import SFTConfig, load_config
-from tether.rundir import read_metrics
+from tether.runs.rundir import read_metrics
 from tether.stages.sft import run_sft
 
 TIMING_KEYS = {"throughput/tokens_per_s", "time/step_s"}

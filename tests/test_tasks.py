@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from tether.core.kl import best_of_n_kl
+from tether.core.metrics import best_of_n_mean, pairwise_agreement, win_rate
 from tether.errors import TetherError
-from tether.kl import best_of_n_kl
-from tether.metrics import best_of_n_mean, pairwise_agreement, win_rate
-from tether.tasks import (
+from tether.tools.tasks import (
     TASKS,
     annotator_ranking,
     annotator_utilities,
@@ -71,12 +71,12 @@ def test_tasks_resolve_by_name_or_module_attribute(tmp_path):
     assert get_task("arithmetic") is TASKS["arithmetic"]
     module = tmp_path / "my_tasks.py"
     module.write_text(
-        "from tether.tasks import Task\n"
-        "poems = Task('poems', 'd', lambda seed: ['A poem.'] * 9, 'tether.tasks:vader_gold')\n"
+        "from tether.tools.tasks import Task\n"
+        "poems = Task('poems', 'd', lambda seed: ['A poem.'] * 9, 'tether.tools.tasks:vader_gold')\n"
         "not_a_task = 3\n"
     )
     assert get_task(f"{module}:poems").name == "poems"
-    with pytest.raises(TetherError, match=r"not a tether\.tasks\.Task"):
+    with pytest.raises(TetherError, match=r"not a tether\.tools\.tasks\.Task"):
         get_task(f"{module}:not_a_task")
     with pytest.raises(TetherError, match="registered: arithmetic, sentiment"):
         get_task("poetry")

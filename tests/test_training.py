@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tether.training import LENGTH_GROUP_STEPS, epoch_order, example_indices, lr_multiplier
+from tether.runs.training import LENGTH_GROUP_STEPS, epoch_order, example_indices, lr_multiplier
 
 
 def padded_tokens(order: list[int], lengths: list[int], step: int) -> int:
@@ -78,8 +78,8 @@ def test_non_finite_gradients_skip_the_step_and_stop_after_max_bad_steps(tmp_pat
     import torch
 
     from tether.config import SFTConfig, load_config
-    from tether.rundir import RunDir, read_metrics
-    from tether.training import NonFiniteError, fit, start_optimization
+    from tether.runs.rundir import RunDir, read_metrics
+    from tether.runs.training import NonFiniteError, fit, start_optimization
 
     cfg = load_config(
         SFTConfig,
@@ -112,7 +112,7 @@ def test_non_finite_gradients_skip_the_step_and_stop_after_max_bad_steps(tmp_pat
 
 FAULTS_OF_REALLOCATING = """
 import resource, sys, torch
-from tether.training import keep_freed_memory
+from tether.runs.training import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.ones(16 * 2**20).sum()  # 64 MiB, above glibc's largest dynamic mmap threshold

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_rm_eval(args: argparse.Namespace) -> int:
     import json
 
-    from tether.evaluate import evaluate_reward_model
+    from tether.tools.evaluate import evaluate_reward_model
 
     metrics = evaluate_reward_model(args.model, args.data, args.max_length, args.batch_size)
     if args.json:
@@ -167,7 +167,7 @@ def _run_rm_eval(args: argparse.Namespace) -> int:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from tether.evaluate import score_file
+    from tether.tools.evaluate import score_file
 
     n = score_file(args.model, args.data, args.out, args.max_length, args.batch_size)
     print(f"scored {n} responses -> {args.out}")
@@ -178,7 +178,7 @@ def _run_doctor(args: argparse.Namespace) -> int:
     """Exit status 0 healthy, 1 warnings, 2 critical, so scripts and CI can gate on it."""
     import json
 
-    from tether.doctor import diagnose, exit_status, format_findings, read_run
+    from tether.tools.doctor import diagnose, exit_status, format_findings, read_run
 
     findings = diagnose(read_run(args.run_dir))
     if args.json:
@@ -190,7 +190,7 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     from tether.data import load_scored_responses
-    from tether.inspector import Inspector, format_terminal, write_html
+    from tether.tools.inspector import Inspector, format_terminal, write_html
 
     groups: dict[str, tuple[object, list[str]]] = {}
     if args.data:  # checked in full before any model loads
@@ -223,7 +223,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tether.demo import QUICK, DemoSettings, run_demo
+    from tether.tools.demo import QUICK, DemoSettings, run_demo
 
     if args.resume and args.out is None:
         raise TetherError("--resume needs --out RUN_DIR (the demo to continue)")
@@ -254,14 +254,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from tether.report import build_report
+    from tether.tools.report import build_report
 
     print(f"wrote {build_report(args.run_dir)}")
     return 0
 
 
 def _version() -> str:
-    from tether import __version__, allocator
+    from tether import __version__
+    from tether.fast import allocator
 
     return f"tether {__version__} (malloc: {allocator.active()})"
 
@@ -292,7 +293,7 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tether import faults
+    from tether.runs import faults
 
     args = build_parser().parse_args(argv)
     faults.arm_kill_timer()
@@ -310,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The `tether` command: `main` on tcmalloc or jemalloc where one is installed
-    (`tether.allocator`), re-executing this process once to preload it."""
-    from tether import allocator
+    (`tether.fast.allocator`), re-executing this process once to preload it."""
+    from tether.fast import allocator
 
     allocator.relaunch(sys.argv[1:])
     return main()

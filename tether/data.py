@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from tether.core.losses import listwise_to_pairs
 from tether.errors import TetherError
-from tether.losses import listwise_to_pairs
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -488,22 +488,6 @@ def load_preference_splits(data, seed: int) -> PreferenceSplits:
         items, eval_items = split_train_eval(items, data.eval_fraction, seed)
         eval_report = report
     return PreferenceSplits(items, eval_items, report, eval_report)
-
-
-def pad_rows(
-    rows: Sequence[list[int]], pad_id: int, side: str = "right", min_width: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, W] ids and attention mask. Right padding for training batches; left padding
-    (each row pushed to the right end) for prompts that generation continues."""
-    width = max(min_width, max((len(r) for r in rows), default=0))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-            ids[i, span] = torch.tensor(r, dtype=torch.long)
-            mask[i, span] = 1
-    return ids, mask
 
 
 def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:

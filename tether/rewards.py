@@ -21,13 +21,9 @@ from typing import Any
 
 import torch
 
-from tether.errors import TetherError
+from tether.errors import RewardError, TetherError
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
-
-
-class RewardError(TetherError):
-    """A reward function failed or returned something unusable; names the sample."""
 
 
 # --------------------------------------------------------------------------- built-ins
@@ -212,7 +208,7 @@ def build_term(
     keyword args, or a function spec (`module:function`, `file.py:function`)."""
     args = dict(args or {})
     if name.startswith("model:"):  # a trained reward model dir, scored normalised
-        from tether.reward_model import RewardModel
+        from tether.models.reward_model import RewardModel
 
         rm = RewardModel.load(name.removeprefix("model:"), **args)
         return RewardTerm(name, lambda p, r: rm.score(p, r).tolist(), weight, timeout_s)

@@ -20,7 +20,7 @@ from test_ppo import ppo_overrides
 from test_sft import run_cli, sft_overrides
 
 from tether.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
-from tether.rundir import read_jsonl, read_metrics
+from tether.runs.rundir import read_jsonl, read_metrics
 
 KILLS_AT_POINTS = 4  # per stage, plus one timed kill: 5 stages x 5 = 25 kill points in all
 MAX_STEPS = {"sft": 8, "rm": 8, "dpo": 8, "ppo": 6, "grpo": 6}

@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_ppo import ppo_config
 
-from tether.checkpoint import list_checkpoints, load_checkpoint
-from tether.rundir import read_metrics
+from tether.runs.checkpoint import list_checkpoints, load_checkpoint
+from tether.runs.rundir import read_metrics
+from tether.runs.training import NonFiniteError
 from tether.stages.ppo import run_ppo
-from tether.training import NonFiniteError
 
 
 def test_nan_advantages_are_skipped_counted_and_never_saved(

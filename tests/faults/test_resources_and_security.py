@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from test_ppo import ppo_config
 from test_sft import sft_config
 
-from tether.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tether.config import ConfigError, PPOConfig, load_config
 from tether.errors import TetherError
-from tether.rollout import generate
+from tether.rollout.generation import generate
+from tether.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tether.stages.sft import run_sft
 
 # --------------------------------------------------------------------------- full disk
@@ -34,12 +34,12 @@ def test_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes(
             raise OSError(28, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr("tether.checkpoint.torch.save", filling_disk)
+    monkeypatch.setattr("tether.runs.checkpoint.torch.save", filling_disk)
     run = tmp_path / "full"
     with pytest.raises(CheckpointError, match="No space left on device; earlier checkpoints kept"):
         run_sft(sft_config(tiny_model_dir, memorisable_sft, *extra), run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
-    monkeypatch.setattr("tether.checkpoint.torch.save", real_save)
+    monkeypatch.setattr("tether.runs.checkpoint.torch.save", real_save)
 
     final = run_sft(sft_config(tiny_model_dir, memorisable_sft, *extra), run, resume=True)
     a, b = load_file(reference / "model.safetensors"), load_file(final / "model.safetensors")
@@ -52,8 +52,8 @@ def test_full_disk_mid_run_keeps_the_last_checkpoint_and_resumes(
 def test_generation_that_runs_out_of_memory_goes_on_in_halves(tiny_model_dir, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
-    from tether import engine
-    from tether.models import load_tokenizer
+    from tether.fast import engine
+    from tether.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -68,7 +68,7 @@ def test_generation_that_runs_out_of_memory_goes_on_in_halves(tiny_model_dir, mo
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_decode(weights, rows, *args, **kwargs)
 
-    monkeypatch.setattr("tether.rollout.tether_engine.decode", small_memory)
+    monkeypatch.setattr("tether.rollout.generation.tether_engine.decode", small_memory)
     out = generate(model, tokenizer, prompts, max_new_tokens=5, temperature=0, batch_size=6)
     assert out.texts == expected  # greedy: the same answers, however the batch was split
     assert sizes == [6, 3, 1, 2, 3, 1, 2]
@@ -80,7 +80,7 @@ def test_generation_that_runs_out_of_memory_goes_on_in_halves(tiny_model_dir, mo
             "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
         )
 
-    monkeypatch.setattr("tether.rollout.tether_engine.decode", no_memory)
+    monkeypatch.setattr("tether.rollout.generation.tether_engine.decode", no_memory)
     with pytest.raises(TetherError, match=r"out of memory on a single prompt of \d+ tokens"):
         generate(model, tokenizer, prompts[:2], max_new_tokens=5, temperature=0)
 
@@ -138,7 +138,7 @@ def test_a_tampered_sharded_checkpoint_runs_no_code(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from tether.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+    from tether.runs.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 
     marker, victim = tmp_path / "pwned", tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -212,7 +212,7 @@ def test_remote_model_code_runs_only_with_trust_remote_code(tmp_path):
     """A model dir that ships its own Python (auto_map) is refused unless the user sets
     model.trust_remote_code; its code never runs on the refused load."""
     from tether.config import ModelConfig
-    from tether.models import load_causal_lm
+    from tether.models.loading import load_causal_lm
 
     marker = tmp_path / "ran"
     model_dir = tmp_path / "remote-model"

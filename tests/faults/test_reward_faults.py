@@ -6,8 +6,8 @@ import pytest
 from safetensors.torch import load_file
 from test_ppo import ppo_config
 
-from tether.rewards import RewardError
-from tether.rundir import read_metrics
+from tether.errors import RewardError
+from tether.runs.rundir import read_metrics
 from tether.stages.ppo import run_ppo
 
 FLAKY_REWARD = """

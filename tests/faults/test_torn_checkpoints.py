@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_checkpoint import save
 from test_sft import sft_config
 
-from tether.checkpoint import CheckpointError, latest_checkpoint
+from tether.runs.checkpoint import CheckpointError, latest_checkpoint
 from tether.stages.sft import run_sft
 
 
@@ -36,7 +36,7 @@ def test_failed_write_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("tether.checkpoint.save_file", full_disk)
+    monkeypatch.setattr("tether.runs.checkpoint.save_file", full_disk)
     with pytest.raises(CheckpointError, match="No space left on device; earlier checkpoints kept"):
         save(tmp_path, 2)
     assert [p.name for p in tmp_path.iterdir()] == ["step-1"]  # no temp dir left behind

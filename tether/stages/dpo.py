@@ -18,14 +18,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tether import distributed
 from tether.config import DPOConfig, ModelConfig
+from tether.core.losses import dpo_loss
+from tether.core.ops import sequence_logprobs
 from tether.data import DataError, LoadReport, PreferencePair, load_preference_splits
-from tether.losses import dpo_loss
-from tether.models import load_causal_lm, save_pretrained_model
-from tether.ops import sequence_logprobs
-from tether.rollout import build_batch, encode_answer, encode_prompt, sequence_logprobs_of
-from tether.training import autocast, begin_run, fit, save_final, start_optimization
+from tether.hardware import autocast
+from tether.models.loading import load_causal_lm, save_pretrained_model
+from tether.rollout.generation import encode_answer, encode_prompt
+from tether.rollout.passes import build_batch, sequence_logprobs_of
+from tether.runs import distributed
+from tether.runs.training import begin_run, fit, save_final, start_optimization
 
 REFERENCE_CACHE = "reference_logps.safetensors"
 

@@ -30,10 +30,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tether import distributed
-from tether import engine as tether_engine
-from tether.actor_critic import ActorCritic, load_actor_critic
-from tether.advantages import (
+from tether.config import ALGOS_WITH_CRITIC, ALGOS_WITH_GROUPS, PPOConfig
+from tether.core.advantages import (
     MovingAverageBaseline,
     a2c_advantages,
     gae,
@@ -42,26 +40,27 @@ from tether.advantages import (
     reinforce_advantages,
     rloo_advantages,
 )
-from tether.config import ALGOS_WITH_CRITIC, ALGOS_WITH_GROUPS, PPOConfig
-from tether.data import DataError, Message, load_prompts
-from tether.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from tether.losses import ppo_policy_loss, value_loss
-from tether.models import save_pretrained_model
-from tether.ops import RunningMoments, explained_variance, masked_mean, masked_sum, masked_whiten
-from tether.reward_model import hf_model
-from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, build_term, checked_call
-from tether.rollout import (
-    Generation,
-    RolloutBatch,
-    build_batch,
-    encode_prompt,
-    generate,
-    sequence_logprobs_of,
+from tether.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tether.core.losses import ppo_policy_loss, value_loss
+from tether.core.ops import (
+    RunningMoments,
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
 )
-from tether.rundir import truncate_jsonl
-from tether.training import (
+from tether.data import DataError, Message, load_prompts
+from tether.fast import engine as tether_engine
+from tether.hardware import autocast
+from tether.models.loading import hf_model, save_pretrained_model
+from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, build_term, checked_call
+from tether.rollout.actor_critic import ActorCritic, load_actor_critic
+from tether.rollout.generation import Generation, encode_prompt, generate
+from tether.rollout.passes import RolloutBatch, build_batch, sequence_logprobs_of
+from tether.runs import distributed
+from tether.runs.rundir import truncate_jsonl
+from tether.runs.training import (
     Optimization,
-    autocast,
     begin_run,
     clip_and_step,
     fit,

@@ -18,8 +18,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tether import distributed
 from tether.config import RewardLossConfig, RMConfig
+from tether.core.losses import (
+    list_centering_penalty,
+    listwise_to_pairs,
+    pairwise_ranking_loss,
+    plackett_luce_loss,
+    score_centering_penalty,
+    score_l2_penalty,
+)
+from tether.core.metrics import preference_metrics
+from tether.core.packing import distinct_rows
 from tether.data import (
     DataError,
     LoadReport,
@@ -28,23 +37,15 @@ from tether.data import (
     expand_rankings,
     load_preference_splits,
 )
-from tether.losses import (
-    list_centering_penalty,
-    listwise_to_pairs,
-    pairwise_ranking_loss,
-    plackett_luce_loss,
-    score_centering_penalty,
-    score_l2_penalty,
-)
-from tether.metrics import preference_metrics
-from tether.ops import distinct_rows
-from tether.reward_model import (
+from tether.hardware import autocast
+from tether.models.reward_model import (
     encode_response,
     grouped_sequence_scores,
     load_reward_backbone,
     save_reward_model,
 )
-from tether.training import autocast, begin_run, fit, save_final, start_optimization
+from tether.runs import distributed
+from tether.runs.training import begin_run, fit, save_final, start_optimization
 
 
 @dataclass(frozen=True)

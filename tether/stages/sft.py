@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tether import distributed
 from tether.config import SFTConfig
+from tether.core.losses import sft_loss
 from tether.data import (
     DataError,
     TokenizedSFT,
@@ -23,9 +23,10 @@ from tether.data import (
     split_train_eval,
     tokenize_sft,
 )
-from tether.losses import sft_loss
-from tether.models import load_causal_lm, save_pretrained_model
-from tether.training import autocast, begin_run, fit, save_final, start_optimization
+from tether.hardware import autocast
+from tether.models.loading import load_causal_lm, save_pretrained_model
+from tether.runs import distributed
+from tether.runs.training import begin_run, fit, save_final, start_optimization
 
 
 def tokenize_all(examples, tokenizer, max_length: int, report) -> list[TokenizedSFT]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.errors import TetherError
-from tether.rundir import read_jsonl, write_text_atomic
+from tether.runs.rundir import read_jsonl, write_text_atomic
 
 POLICY_COLOR, REFERENCE_COLOR, BEST_OF_COLOR, GOLD_COLOR = (
     "#c2410c",
@@ -109,7 +109,7 @@ def _figure(img: str, caption: str) -> str:
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """The finite logged (step, value) pairs of `key`, read as the doctor reads them."""
-    from tether.doctor import Run
+    from tether.tools.doctor import Run
 
     return Run(records).series(key)
 
@@ -138,7 +138,7 @@ def _card(label: str, value: str, note: str = "") -> str:
 
 
 def demo_page(run_dir: Path) -> str:
-    from tether.tasks import TASKS
+    from tether.tools.tasks import TASKS
 
     summary = json.loads((run_dir / "summary.json").read_text())
     ppo = read_jsonl(run_dir / "ppo/metrics.jsonl")
@@ -253,7 +253,7 @@ def demo_page(run_dir: Path) -> str:
         )
         + f"<tr><th>total</th><th>{summary['wall_s']:.0f} s</th></tr>"
     )
-    from tether.doctor import diagnose, read_run
+    from tether.tools.doctor import diagnose, read_run
 
     findings = diagnose(read_run(run_dir / "ppo"))
     doctor = _findings_html(findings) or (
@@ -451,7 +451,7 @@ SKIPPED_PREFIXES = ("time", "guard", "throughput", "tokens")
 
 def stage_page(run_dir: Path) -> str:
     """One small plot per logged metric, the doctor's findings, the latest samples."""
-    from tether.doctor import diagnose, read_run
+    from tether.tools.doctor import diagnose, read_run
 
     run = read_run(run_dir)
     records = run.metrics

@@ -3,7 +3,7 @@ gold standard the pipeline never trains on.
 
     1. prompts      the task's prompts, split into training and held-out
     2. preferences  K answers per training prompt from π_ref; the simulated annotator ranks
-                    them (tether.tasks); rankings are written as listwise preference records
+                    them (tether.tools.tasks); rankings are written as listwise preference records
     3. reward model LoRA on the same backbone, Bradley-Terry on the rankings' pairs
                     (`tether rm`); held-out accuracy against the annotator
     4. PPO          LoRA policy against the reward model with a KL penalty (`tether ppo`);
@@ -11,7 +11,7 @@ gold standard the pipeline never trains on.
     5. evaluation   held-out prompts: gold and RM score of π_ref and of the policy, the
                     policy's KL, its gold win-rate over π_ref, and best-of-n sampling from
                     π_ref with the reward model at the analytic KL log n − (n−1)/n
-    6. report       report.html (tether.report) and summary.json
+    6. report       report.html (tether.tools.report) and summary.json
 
 RUN_DIR/ holds prompts/, preferences.jsonl, rm/ and ppo/ (ordinary run dirs of those
 stages), eval/, summary.json and report.html. Every stage's output is written atomically
@@ -32,15 +32,16 @@ import torch
 from tqdm.auto import tqdm
 
 from tether.config import ModelConfig, PPOConfig, RMConfig, load_config
+from tether.core.kl import best_of_n_kl
+from tether.core.metrics import best_of_n_mean, pairwise_agreement, win_rate
+from tether.core.ops import masked_sum
 from tether.errors import TetherError
-from tether.kl import best_of_n_kl
-from tether.metrics import best_of_n_mean, pairwise_agreement, win_rate
-from tether.models import bf16_available, load_causal_lm, load_tokenizer, resolve_model_source
-from tether.ops import masked_sum
-from tether.rollout import build_batch, encode_prompt, generate, sequence_logprobs_of
-from tether.rundir import read_jsonl, write_text_atomic
-from tether.tasks import Task, annotator_ranking, annotator_utilities, get_task, gold_function
-from tether.training import autocast, keep_freed_memory
+from tether.hardware import autocast, bf16_available, keep_freed_memory
+from tether.models.loading import load_causal_lm, load_tokenizer, resolve_model_source
+from tether.rollout.generation import encode_prompt, generate
+from tether.rollout.passes import build_batch, sequence_logprobs_of
+from tether.runs.rundir import read_jsonl, write_text_atomic
+from tether.tools.tasks import Task, annotator_ranking, annotator_utilities, get_task, gold_function
 
 DEMO_MODEL = "smollm2-135m-instruct"
 BEST_OF_N = (1, 2, 4, 8, 16, 32, 64)
@@ -263,7 +264,7 @@ def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     """Held-out prompts: π_ref (best_of samples each) against the policy (policy_samples)."""
-    from tether.reward_model import RewardModel
+    from tether.models.reward_model import RewardModel
 
     prompts = [r["prompt"] for r in _read(out / "prompts/held_out.jsonl")]
     source = resolve_model_source(s.model)
@@ -371,7 +372,7 @@ def run_demo(
     out: Path, settings: DemoSettings | None = None, resume: bool = False, report: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) every stage and return summary.json's contents."""
-    from tether.report import build_report
+    from tether.tools.report import build_report
 
     keep_freed_memory()  # the preferences stage samples before any stage's begin_run
     out = Path(out)

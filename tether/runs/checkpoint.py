@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tether import faults
+from tether.runs import faults
 from tether.errors import TetherError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -190,7 +190,7 @@ def save_sharded_checkpoint(
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from tether import distributed
+    from tether.runs import distributed
 
     final = checkpoints_dir / f"step-{step}"
     tmp = checkpoints_dir / f".tmp-step-{step}"
@@ -300,7 +300,7 @@ def load_sharded_checkpoint(
         set_state_dict,
     )
 
-    from tether import distributed
+    from tether.runs import distributed
 
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tether.rundir import read_jsonl
+from tether.runs.rundir import read_jsonl
 
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 

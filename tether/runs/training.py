@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tether import distributed, faults
-from tether.checkpoint import (
+from tether.runs import distributed
+from tether.runs import faults
+from tether.runs.checkpoint import (
     is_sharded,
     load_checkpoint,
     load_sharded_checkpoint,
@@ -28,58 +29,10 @@ from tether.checkpoint import (
 )
 from tether.config import OptimConfig, TrainConfig
 from tether.errors import TetherError
-from tether.models import (
-    bf16_available,
-    load_tokenizer,
-    load_trainable_state_dict,
-    trainable_state_dict,
-)
-from tether.rewards import RewardError
-from tether.rundir import MetricsLogger, NullLogger, RunDir
-
-
-def set_threads(threads: int) -> None:
-    """`threads`, or the cores available shared among the processes of this node."""
-    available = (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    )
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(threads or max(1, available // processes))
-
-
-# mallopt's parameter numbers (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory in the process for reuse, rather than hand it back to the
-    kernel; False where the C library is not glibc.
-
-    By default a block above the mmap threshold (128 KiB, rising with use to at most 32 MiB)
-    is mapped when allocated and unmapped when freed, and a free top of the heap is trimmed.
-    A training step or a decode step allocates and frees the same activations over and over,
-    so each time the kernel maps them afresh and faults their pages in. On a 2-core Zen 4,
-    `benchmarks/ppo_iteration.py` went from 79.5 to 69.6 s an iteration (system time 29.5 →
-    13.8 s) with these settings, and its peak RSS from 4.36 to 4.23 GiB: the freed memory is
-    reused, not added to.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def use_bf16(precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and bf16_available())
-
-
-def autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast over float32 master weights (matmuls in bf16, reductions in fp32)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+from tether.hardware import bf16_available
+from tether.models.loading import load_tokenizer, load_trainable_state_dict, trainable_state_dict
+from tether.errors import RewardError
+from tether.runs.rundir import MetricsLogger, NullLogger, RunDir
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:

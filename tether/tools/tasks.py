@@ -55,7 +55,9 @@ def get_task(name: str) -> Task:
         task = _load_attr(name)
         if isinstance(task, Task):
             return task
-        raise TetherError(f"--task {name}: is a {type(task).__name__}, not a tether.tasks.Task")
+        raise TetherError(
+            f"--task {name}: is a {type(task).__name__}, not a tether.tools.tasks.Task"
+        )
     raise TetherError(f"unknown task {name!r}; registered: {', '.join(sorted(TASKS))}")
 
 
@@ -177,7 +179,7 @@ register_task(
         name="sentiment",
         description="short film reviews; gold = VADER compound sentiment (positive is better)",
         prompts=sentiment_prompts,
-        gold="tether.tasks:vader_gold",
+        gold="tether.tools.tasks:vader_gold",
         max_new_tokens=32,
         tau=0.1,
     )
@@ -223,7 +225,7 @@ register_task(
         name="arithmetic",
         description="two-number addition and subtraction; gold = a verifier (right and brief)",
         prompts=arithmetic_prompts,
-        gold="tether.tasks:arithmetic_gold",
+        gold="tether.tools.tasks:arithmetic_gold",
         max_new_tokens=24,
         tau=0.1,
         gold_range=(0.0, 1.0),

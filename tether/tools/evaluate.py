@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 from tether.data import DataError, expand_rankings, load_preference_data, load_scored_responses
-from tether.reward_model import RewardModel
+from tether.models.reward_model import RewardModel
 from tether.stages.rm import pair_metrics, score_all, tokenize_pairs
 
 
 def evaluate_reward_model(
     model_dir: str, data: str, max_length: int = 256, batch_size: int = 16
 ) -> dict[str, float | int]:
-    """Pairwise metrics (see tether.metrics.preference_metrics) on raw scores, computed by the
+    """Pairwise metrics (see tether.core.metrics.preference_metrics) on raw scores, computed by the
     same tokenisation, scoring and metric code as the reward stage's in-training eval."""
     items, report = load_preference_data(data)
     rm = RewardModel.load(model_dir, max_length=max_length)

@@ -22,10 +22,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tether import fused as tether_fused
-from tether.data import pad_rows
-from tether.ops import common_prefix_length, distinct_rows, position_ids_from_mask
-from tether.reward_model import hf_model
+from tether.core.packing import (
+    common_prefix_length,
+    distinct_rows,
+    pad_rows,
+    position_ids_from_mask,
+)
+from tether.fast import fused as tether_fused
+from tether.models.loading import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # The batch size oneDNN lays the weights out for; any batch runs on the layout, and
@@ -122,7 +126,7 @@ class Weights:
     ) -> None:
         """`pack`: reorder the weights for oneDNN (`Linear`); None: where `can_pack`.
         `fused`: run norms, RoPE, SiLU, decode attention and the sampler's softmax in
-        `tether.fused`'s kernels; None: where they build (the same maths; the norm's last
+        `tether.fast.fused`'s kernels; None: where they build (the same maths; the norm's last
         bit, attention's roundings and the exp's last bits can differ, so bf16 samples do)."""
         inner = hf_model(model)
         config = inner.config
@@ -359,7 +363,7 @@ def sample(
     softmax(logits / T) restricted to the top-k and then the top-p mass, renormalised.
     `uniforms` [B] in [0, 1) are the rows' draws when given (else drawn from `generator`);
     `buffer` (`draw_buffer`, at least B rows) holds the weights exp((logits − max) / T).
-    `kernels` (`tether.fused.kernels()`): compute those weights and their block sums in one
+    `kernels` (`tether.fast.fused.kernels()`): compute those weights and their block sums in one
     kernel (two passes over the logits) where there is no truncation (the same maths; its exp
     differs in the last bits)."""
     if temperature == 0:

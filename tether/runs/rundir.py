@@ -2,7 +2,7 @@
 
 RUN_DIR/config.yaml       the resolved config of the run
 RUN_DIR/metrics.jsonl     one JSON object per logged step, `step` always present
-RUN_DIR/checkpoints/      step-N/ (see tether.checkpoint)
+RUN_DIR/checkpoints/      step-N/ (see tether.runs.checkpoint)
 RUN_DIR/final/            the trained model, loadable with transformers
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tether.checkpoint import latest_checkpoint, list_checkpoints
+from tether.runs.checkpoint import latest_checkpoint, list_checkpoints
 from tether.config import config_differences, config_to_dict, config_yaml
 from tether.errors import TetherError
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.ops import last_token_index
+from tether.core.packing import last_token_index
 
 
 @torch.no_grad()

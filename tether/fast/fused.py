@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from tether.models import cache_dir, cpu_flags
+from tether.hardware import cache_dir, cpu_flags
 
 SOURCE = Path(__file__).with_name("fused_decode.cpp")
 SWITCH = "TETHER_FUSED"
@@ -108,5 +108,5 @@ def kernels():
     return torch.ops.tether
 
 
-if __name__ == "__main__":  # `python -m tether.fused`: build now (make setup), print where
+if __name__ == "__main__":  # `python -m tether.fast.fused`: build now (make setup), print where
     print(build())

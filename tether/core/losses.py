@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tether.ops import logprobs_from_logits, masked_mean, masked_sum
+from tether.core.ops import logprobs_from_logits, masked_mean, masked_sum
 
 Metrics = dict[str, torch.Tensor]
 
