@@ -16,9 +16,9 @@ from tether.stages.ppo import run_ppo
 def test_nan_advantages_are_skipped_counted_and_never_saved(
     tiny_model_dir, ppo_files, tmp_path, monkeypatch
 ):
-    import tether.stages.ppo as ppo_stage
+    import tether.core.algorithms as algorithms
 
-    real_gae, calls = ppo_stage.gae, {"n": 0}
+    real_gae, calls = algorithms.gae, {"n": 0}
 
     def poisoned_gae(*args, **kwargs):
         calls["n"] += 1
@@ -27,7 +27,7 @@ def test_nan_advantages_are_skipped_counted_and_never_saved(
             advantages = advantages * math.nan
         return advantages, returns
 
-    monkeypatch.setattr(ppo_stage, "gae", poisoned_gae)
+    monkeypatch.setattr(algorithms, "gae", poisoned_gae)
     cfg = ppo_config(
         tiny_model_dir,
         ppo_files,

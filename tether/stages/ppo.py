@@ -11,10 +11,11 @@ One PPO iteration, top to bottom (Ziegler et al. 2019; Ouyang et al. 2022):
   5. ppo_epochs passes over shuffled minibatches: clipped policy loss + vf_coef · clipped
      value loss − ent_coef · entropy; gradient clipping; gradient accumulation
   6. β fixed, or adapted towards a KL target
-The other algorithms change only step 3-5's choices (`ADVANTAGES`, `algo_settings`): a
-sequence-level advantage instead of GAE (RLOO, GRPO, REINFORCE), the KL as a loss term
-instead of a reward (GRPO), one unclipped pass (REINFORCE, A2C), no critic (all but PPO, A2C).
-The maths is in tether.losses / advantages / kl / ops; this file only orders the calls.
+The other algorithms change only the choices of steps 3-5, one row each in the table of
+`tether.core.algorithms`: a sequence-level advantage instead of GAE (RLOO, GRPO,
+REINFORCE), the KL as a loss term instead of a reward (GRPO), one unclipped pass
+(REINFORCE, A2C), no critic (all but PPO, A2C). Steps 1-4 are `tether.rollout.experience`;
+the maths is in `tether.core`; this file only orders the calls.
 """
 
 from __future__ import annotations
@@ -23,103 +24,43 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tether.config import ALGOS_WITH_CRITIC, ALGOS_WITH_GROUPS, PPOConfig
-from tether.core.advantages import (
-    MovingAverageBaseline,
-    a2c_advantages,
-    gae,
-    grpo_advantages,
-    kl_penalized_rewards,
-    reinforce_advantages,
-    rloo_advantages,
-)
+from tether.config import PPOConfig
+from tether.core.advantages import MovingAverageBaseline
 from tether.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from tether.core.losses import ppo_policy_loss, value_loss
-from tether.core.ops import (
-    RunningMoments,
-    explained_variance,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-)
+from tether.core.ops import RunningMoments, masked_mean
 from tether.data import DataError, Message, load_prompts
 from tether.fast import engine as tether_engine
 from tether.hardware import autocast
 from tether.models.loading import hf_model, save_pretrained_model
-from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, build_term, checked_call
+from tether.rewards import CombinedReward, RewardTerm, build_term
 from tether.rollout.actor_critic import ActorCritic, load_actor_critic
-from tether.rollout.generation import Generation, encode_prompt, generate
-from tether.rollout.passes import RolloutBatch, build_batch, sequence_logprobs_of
-from tether.runs import distributed
-from tether.runs.rundir import truncate_jsonl
-from tether.runs.training import (
-    Optimization,
-    begin_run,
-    clip_and_step,
-    fit,
-    save_final,
-    start_optimization,
-    total_steps,
+from tether.rollout.experience import (
+    OnlineRun,
+    Rollout,
+    algorithm_of,
+    collect_rollout,
+    kl_settings,
+    micro_batch_rows,
 )
-
-
-@dataclass
-class Rollout:
-    """One iteration's experience; every [B, R] tensor is 0 (or garbage) off response_mask."""
-
-    batch: RolloutBatch
-    generation: Generation
-    scores: torch.Tensor  # [B] after the missing-EOS rule, before normalisation
-    logprobs: torch.Tensor  # [B, R] π_old
-    ref_logprobs: torch.Tensor  # [B, R] π_ref
-    values: torch.Tensor  # [B, R] (0 without a critic)
-    kl: torch.Tensor  # [B, R] the penalty's estimator, the same one logged
-    advantages: torch.Tensor  # [B, R]
-    returns: torch.Tensor  # [B, R]
-    # (log-probs, values, entropy) with their graph, of the rows `live_rows` (ascending): the
-    # update's first micro-batch, whose forward is the rollout's own (first_micro_batch)
-    live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    live_rows: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class AlgoSettings:
-    critic: bool  # a value function, trained with the policy
-    epochs: int  # passes over each rollout
-    clip_eps: float  # policy ratio clip (inf: none)
-    kl_placement: str  # "reward" or "loss"
-    kl_estimator: str
-
-
-def algo_settings(cfg: PPOConfig) -> AlgoSettings:
-    """What `cfg.algo` changes in the shared loop; everything else is common."""
-    single_pass = cfg.algo in ("reinforce", "a2c")  # on-policy gradient, no trust region
-    placement, estimator = cfg.ppo.kl.resolved(cfg.algo)
-    return AlgoSettings(
-        critic=cfg.algo in ALGOS_WITH_CRITIC,
-        epochs=1 if single_pass else cfg.ppo.ppo_epochs,
-        clip_eps=math.inf if single_pass else cfg.ppo.clip_eps,
-        kl_placement=placement,
-        kl_estimator=estimator,
-    )
+from tether.rollout.generation import encode_prompt
+from tether.runs import distributed
+from tether.runs.data_order import total_steps
+from tether.runs.optim import clip_and_step
+from tether.runs.rundir import truncate_jsonl
+from tether.runs.training import Optimization, begin_run, fit, save_final, start_optimization
 
 
 def update_shuffle(cfg: PPOConfig, step: int) -> torch.Generator:
     """The generator of the update's minibatch shuffles, seeded by (seed, step): a resumed
     run shuffles the same, and the rollout knows the update's first micro-batch."""
     return torch.Generator().manual_seed(cfg.train.seed * 100_003 + step)
-
-
-def micro_batch_rows(cfg: PPOConfig, rows: int) -> int:
-    """Rows in one micro-batch of the update (and of the rollout's passes) over `rows`."""
-    return rows // cfg.ppo.num_minibatches // cfg.train.grad_accum
 
 
 def first_micro_batch(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
@@ -133,29 +74,6 @@ def first_micro_batch(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
     """
     micro = micro_batch_rows(cfg, rows)
     return torch.randperm(rows, generator=update_shuffle(cfg, step))[:micro].sort().values
-
-
-def sequence_advantages(
-    cfg: PPOConfig, returns: torch.Tensor, baseline: MovingAverageBaseline
-) -> torch.Tensor:
-    """[B] advantage per response for the critic-free algorithms, from [B] sequence returns."""
-    k = cfg.rollout.samples_per_prompt
-    if cfg.algo == "rloo":
-        return rloo_advantages(returns, k)
-    if cfg.algo == "grpo":
-        return grpo_advantages(returns, k, scale_by_std=cfg.ppo.grpo_scale_by_std)
-    if not baseline.initialized:  # no history yet: the first batch is its own baseline
-        baseline.update(returns)
-    advantages = reinforce_advantages(returns, baseline.value)
-    baseline.update(returns)  # after use: later batches are judged against this one
-    return advantages
-
-
-def prompt_for_reward(messages: list[Message]) -> str | list[Message]:
-    """Reward functions see a lone user turn as its text, a longer dialogue as its messages."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return messages
 
 
 def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[Message]], list[list[int]]]:
@@ -211,204 +129,70 @@ def row_seed(seed: int, step: int, row: int) -> int:
     return x % 2**63
 
 
-@torch.no_grad()
-def collect_rollout(
-    parallel: distributed.Parallel,
-    reference: torch.nn.Module | None,
-    tokenizer,
-    messages: list[list[Message]],
-    rows: list[list[int]],
-    reward: CombinedReward,
-    gold: RewardTerm | None,
-    kl_coef: float,
-    moments: RunningMoments,
-    baseline: MovingAverageBaseline,
-    cfg: PPOConfig,
-    bf16: bool,
-    row_seeds: list[int] | None = None,
-    live_rows: torch.Tensor | None = None,
-) -> tuple[Rollout, dict[str, float], list[dict]]:
-    """Steps 1-4 of the iteration: sample, score, log-probs, values, rewards, advantages.
+def update_metric_keys(cfg: PPOConfig) -> list[str]:
+    """The losses an update logs: the policy's always, the value's and the KL term's where the
+    algorithm's row has them."""
+    keys = ["train/loss", "policy/loss", "policy/clipfrac", "policy/approx_kl", "train/grad_norm"]
+    keys += ["value/loss", "value/clipfrac"] if algorithm_of(cfg).critic else []
+    keys += ["kl/loss"] if kl_settings(cfg)[0] == "loss" else []
+    return keys
 
-    `live_rows` (the update's first micro-batch, `first_micro_batch`) run their policy pass
-    with its graph, kept in the rollout for the update to start from.
 
-    `messages`/`rows` hold each prompt k times in a row, so groups are consecutive. In a
-    torchrun job they are this rank's share: it samples, scores and runs its forward passes
-    on its own rows, then every rank gathers the job's scores, log-probs and values and
-    computes the same normalisation, KL, advantages (whitening, GRPO groups, baselines) and
-    statistics over the whole batch, keeping its own rows' advantages for the update. The
-    samples returned are this rank's.
-    """
-    ac: ActorCritic = parallel.model
-    ro_cfg, ppo, algo = cfg.rollout, cfg.ppo, algo_settings(cfg)
-    with parallel.full_weights() as whole, autocast(bf16):
-        gen = generate(
-            whole.policy,
-            tokenizer,
-            rows,
-            max_new_tokens=ro_cfg.max_new_tokens,
-            temperature=ro_cfg.temperature,
-            batch_size=ro_cfg.generation_batch_size,
-            engine=ro_cfg.engine,
-            dtype=torch.bfloat16 if bf16 else torch.float32,
-            row_seeds=row_seeds,
+def policy_outputs(
+    run: OnlineRun, ro: Rollout, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-probs, values, entropy) of rows `idx` at the current weights: the rollout's live
+    pass for the first micro-batch (its weights are still the rollout's), a forward after."""
+    if ro.live is not None:
+        if not torch.equal(idx.sort().values, ro.live_rows):
+            raise RuntimeError("the rollout's live pass is of other rows")
+        at = torch.searchsorted(ro.live_rows, idx)  # idx's places in it
+        outputs = tuple(t[at] for t in ro.live)
+        ro.live = None  # used once: later micro-batches run at new weights
+        return outputs
+    with autocast(run.bf16):
+        return run.parallel(
+            ActorCritic.forward_responses,
+            ro.batch.rows(idx),
+            run.cfg.rollout.temperature,
+            run.cfg.ppo.ent_coef > 0,
         )
-    batch = build_batch(gen.prompt_ids, gen.response_ids, tokenizer.pad_token_id)
-    reward_prompts = [prompt_for_reward(m) for m in messages]
-    raw, _ = reward(reward_prompts, gen.texts)
-    # The gold judge runs before any state (score moments, baseline) moves: if it fails, the
-    # step leaves nothing behind and the run resumes exactly once it is fixed.
-    gold_values = checked_call(gold, reward_prompts, gen.texts) if gold is not None else None
-    ended = torch.tensor(gen.ended)
-    scores = apply_missing_eos(
-        torch.tensor(raw), ended, ro_cfg.missing_eos, ro_cfg.missing_eos_penalty
-    )
-
-    # π_ref for every row; the policy without a graph for the rows but `live_rows`, then
-    # with its graph for those: last, so that no other forward runs before its backward.
-    micro = micro_batch_rows(cfg, len(rows))
-    every = torch.arange(batch.ids.shape[0])
-    detached = every if live_rows is None else every[~torch.isin(every, live_rows)]
-    ref_parts, parts, live = [], [], None
-    ac.eval()
-    with autocast(bf16):
-        for start in range(0, len(every), micro):
-            sub = batch.rows(every[start : start + micro])
-            if reference is None:
-                ref_parts.append(parallel(reference_logprobs, sub, ro_cfg.temperature))
-            else:
-                ref_parts.append(sequence_logprobs_of(reference, sub, ro_cfg.temperature))
-        for start in range(0, len(detached), micro):
-            sub = batch.rows(detached[start : start + micro])
-            parts.append(parallel(ActorCritic.forward_responses, sub, ro_cfg.temperature, True))
-    ac.train()
-    if live_rows is not None:
-        # An autocast block of its own: autocast caches the bf16 copies of trainable weights
-        # until its outermost block exits, and copies cast without grad (the passes above)
-        # would reach this pass's graph on torch releases that do not key the cache on it.
-        # DDP decides at the forward whether the backward reduces across ranks.
-        with autocast(bf16), torch.enable_grad(), parallel.micro_batch(cfg.train.grad_accum == 1):
-            live = parallel(
-                ActorCritic.forward_responses, batch.rows(live_rows), ro_cfg.temperature, True
-            )
-        parts.append(tuple(t.detach() for t in live))
-    order = detached if live_rows is None else torch.cat([detached, live_rows])
-    logprobs, values, entropy = (torch.cat(ts)[order.argsort()] for ts in zip(*parts, strict=True))
-
-    # From here on: the job's whole batch, the same on every rank.
-    local_width = batch.response_mask.shape[1]
-    mask, logprobs, values, entropy, ref_logprobs, scores, ended = distributed.gather_rows(
-        batch.response_mask,
-        logprobs,
-        values,
-        entropy,
-        torch.cat(ref_parts),
-        scores,
-        ended,
-    )
-    trained_scores = scores
-    if cfg.reward.normalize:
-        moments.update(scores)
-        # Floored: a first batch of equal scores has std 0, and 0/0 would poison the run.
-        trained_scores = (scores - moments.mean) / max(moments.std, 1e-6)
-    if cfg.reward.clip:
-        trained_scores = trained_scores.clamp(-cfg.reward.clip, cfg.reward.clip)
-
-    kl = torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, algo.kl_estimator), 0.0)
-    penalty_coef = kl_coef if algo.kl_placement == "reward" else 0.0
-    rewards = kl_penalized_rewards(trained_scores, kl, mask, penalty_coef)
-    stats: dict[str, float] = {}
-    if algo.critic:  # token-level, on the critic: GAE (PPO) or the plain return − V (A2C)
-        shaped = masked_whiten(rewards, mask, shift_mean=False) if ppo.whiten_rewards else rewards
-        if cfg.algo == "a2c":
-            _, returns = gae(shaped, values, mask, ppo.gamma, lam=1.0)  # discounted returns
-            advantages = a2c_advantages(returns, values, mask)
-        else:
-            advantages, returns = gae(shaped, values, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        stats["value/explained_var"] = explained_variance(values, returns, mask).item()
-    else:  # sequence-level: one advantage per response, on every one of its tokens
-        seq_advantages = sequence_advantages(cfg, masked_sum(rewards, mask, dim=1), baseline)
-        advantages = torch.where(mask.bool(), seq_advantages[:, None], 0.0)
-        returns = torch.zeros_like(values)
-
-    seq_kl = masked_sum(kl, mask, dim=1)
-    lengths = mask.sum(dim=1).float()
-    stats |= {
-        "reward/score_mean": scores.mean().item(),
-        "reward/score_std": scores.std(unbiased=False).item(),
-        "reward/total_mean": masked_sum(rewards, mask, dim=1).mean().item(),
-        "kl/mean": seq_kl.mean().item(),
-        "kl/coef": kl_coef,
-        "policy/entropy": masked_mean(entropy, mask).item(),
-        "response/length_mean": lengths.mean().item(),
-        "response/eos_frac": ended.float().mean().item(),
-    }
-    if cfg.algo in ALGOS_WITH_GROUPS:  # groups with one reward for all k carry no signal
-        groups = trained_scores.view(-1, cfg.rollout.samples_per_prompt)
-        flat = groups.amax(dim=1) == groups.amin(dim=1)
-        stats["reward/flat_group_frac"] = flat.float().mean().item()
-    mine = distributed.rows_of_rank(mask.shape[0])
-    samples = [
-        {
-            "prompt": p if isinstance(p, str) else p[-1]["content"],
-            "response": text,
-            "score": s,
-            "kl": k,
-            "ended": e,
-        }
-        for p, text, s, k, e in zip(
-            reward_prompts,
-            gen.texts,
-            scores[mine].tolist(),
-            seq_kl[mine].tolist(),
-            gen.ended,
-            strict=True,
-        )
-    ]
-    if gold_values is not None:
-        for sample, g in zip(samples, gold_values, strict=True):
-            sample["gold"] = g
-        every_gold = [g for part in distributed.gather(gold_values) for g in part]
-        stats["gold/mean"] = sum(every_gold) / len(every_gold)
-
-    def own(t: torch.Tensor) -> torch.Tensor:  # this rank's rows, at its own width
-        return t[mine, :local_width]
-
-    rollout = Rollout(
-        batch,
-        gen,
-        scores[mine],
-        own(logprobs),
-        own(ref_logprobs),
-        own(values),
-        own(kl),
-        own(advantages),
-        own(returns),
-        live,
-        live_rows,
-    )
-    return rollout, stats, samples
 
 
-def reference_logprobs(ac: ActorCritic, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-    """π_ref's token log-probs: the LoRA policy with its adapters disabled."""
-    with ac.as_reference() as ref_model:
-        return sequence_logprobs_of(ref_model, batch, temperature)
+def micro_batch_loss(
+    run: OnlineRun, ro: Rollout, idx: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of rows `idx` as the algorithm's row composes it: policy gradient (clipped
+    where the row clips) + vf_coef · value loss (with a critic) + β · KL (KL as a loss term)
+    − ent_coef · entropy. A token mean over the micro-batch's response tokens."""
+    cfg, algo = run.cfg, algorithm_of(run.cfg)
+    placement, estimator = kl_settings(cfg)
+    mask = ro.batch.response_mask[idx]
+    logprobs, values, entropy = policy_outputs(run, ro, idx)
+    clip_eps = cfg.ppo.clip_eps if algo.clipped else math.inf
+    pg_loss, pg = ppo_policy_loss(logprobs, ro.logprobs[idx], ro.advantages[idx], mask, clip_eps)
+    loss, terms = pg_loss, {"policy/loss": pg_loss}
+    terms |= {f"policy/{k}": v for k, v in pg.items()}
+    if algo.critic:
+        value_clip = cfg.ppo.value_clip_eps if algo.value_clip else 0.0
+        v_loss, v = value_loss(values, ro.values[idx], ro.returns[idx], mask, value_clip or None)
+        loss = loss + cfg.ppo.vf_coef * v_loss
+        terms |= {"value/loss": v_loss, "value/clipfrac": v["clipfrac"]}
+    if placement == "loss":
+        kl_loss = masked_mean(kl_estimate(logprobs, ro.ref_logprobs[idx], estimator), mask)
+        loss = loss + kl_coef * kl_loss
+        terms["kl/loss"] = kl_loss
+    if cfg.ppo.ent_coef > 0:
+        loss = loss - cfg.ppo.ent_coef * masked_mean(entropy, mask)
+    terms["train/loss"] = loss
+    return loss, terms
 
 
 def ppo_update(
-    parallel: distributed.Parallel,
-    opt: Optimization,
-    ro: Rollout,
-    cfg: PPOConfig,
-    kl_coef: float,
-    step: int,
-    bf16: bool,
+    run: OnlineRun, opt: Optimization, ro: Rollout, kl_coef: float, step: int
 ) -> dict[str, float]:
-    """Step 5: epochs x num_minibatches optimizer steps over the rollout.
+    """Epochs x num_minibatches optimizer steps over the rollout (one unclipped pass where the
+    algorithm's row does not clip).
 
     Each minibatch's loss is a token mean over the whole minibatch, split into grad_accum
     micro-batches weighted by their token share, so accumulation changes nothing but memory.
@@ -420,61 +204,23 @@ def ppo_update(
     the job takes exactly one process's steps; with several, the job's minibatches are
     another (equally random) partition of the batch than one process would draw.
     """
-    ppo, algo, rows = cfg.ppo, algo_settings(cfg), ro.batch.ids.shape[0]
-    minibatch, micro = rows // ppo.num_minibatches, micro_batch_rows(cfg, rows)
+    cfg, parallel, rows = run.cfg, run.parallel, ro.batch.ids.shape[0]
+    minibatch, micro = rows // cfg.ppo.num_minibatches, micro_batch_rows(cfg, rows)
+    epochs = cfg.ppo.ppo_epochs if algorithm_of(cfg).clipped else 1
     shuffle = update_shuffle(cfg, step)
-    keys = ["train/loss", "policy/loss", "policy/clipfrac", "policy/approx_kl", "train/grad_norm"]
-    keys += ["value/loss", "value/clipfrac"] if algo.critic else []
-    keys += ["kl/loss"] if algo.kl_placement == "loss" else []
-    sums = dict.fromkeys(keys, 0.0)
-    updates, skipped = algo.epochs * ppo.num_minibatches, 0
-    for _ in range(algo.epochs):
+    sums = dict.fromkeys(update_metric_keys(cfg), 0.0)
+    updates, skipped = epochs * cfg.ppo.num_minibatches, 0
+    for _ in range(epochs):
         order = torch.randperm(rows, generator=shuffle)
         for mb_start in range(0, rows, minibatch):
             mb = order[mb_start : mb_start + minibatch]
             mb_tokens = max(1, int(distributed.all_sum(ro.batch.response_mask[mb].sum())))
             for start in range(0, minibatch, micro):
                 idx = mb[start : start + micro]
-                sub = ro.batch.rows(idx)
-                mask = sub.response_mask
                 with parallel.micro_batch(last=start + micro >= minibatch):
-                    if ro.live is not None:  # the first micro-batch: the rollout's pass
-                        if not torch.equal(idx.sort().values, ro.live_rows):
-                            raise RuntimeError("the rollout's live pass is of other rows")
-                        at = torch.searchsorted(ro.live_rows, idx)  # idx's places in it
-                        logprobs, values, entropy = (t[at] for t in ro.live)
-                        ro.live = None  # used once: later micro-batches run at new weights
-                    else:
-                        with autocast(bf16):
-                            logprobs, values, entropy = parallel(
-                                ActorCritic.forward_responses,
-                                sub,
-                                cfg.rollout.temperature,
-                                ppo.ent_coef > 0,
-                            )
-                    pg_loss, pg = ppo_policy_loss(
-                        logprobs, ro.logprobs[idx], ro.advantages[idx], mask, algo.clip_eps
-                    )
-                    loss, terms = pg_loss, {"policy/loss": pg_loss}
-                    terms |= {f"policy/{k}": v for k, v in pg.items()}
-                    if algo.critic:
-                        value_clip = ppo.value_clip_eps if cfg.algo == "ppo" else 0.0
-                        v_loss, v = value_loss(
-                            values, ro.values[idx], ro.returns[idx], mask, value_clip or None
-                        )
-                        loss = loss + ppo.vf_coef * v_loss
-                        terms |= {"value/loss": v_loss, "value/clipfrac": v["clipfrac"]}
-                    if algo.kl_placement == "loss":
-                        kl_loss = masked_mean(
-                            kl_estimate(logprobs, ro.ref_logprobs[idx], algo.kl_estimator), mask
-                        )
-                        loss = loss + kl_coef * kl_loss
-                        terms["kl/loss"] = kl_loss
-                    if ppo.ent_coef > 0:
-                        loss = loss - ppo.ent_coef * masked_mean(entropy, mask)
-                    share = float(mask.sum() / mb_tokens)
+                    loss, terms = micro_batch_loss(run, ro, idx, kl_coef)
+                    share = float(ro.batch.response_mask[idx].sum() / mb_tokens)
                     (loss * share * parallel.loss_scale).backward()
-                terms["train/loss"] = loss
                 for key in sums.keys() & terms.keys():
                     sums[key] += float(terms[key].detach()) * share / updates
             norm = clip_and_step(parallel.model, opt.optimizer, cfg.optim.max_grad_norm)
@@ -487,46 +233,89 @@ def ppo_update(
     return sums
 
 
-def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
-    """Train a policy with PPO and return the path of `final/`."""
-    begun = begin_run(cfg, out, resume)
-    run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
-    messages, rows = prepare_prompts(cfg, tokenizer)
-    reward, gold = build_reward(cfg, bf16)
+def check_batch_layout(cfg: PPOConfig, prompts_per_rank: int) -> None:
+    """Each rank's rollouts split evenly into minibatches and micro-batches."""
     k = cfg.rollout.samples_per_prompt
-    prompts_per_rank = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     if prompts_per_rank * k % (cfg.ppo.num_minibatches * cfg.train.grad_accum):
         raise distributed.DistributedError(
             f"ppo.num_minibatches x train.grad_accum must divide each rank's "
             f"{prompts_per_rank * k} rollouts ({prompts_per_rank} prompts x {k} samples)"
         )
-    ac, reference = load_actor_critic(cfg, tokenizer, algo_settings(cfg).critic, bf16)
-    ac.train()
+
+
+def check_sharded_rollout(cfg: PPOConfig, ac: ActorCritic) -> None:
+    """FSDP needs tether's engine to sample: `generate` would run the sharded blocks,
+    all-gathering at every decode step, and ranks whose answers end at different lengths
+    would wait on each other for ever."""
     sharded = cfg.parallel == "fsdp" and distributed.world().size > 1
     if sharded and not (cfg.rollout.engine == "auto" and tether_engine.supports(ac.policy)):
-        # `generate` would run the sharded blocks, all-gathering at every decode step, and
-        # ranks whose answers end at different lengths would wait on each other for ever.
         raise distributed.DistributedError(
             "parallel: fsdp with online RL needs tether's rollout engine (rollout.engine: "
             f"auto, a Llama-family model; this is {type(hf_model(ac.policy)).__name__}); "
             "use parallel: ddp"
         )
-    parallel = distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
-    opt = start_optimization(
-        run, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size
-    )
+
+
+def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
     kl = cfg.ppo.kl
-    kl_ctl = (
-        AdaptiveKLController(kl.coef, kl.target, kl.horizon)
-        if kl.adaptive
-        else FixedKLController(kl.coef)
+    if kl.adaptive:
+        return AdaptiveKLController(kl.coef, kl.target, kl.horizon)
+    return FixedKLController(kl.coef)
+
+
+def build_online_run(cfg: PPOConfig, tokenizer, bf16: bool) -> OnlineRun:
+    """The reward, the actor-critic (wrapped for torchrun), the reference and fresh state."""
+    reward, gold = build_reward(cfg, bf16)
+    ac, reference = load_actor_critic(cfg, tokenizer, algorithm_of(cfg).critic, bf16)
+    ac.train()
+    check_sharded_rollout(cfg, ac)
+    return OnlineRun(
+        cfg=cfg,
+        parallel=distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload),
+        reference=reference,
+        tokenizer=tokenizer,
+        reward=reward,
+        gold=gold,
+        bf16=bf16,
+        moments=RunningMoments(),
+        baseline=MovingAverageBaseline(cfg.ppo.baseline_decay),
     )
-    moments, baseline = RunningMoments(), MovingAverageBaseline(cfg.ppo.baseline_decay)
-    if opt.extra:
-        kl_ctl.load_state_dict(opt.extra["kl"])
-        moments.load_state_dict(opt.extra["score_moments"])
-        baseline.load_state_dict(opt.extra["baseline"])
-    samples_path = run.path / "samples.jsonl"
+
+
+def carried_state(kl_ctl: AdaptiveKLController | FixedKLController, run: OnlineRun) -> dict:
+    """What an iteration hands the next besides the weights, saved with every checkpoint."""
+    return {
+        "kl": kl_ctl.state_dict(),
+        "score_moments": run.moments.state_dict(),
+        "baseline": run.baseline.state_dict(),
+    }
+
+
+def load_carried_state(
+    state: dict, kl_ctl: AdaptiveKLController | FixedKLController, run: OnlineRun
+) -> None:
+    kl_ctl.load_state_dict(state["kl"])
+    run.moments.load_state_dict(state["score_moments"])
+    run.baseline.load_state_dict(state["baseline"])
+
+
+def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
+    """Train a policy with PPO (or the algorithm `cfg.algo` names) and return `final/`."""
+    begun = begin_run(cfg, out, resume)
+    run_dir, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
+    messages, rows = prepare_prompts(cfg, tokenizer)
+    k = cfg.rollout.samples_per_prompt
+    prompts_per_rank = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
+    check_batch_layout(cfg, prompts_per_rank)
+    run = build_online_run(cfg, tokenizer, bf16)
+    ac = run.parallel.model
+    opt = start_optimization(
+        run_dir, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size
+    )
+    kl_ctl = make_kl_controller(cfg)
+    if opt.extra:  # resumed: the state the checkpoint carried besides the weights
+        load_carried_state(opt.extra, kl_ctl, run)
+    samples_path = run_dir.path / "samples.jsonl"
     if distributed.world().is_main:
         truncate_jsonl(samples_path, opt.progress.step)
     last_step = total_steps(cfg.train, len(rows), per_step=cfg.train.batch_size)
@@ -539,24 +328,16 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         grouped = distributed.shard(grouped)  # this rank's prompts, each k times
         seeds = [row_seed(cfg.train.seed, step, first_row + r) for r in range(len(grouped))]
         ro, stats, samples = collect_rollout(
-            parallel,
-            reference,
-            tokenizer,
+            run,
             [messages[i] for i in grouped],
             [rows[i] for i in grouped],
-            reward,
-            gold,
             kl_ctl.value,
-            moments,
-            baseline,
-            cfg,
-            bf16,
             seeds,
             first_micro_batch(cfg, step, len(grouped)),
         )
         stats["time/rollout_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        stats.update(ppo_update(parallel, opt, ro, cfg, kl_ctl.value, step, bf16))
+        stats.update(ppo_update(run, opt, ro, kl_ctl.value, step))
         stats["time/train_s"] = time.perf_counter() - started
         kl_ctl.update(stats["kl/mean"], n_steps=len(indices) * k)
         every = cfg.rollout.samples_every
@@ -569,27 +350,23 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     fit(
         desc="ppo",
         cfg=cfg,
-        run=run,
+        run=run_dir,
         model=ac,
         opt=opt,
         num_examples=len(rows),
         step_fn=step_fn,
         per_step=cfg.train.batch_size,
         steps_itself=True,
-        extra_state=lambda: {
-            "kl": kl_ctl.state_dict(),
-            "score_moments": moments.state_dict(),
-            "baseline": baseline.state_dict(),
-        },
+        extra_state=lambda: carried_state(kl_ctl, run),
     )
 
     def save(whole: ActorCritic) -> None:
-        save_pretrained_model(whole.policy, tokenizer, run.final)
-        save_critic(whole, tokenizer, run.final)
+        save_pretrained_model(whole.policy, tokenizer, run_dir.final)
+        save_critic(whole, tokenizer, run_dir.final)
 
-    save_final(parallel, save)
-    run.unlock()
-    return run.final
+    save_final(run.parallel, save)
+    run_dir.unlock()
+    return run_dir.final
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
