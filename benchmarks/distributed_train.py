@@ -67,8 +67,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tether.runs import distributed
     from tether.hardware import autocast
+    from tether.runs import distributed
 
     world = distributed.init_from_env("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(

@@ -61,7 +61,7 @@ def main() -> None:
     from tether.fast import engine as tether_engine
     from tether.hardware import bf16_available
 
-    eager_forward, can_pack = tether_engine.forward, tether.fast.engine.can_pack
+    eager_forward, can_pack = tether_engine.forward, tether_engine.can_pack
     kernels = tether_engine.tether_fused.kernels
     set_threads(0)
     source = resolve_model_source("smollm2-135m-instruct")
@@ -81,7 +81,7 @@ def main() -> None:
         """Tokens/s of one `generate` call with `engine` ("hf", "auto", "unpacked",
         "unfused" or "compiled")."""
         tether_engine.forward = compiled if engine == "compiled" else eager_forward
-        tether.fast.engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
+        tether_engine.can_pack = (lambda *_: False) if engine == "unpacked" else can_pack
         tether_engine.tether_fused.kernels = (lambda: None) if engine == "unfused" else kernels
         started = time.perf_counter()
         out = generate(

@@ -39,7 +39,7 @@ def main() -> None:
         load_reward_backbone,
         sequence_scores,
     )
-    from tether.runs.training import example_indices
+    from tether.runs.data_order import example_indices
     from tether.stages.rm import prepare_data
 
     if args.data is None:

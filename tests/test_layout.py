@@ -64,9 +64,7 @@ def unit_of(name: str) -> tuple[int, str]:
     for layer, units in enumerate(LAYERS):
         for unit in units:
             inside = name.startswith(unit + ".") and unit != "tether"
-            if (name == unit or inside) and (
-                best is None or len(unit) > len(best[1])
-            ):
+            if (name == unit or inside) and (best is None or len(unit) > len(best[1])):
                 best = (layer, unit)
     assert best is not None, f"{name} is in no layer of LAYERS"
     return best

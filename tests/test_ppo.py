@@ -230,8 +230,8 @@ def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_packed_weights_compute_the_same_linears_and_states(tiny, dtype):
-    from tether.fast import engine
     from tether.core.packing import pad_rows, position_ids_from_mask
+    from tether.fast import engine
     from tether.hardware import bf16_available
     from tether.rollout.generation import encode_prompt
 
@@ -627,6 +627,15 @@ def test_constant_scores_with_running_normalisation_stay_finite(
 
 
 def test_separate_critic_and_gold_judge(tiny_model_dir, ppo_files, tmp_path):
+    """critic.kind=separate: a backbone of its own, trained by the value loss, gives the
+    values and is saved as final/critic/ (no value head on the policy). The gold judge is
+    logged per step and per sample."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tether.config import ModelConfig
+    from tether.models.loading import load_tokenizer
+    from tether.models.reward_model import load_reward_backbone
+
     _, reward = ppo_files
     cfg = ppo_config(
         tiny_model_dir,
@@ -636,12 +645,29 @@ def test_separate_critic_and_gold_judge(tiny_model_dir, ppo_files, tmp_path):
         f"reward.gold={reward}:response_chars",
         "rollout.samples_every=1",
     )
-    run_ppo(cfg, tmp_path / "run")
+    final = run_ppo(cfg, tmp_path / "run")
     metrics = read_metrics(tmp_path / "run/metrics.jsonl")
     samples = [json.loads(x) for x in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
     step1 = [s for s in samples if s["step"] == 1]
     assert metrics[0]["gold/mean"] == pytest.approx(mean([len(s["response"]) for s in step1]))
     assert all(s["gold"] == len(s["response"]) for s in samples)
+
+    # The values are the separate critic's: its head starts random (a new value head starts
+    # at 0, whose step-1 explained variance is exactly 0), and the value loss is taken.
+    assert metrics[0]["value/explained_var"] != 0.0
+    assert all(0 < m["value/loss"] < float("inf") for m in metrics)
+    # Trained: head and backbone moved from the critic's seeded start.
+    assert (final / "critic").is_dir() and not (final / "value_head.safetensors").exists()
+    start = load_reward_backbone(
+        ModelConfig(name=str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), cfg.train.seed
+    ).state_dict()
+    critic = AutoModelForSequenceClassification.from_pretrained(final / "critic").state_dict()
+    assert not torch.equal(critic["score.weight"], start["score.weight"])
+    backbone = [k for k in start if k.startswith("model.layers.")]
+    assert any(not torch.equal(critic[k], start[k]) for k in backbone)
+    # A backbone of its own: the policy's trained weights are not the critic's.
+    policy = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    assert any(not torch.equal(critic[k], policy[k]) for k in backbone)
 
 
 # --------------------------------------------------------------------------- critic-free

@@ -72,7 +72,8 @@ def test_tasks_resolve_by_name_or_module_attribute(tmp_path):
     module = tmp_path / "my_tasks.py"
     module.write_text(
         "from tether.tools.tasks import Task\n"
-        "poems = Task('poems', 'd', lambda seed: ['A poem.'] * 9, 'tether.tools.tasks:vader_gold')\n"
+        "poems = Task('poems', 'd', lambda seed: ['A poem.'] * 9,"
+        " 'tether.tools.tasks:vader_gold')\n"
         "not_a_task = 3\n"
     )
     assert get_task(f"{module}:poems").name == "poems"

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tether.runs.training import LENGTH_GROUP_STEPS, epoch_order, example_indices, lr_multiplier
+from tether.runs.data_order import LENGTH_GROUP_STEPS, epoch_order, example_indices
+from tether.runs.optim import lr_multiplier
 
 
 def padded_tokens(order: list[int], lengths: list[int], step: int) -> int:
@@ -112,7 +113,8 @@ def test_non_finite_gradients_skip_the_step_and_stop_after_max_bad_steps(tmp_pat
 
 FAULTS_OF_REALLOCATING = """
 import resource, sys, torch
-from tether.runs.training import keep_freed_memory
+import tether.stages.sft  # the heap as a stage has it when begin_run calls keep_freed_memory
+from tether.hardware import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.ones(16 * 2**20).sum()  # 64 MiB, above glibc's largest dynamic mmap threshold

@@ -62,6 +62,7 @@ def _load(target: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tether` parser: one subcommand per training stage, then the tools."""
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Align language models with human feedback: SFT, reward models, PPO.",
@@ -69,26 +70,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
     for name, stage in STAGES.items():
-        p = sub.add_parser(name, help=stage.help, description=stage.help)
-        p.add_argument("--config", type=Path, help="YAML config file")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config key (repeatable)",
-        )
-        p.add_argument("--out", type=Path, help="run dir (default: runs/STAGE-TIMESTAMP)")
-        p.add_argument(
-            "--resume",
-            action="store_true",
-            help="continue the run in --out from its newest complete checkpoint",
-        )
-        p.add_argument("--model", help=f"shortcut for --set {stage.model_key}=...")
-        p.add_argument("--data", help=f"shortcut for --set {stage.data_key}=...")
-        p.add_argument("--max-steps", type=int, help=f"shortcut for --set {stage.steps_key}=...")
-        p.set_defaults(func=_run_stage, stage=name)
+        _add_stage_parser(sub, name, stage)
+    _add_rm_eval_parser(sub)
+    _add_score_parser(sub)
+    _add_doctor_parser(sub)
+    _add_inspect_parser(sub)
+    _add_demo_parser(sub)
+    _add_report_parser(sub)
+    return parser
+
+
+def _add_stage_parser(sub, name: str, stage: Stage) -> None:
+    """`tether STAGE`: a config file, overrides and shortcuts, then the stage's runner."""
+    p = sub.add_parser(name, help=stage.help, description=stage.help)
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    p.add_argument("--out", type=Path, help="run dir (default: runs/STAGE-TIMESTAMP)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest complete checkpoint",
+    )
+    p.add_argument("--model", help=f"shortcut for --set {stage.model_key}=...")
+    p.add_argument("--data", help=f"shortcut for --set {stage.data_key}=...")
+    p.add_argument("--max-steps", type=int, help=f"shortcut for --set {stage.steps_key}=...")
+    p.set_defaults(func=_run_stage, stage=name)
+
+
+def _add_rm_eval_parser(sub) -> None:
     ev = sub.add_parser("rm-eval", help="evaluate a reward model on preference data")
     ev.add_argument("--model", required=True, help="reward model dir (a `tether rm` final/)")
     ev.add_argument("--data", required=True, help="preference file (any supported format)")
@@ -96,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_run_rm_eval)
+
+
+def _add_score_parser(sub) -> None:
     sc = sub.add_parser("score", help="score {prompt, response} records with a reward model")
     sc.add_argument("--model", required=True, help="reward model dir")
     sc.add_argument("--data", required=True, help="JSONL/Parquet of {prompt, response}")
@@ -103,12 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-length", type=int, default=256)
     sc.add_argument("--batch-size", type=int, default=16)
     sc.set_defaults(func=_run_score)
+
+
+def _add_doctor_parser(sub) -> None:
     doc = sub.add_parser(
         "doctor", help="diagnose a run: reward hacking, KL blow-up, instability, collapse"
     )
     doc.add_argument("run_dir", type=Path, help="a tether run dir (holds metrics.jsonl)")
     doc.add_argument("--json", action="store_true", help='print {"findings": [...]}')
     doc.set_defaults(func=_run_doctor)
+
+
+def _add_inspect_parser(sub) -> None:
     ins = sub.add_parser(
         "inspect", help="per-token log-probs under policy and reference: where the KL comes from"
     )
@@ -129,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--html", type=Path, help="also write a self-contained HTML page")
     ins.add_argument("--no-color", action="store_true")
     ins.set_defaults(func=_run_inspect)
+
+
+def _add_demo_parser(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="the whole RLHF pipeline on the embedded SmolLM2, judged by a gold standard",
@@ -146,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tau", type=float, help="annotator noise in gold units")
     demo.add_argument("--kl-coef", type=float, help="β of the PPO KL penalty")
     demo.set_defaults(func=_run_demo)
+
+
+def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="(re)build RUN_DIR/report.html for any run or demo")
     rep.add_argument("run_dir", type=Path)
     rep.set_defaults(func=_run_report)
-    return parser
 
 
 def _run_rm_eval(args: argparse.Namespace) -> int:

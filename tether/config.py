@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from tether.core.algorithms import ALGORITHMS
 from tether.errors import TetherError
 
 
@@ -99,7 +100,8 @@ class OptimConfig:
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    # 1e-8 is PyTorch's default; RLHF-NOTES: PPO uses 1e-5 to match TF's smaller early steps.
+    # 1e-8 is PyTorch's default; PPO uses 1e-5 to match TF's smaller early steps
+    # (docs/implementation-details.md#adam-epsilon).
     eps: float = 1e-8
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
@@ -161,8 +163,13 @@ class LoggingConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning: NLL on assistant/completion tokens only."""
+class StageConfig:
+    """The sections and keys every training stage has, declared once so that the stages
+    cannot drift apart: model, data, optimizer, step budget, logging and the parallel engine.
+
+    A stage subclasses it, overriding a section's defaults where it differs (the RM's shorter
+    max_length) and adding its own sections; the keys stay at the top level of its YAML.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -177,10 +184,16 @@ class SFTConfig:
     fsdp_cpu_offload: bool = False
 
     def validate(self) -> None:
+        """The shared sections; a stage's own `validate` adds its sections after these."""
         self.model.validate()
         self.data.validate()
         self.optim.validate()
         self.train.validate()
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning: NLL on assistant/completion tokens only."""
 
 
 @dataclass
@@ -204,27 +217,15 @@ class RewardLossConfig:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(StageConfig):
     """Reward model: Bradley-Terry ranking loss on preference pairs (and listwise rankings)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=256))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2 fully_shard:
-    # parameters, gradients and optimizer state sharded over the ranks). Ignored in a plain
-    # process. train.batch_size stays the global batch; each rank runs its share.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    # FSDP only: keep the sharded parameters and optimizer state in CPU memory.
-    fsdp_cpu_offload: bool = False
     reward: RewardLossConfig = field(default_factory=RewardLossConfig)
 
     def validate(self) -> None:
-        self.model.validate()
-        self.data.validate()
-        self.optim.validate()
-        self.train.validate()
+        super().validate()
         self.reward.validate()
 
 
@@ -236,7 +237,8 @@ class RolloutConfig:
     # Log-probs, ratios and KL are computed from logits / temperature, the same T as sampling.
     temperature: float = 1.0
     # Truncated sampling (top_p < 1, top_k > 0) draws from a renormalised distribution while
-    # ratios and KL use the full one, so every ratio is off by the kept mass (RLHF-NOTES).
+    # ratios and KL use the full one, so every ratio is off by the kept mass
+    # (docs/implementation-details.md#sampling-temperature-and-truncated-sampling).
     # Training rollouts refuse it; evaluation sampling (demo, best-of-n) may use it.
     top_p: float = 1.0
     top_k: int = 0
@@ -323,10 +325,10 @@ class KLConfig:
     estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
 
     def resolved(self, algo: str) -> tuple[str, str]:
-        """(placement, estimator) with "auto" resolved for `algo`."""
+        """(placement, estimator) with "auto" resolved by `algo`'s row of the algorithm table."""
         placement = self.placement
         if placement == "auto":
-            placement = "loss" if algo == "grpo" else "reward"
+            placement = ALGORITHMS[algo].kl_placement
         estimator = self.estimator
         if estimator == "auto":
             estimator = "k3" if placement == "loss" else "k1"
@@ -380,7 +382,8 @@ class CriticConfig:
 
     # "head": a linear value head on the policy's own backbone (one model in memory);
     # "separate": its own backbone, initialised from `init` (a reward model dir is the usual
-    # choice, RLHF-NOTES) or from the policy when `init` is empty.
+    # choice: docs/implementation-details.md#critic-initialisation) or from the policy when
+    # `init` is empty.
     kind: Literal["head", "separate"] = "head"
     init: str = ""
 
@@ -392,20 +395,13 @@ class CriticConfig:
         )
 
 
-# Online algorithms that share the rollout and loss core; each picks its advantage estimator:
-# ppo: GAE on a critic, clipped; a2c: return − V, one unclipped pass; rloo: leave-one-out
-# mean of the prompt's k samples; grpo: group-whitened, KL as a loss term; reinforce: moving
-# average baseline, one unclipped pass.
-ALGOS_WITH_CRITIC = ("ppo", "a2c")
-ALGOS_WITH_GROUPS = ("rloo", "grpo")
-
-
 @dataclass
-class PPOConfig:
+class PPOConfig(StageConfig):
     """Online PPO against a reward, with a KL penalty to a frozen reference policy."""
 
+    # One row each of the table in tether.core.algorithms (tests/test_algorithms.py keeps
+    # this list and the table alike).
     algo: Literal["ppo", "rloo", "grpo", "reinforce", "a2c"] = "ppo"
-    model: ModelConfig = field(default_factory=ModelConfig)
     # The frozen reference π_ref; empty = the policy's initial weights. With a LoRA policy the
     # reference is the same backbone with the adapters disabled (one copy in memory).
     reference: str = ""
@@ -418,29 +414,19 @@ class PPOConfig:
     # train.batch_size: prompts per rollout; train.max_steps: PPO iterations (0: one per
     # `epochs` pass over the prompts); save/log every N iterations.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(save_every=10))
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2 fully_shard:
-    # parameters, gradients and optimizer state sharded over the ranks). Ignored in a plain
-    # process. train.batch_size stays the global batch; each rank runs its share.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    # FSDP only: keep the sharded parameters and optimizer state in CPU memory.
-    fsdp_cpu_offload: bool = False
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardSpecConfig = field(default_factory=RewardSpecConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
 
     def validate(self) -> None:
-        self.model.validate()
-        self.data.validate()
-        self.optim.validate()
-        self.train.validate()
+        super().validate()
         self.rollout.validate()
         self.reward.validate()
         self.ppo.validate()
         self.critic.validate()
         _check(
-            self.algo not in ALGOS_WITH_GROUPS or self.rollout.samples_per_prompt >= 2,
+            not ALGORITHMS[self.algo].grouped or self.rollout.samples_per_prompt >= 2,
             "rollout.samples_per_prompt",
             f"must be >= 2 for algo {self.algo}: it compares the answers to one prompt",
         )
@@ -481,31 +467,19 @@ class DPOLossConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StageConfig):
     """Offline preference optimisation against a frozen reference (no reward model)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     # The reference π_ref; empty = the policy's initial weights. Its log-probs are computed
     # once before training and cached in the run dir, so no second model stays in memory.
     reference: str = ""
     # data.max_length: prompt + response tokens; the prompt is cut from the left first.
     data: DataConfig = field(default_factory=lambda: DataConfig(max_length=512))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2 fully_shard:
-    # parameters, gradients and optimizer state sharded over the ranks). Ignored in a plain
-    # process. train.batch_size stays the global batch; each rank runs its share.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    # FSDP only: keep the sharded parameters and optimizer state in CPU memory.
-    fsdp_cpu_offload: bool = False
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
 
     def validate(self) -> None:
-        self.model.validate()
-        self.data.validate()
-        self.optim.validate()
-        self.train.validate()
+        super().validate()
         self.dpo.validate()
 
 

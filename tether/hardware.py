@@ -58,10 +58,11 @@ def keep_freed_memory() -> bool:
     By default a block above the mmap threshold (128 KiB, rising with use to at most 32 MiB)
     is mapped when allocated and unmapped when freed, and a free top of the heap is trimmed.
     A training step or a decode step allocates and frees the same activations over and over,
-    so each time the kernel maps them afresh and faults their pages in. On a 2-core Zen 4,
-    `benchmarks/ppo_iteration.py` went from 79.5 to 69.6 s an iteration (system time 29.5 →
-    13.8 s) with these settings, and its peak RSS from 4.36 to 4.23 GiB: the freed memory is
-    reused, not added to.
+    so each time the kernel maps them afresh and faults their pages in, which costs system
+    time on every step. Kept, the freed blocks are reused: once the heap has grown to hold a
+    step's allocations, their pages are not faulted in again (tests/test_training.py counts
+    the faults), and reused memory adds nothing to the peak RSS. benchmarks/RESULTS.md
+    ("Freed memory kept for reuse") measures the effect on a PPO iteration.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -119,7 +119,7 @@ class _LogprobsAndEntropy(torch.autograd.Function):
 
     Rows are taken `chunk_size` at a time, so no float32 [N, V] tensor exists, and only
     the logits (in their own dtype) and two floats a row are kept for backward. Autograd
-    through checkpointed log-softmax chunks took a fifth of a LoRA PPO minibatch's update on
+    through checkpointed log-softmax chunks costs a fifth of a LoRA PPO minibatch's update on
     SmolLM2 (its intermediate [N, V] tensors are each allocated and zero-faulted afresh).
     """
 

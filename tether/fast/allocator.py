@@ -5,7 +5,7 @@ similar sizes. glibc's malloc serves them from one heap and cannot give back the
 temporaries leave, so the heap grows far past what is live. On a LoRA PPO iteration of SmolLM2
 (16 rows of 95 tokens, float32) the live bytes peaked at 1.88 GiB while glibc's heap reached
 3.1 GiB. tcmalloc and jemalloc keep memory in size classes and reuse it: that process peaked
-at 2.8 GB RSS under either, 4.1 GB under glibc, in the same time (RESULTS, eighth session).
+at 2.8 GB RSS under either, 4.1 GB under glibc, in the same time (benchmarks/RESULTS.md).
 PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) preloads tcmalloc by default for
 the same reason.
 
@@ -24,8 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 CHOICE = "TETHER_MALLOC"
-# In order of preference: tcmalloc's minimal build (no heap profiler) was as fast as glibc
-# with `training.keep_freed_memory` and spent the least system time; jemalloc was ~15% slower.
+# In order of preference: tcmalloc's minimal build (no heap profiler) is as fast as glibc
+# with `hardware.keep_freed_memory` and spends the least system time; jemalloc is ~15% slower
+# (benchmarks/RESULTS.md).
 LIBRARIES = ("libtcmalloc_minimal.so", "libtcmalloc.so", "libjemalloc.so")
 KNOWN = ("tcmalloc", "jemalloc", "mimalloc")
 # tcmalloc reports every allocation above 1 GiB on stderr (a fp32 logits tensor can be one).

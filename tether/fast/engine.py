@@ -33,7 +33,7 @@ from tether.models.loading import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # The batch size oneDNN lays the weights out for; any batch runs on the layout, and
-# 16-64 rows (the rollout sizes) run fastest on this one (RESULTS, 2026-12-01 fourth session).
+# 16-64 rows (the rollout sizes) run fastest on this one (benchmarks/RESULTS.md).
 PACK_ROWS = 64
 # Compact the batch once this share of its rows has finished: copying the KV cache costs
 # about one decode step, so doing it for every finished row would cost more than it saves.
@@ -76,10 +76,10 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     The reordered weight is in oneDNN's blocked layout, made once per rollout; `F.linear`
     starts from the plain layout on every call, which costs most for the few rows of a decode
     step. In float32 it runs MKL's sgemm: on a 2-core AVX2 EPYC the 49,152 × 576 LM
-    head ran at 24 GFLOP/s for 16 rows and 51 for 64, against 58 and 107 with the weight
-    reordered once for oneDNN, and the layers' matmuls 1.1-1.8x slower. In bf16 on a 2-core
-    AVX-512 EPYC (Zen 4) the reordered weights were 1.2-1.3x faster at 16 rows (the LM head
-    2.1x) and 1.1-1.3x at 64.
+    head runs at 24 GFLOP/s for 16 rows and 51 for 64, against 58 and 107 with the weight
+    reordered once for oneDNN, and the layers' matmuls are 1.1-1.8x slower. In bf16 on a
+    2-core AVX-512 EPYC (Zen 4) the reordered weights are 1.2-1.3x faster at 16 rows (the LM
+    head 2.1x) and 1.1-1.3x at 64 (benchmarks/RESULTS.md).
     """
     mkldnn = torch.ops.mkldnn
     return (
@@ -314,9 +314,9 @@ def draw_buffer(batch: int, vocab: int) -> torch.Tensor:
     """Zeros [batch, vocab rounded up to DRAW_BLOCK] in float32, for `sample` to reuse.
 
     One buffer for the whole decode: a [64, 49,152] float32 tensor is above glibc's mmap
-    threshold, so allocating one afresh each step mapped and faulted in fresh pages. A draw
-    at batch 64 took 18 ms that way and 2-2.5 ms in one buffer. The padding columns stay
-    zero, so they carry no weight.
+    threshold, so allocating one afresh each step maps and faults in fresh pages: a draw at
+    batch 64 takes 18 ms that way and 2-2.5 ms in one buffer (benchmarks/RESULTS.md). The
+    padding columns stay zero, so they carry no weight.
     """
     return torch.zeros(batch, -(-vocab // DRAW_BLOCK) * DRAW_BLOCK)
 
@@ -405,7 +405,8 @@ def _truncate(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
 # Its extra forward reads every weight once (a 1-token forward: 12 ms, SmolLM2 in bf16 on 2
 # cores). Break-even is near 20 saved tokens: two 39-token prompts take 57 ms, against 23 ms
 # for their 24-token opening plus 28 ms for their rests, 6 ms saved for 24 tokens. 32 keeps
-# a margin where reading the weights costs more; sixteen prompts: 394 → 191 ms.
+# a margin where reading the weights costs more. Sixteen distinct prompts prefill in 23 + 168 ms
+# with their opening shared, against 394 ms without (benchmarks/RESULTS.md).
 OPENING_MIN_SAVED_TOKENS = 32
 
 

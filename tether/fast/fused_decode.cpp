@@ -1,5 +1,5 @@
-// Fused CPU kernels for the rollout engine's decode step (tether/fused.py builds and loads
-// them; tether/engine.py calls them as torch.ops.tether.*).
+// Fused CPU kernels for the rollout engine's decode step (tether/fast/fused.py builds and
+// loads them; tether/fast/engine.py calls them as torch.ops.tether.*).
 //
 // Why: at 64 rows a SmolLM2 decode step is 121 small matmuls that oneDNN runs near the
 // machine's rate, and ~1,300 elementwise ATen ops around them (norms, RoPE, cache writes,
@@ -451,7 +451,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   return out;
 }
 
-// The sampler's unnormalised weights (tether/engine.py `sample`): per row b,
+// The sampler's unnormalised weights (tether/fast/engine.py `sample`): per row b,
 // out[b, j] = e^(x_j − max_i x_i) with x = logits[b] / temperature in float32, for j < V, and
 // the sums of each block of kDrawBlock entries, which `draw` searches first. Replaces a copy,
 // a division, a max, a subtraction, an exp and a sum, each a pass over a [B, 49,152] float32

@@ -13,7 +13,7 @@ reference pass without give the same log-probs bit for bit (the first PPO ratios
 exactly 1). Stacking a group's query heads instead of repeating k and v also makes that
 forward faster than transformers' SDPA path: 2.9 against 4.2 ms at 16 rows of 90 tokens.
 
-A packed row (`ops.pack_groups`: several rows in one, without padding) comes with its
+A packed row (`packing.pack_groups`: several rows in one, without padding) comes with its
 groups' spans and masks under the keyword `SEGMENTS`; each group's attention then runs
 alone, on any device, so it costs the sum of the groups' squared lengths, not the row's.
 
@@ -31,7 +31,7 @@ import torch
 
 NAME = "tether_sdpa"
 # Keyword a caller passes through a transformers forward to its attention calls: the
-# (start, end, [n, n] bool mask) spans of a packed row (`ops.pack_groups`), each attending
+# (start, end, [n, n] bool mask) spans of a packed row (`packing.pack_groups`), each attending
 # only within itself.
 SEGMENTS = "tether_segments"
 # Families whose masks reach nothing but the attention calls and whose positions come from

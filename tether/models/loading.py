@@ -159,7 +159,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 def load_causal_lm(config: ModelConfig, tokenizer=None, dropout: bool = True) -> torch.nn.Module:
     """A causal LM ready for training: pad id set, optional LoRA adapters; `dropout=False`
-    for the RL stages, which compare one model's log-probs across passes (RLHF-NOTES)."""
+    for the RL stages, which compare one model's log-probs across passes
+    (docs/implementation-details.md#dropout-off)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(config.name)

@@ -69,9 +69,9 @@ def grouped_sequence_scores(
     """[Σ rows] raw scores of token rows that come in groups with a common prefix (the K
     answers to one prompt), the same as `sequence_scores` on the rows padded together.
 
-    The rows run packed (`ops.pack_groups`): one row with no padding, each group's prefix
+    The rows run packed (`packing.pack_groups`): one row with no padding, each group's prefix
     once. On HH pairs cut to 256 tokens a batch of 8 pairs is ~1,400 real tokens; padded,
-    with the prefix run once and the answers bucketed, it was 2,000-3,700, and the backbone's
+    with the prefix run once and the answers bucketed, it is 2,000-3,700, and the backbone's
     matmuls scale with that count. Gradients flow as in an unpacked pass, so training is
     unchanged. Models that cannot take a packed row (`attention.runs_packed_rows`: tether's
     attention, which attends within each group only, in a known family) run them padded.
@@ -87,7 +87,7 @@ def grouped_sequence_scores(
 
 
 def packed_hidden_states(backbone: torch.nn.Module, packed: PackedGroups) -> torch.Tensor:
-    """[T, H] final hidden states of a packed row (`ops.pack_groups`), for a backbone whose
+    """[T, H] final hidden states of a packed row (`packing.pack_groups`), for a backbone whose
     config passes `attention.runs_packed_rows`."""
     return backbone(
         input_ids=packed.input_ids,
@@ -140,7 +140,7 @@ def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.
         model.gradient_checkpointing_enable()
     if config.lora.enabled:
         model = apply_lora(model, config.lora, task_type="SEQ_CLS")
-    return disable_dropout(model)  # RLHF-NOTES: dropout off in every model
+    return disable_dropout(model)  # docs/implementation-details.md#dropout-off
 
 
 def _has_trained_head(source: str) -> bool:

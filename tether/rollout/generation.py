@@ -15,9 +15,7 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from tether.core.packing import (
-    pad_rows,
-)
+from tether.core.packing import pad_rows
 from tether.data import Message, as_messages
 from tether.errors import TetherError
 from tether.fast import engine as tether_engine
@@ -77,46 +75,91 @@ def generate(
     Hugging Face `generate` has one RNG for the batch: it is seeded with the first row's
     seed, so batches (and ranks) still draw distinct, reproducible samples.
     """
-    from transformers import GenerationConfig
-
     rows = [p if _is_ids(p) else encode_prompt(tokenizer, p) for p in prompts]
-    stops = [] if ignore_eos else stop_token_ids(model, tokenizer)
-    batch_size = batch_size or len(rows)
-    responses: list[list[int]] = []
+    settings = Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        ignore_eos=ignore_eos,
+        stops=[] if ignore_eos else stop_token_ids(model, tokenizer),
+        batch_size=batch_size or len(rows),
+    )
     if engine == "auto" and tether_engine.supports(model):
         if dtype is None:
             dtype = torch.bfloat16 if bf16_available() else torch.float32
-        weights = tether_engine.Weights(model, dtype)  # once for every chunk of the batch
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        responses = _engine_generate(model, tokenizer, rows, settings, dtype, seed, row_seeds)
+    else:
+        if row_seeds is not None and seed is None:
+            seed = row_seeds[0] % 2**32
+        responses = _hf_generate(model, tokenizer, rows, settings, seed)
+    return _generation(tokenizer, rows, responses, settings.stops)
 
-        def decode_chunk(chunk: list[int]) -> list[list[int]]:  # indices into rows
-            return tether_engine.decode(
-                weights,
-                [rows[i] for i in chunk],
-                tokenizer.pad_token_id,
-                stops,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                generator=generator,
-                row_seeds=None if row_seeds is None else [row_seeds[i] for i in chunk],
-            )
 
-        for start in range(0, len(rows), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(rows))))
-            responses += split_on_oom(decode_chunk, chunk, lambda i: len(rows[i]))
-        return _generation(tokenizer, rows, responses, stops)
+@dataclass(frozen=True)
+class Sampling:
+    """How `generate` samples, shared by its two back ends."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    ignore_eos: bool
+    stops: list[int]  # a response ends at the first of these
+    batch_size: int  # rows per decode call
+
+
+def _engine_generate(
+    model,
+    tokenizer,
+    rows: list[list[int]],
+    settings: Sampling,
+    dtype: torch.dtype,
+    seed: int | None,
+    row_seeds: Sequence[int] | None,
+) -> list[list[int]]:
+    """tether's KV-cache engine, over chunks of `batch_size` rows (halved on OOM)."""
+    weights = tether_engine.Weights(model, dtype)  # once for every chunk of the batch
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def decode_chunk(chunk: list[int]) -> list[list[int]]:  # indices into rows
+        return tether_engine.decode(
+            weights,
+            [rows[i] for i in chunk],
+            tokenizer.pad_token_id,
+            settings.stops,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            generator=generator,
+            row_seeds=None if row_seeds is None else [row_seeds[i] for i in chunk],
+        )
+
+    responses: list[list[int]] = []
+    for start in range(0, len(rows), settings.batch_size):
+        chunk = list(range(start, min(start + settings.batch_size, len(rows))))
+        responses += split_on_oom(decode_chunk, chunk, lambda i: len(rows[i]))
+    return responses
+
+
+def _hf_generate(
+    model, tokenizer, rows: list[list[int]], settings: Sampling, seed: int | None
+) -> list[list[int]]:
+    """Hugging Face `generate` on left-padded chunks, its own RNG seeded where `seed` is."""
+    from transformers import GenerationConfig
+
     inner = hf_model(model)
     was_training = model.training
     model.eval()
+    temperature, stops = settings.temperature, settings.stops
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens if ignore_eos else 0,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.max_new_tokens if settings.ignore_eos else 0,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0,
-        top_p=top_p,
-        top_k=top_k,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
         eos_token_id=stops or None,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -124,24 +167,23 @@ def generate(
     # repetition penalty, min_p, suppressed tokens...), which would sample from another
     # distribution than the one log-probs are computed on; give it a blank one meanwhile.
     model_config, inner.generation_config = inner.generation_config, GenerationConfig()
-    if row_seeds is not None and seed is None:
-        seed = row_seeds[0] % 2**32
+
+    def generate_chunk(chunk: list[list[int]]) -> list[list[int]]:
+        ids, mask = pad_rows(chunk, tokenizer.pad_token_id, side="left")
+        out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
+
+    responses: list[list[int]] = []
     try:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-
-            def generate_chunk(chunk: list[list[int]]) -> list[list[int]]:
-                ids, mask = pad_rows(chunk, tokenizer.pad_token_id, side="left")
-                out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                return [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
-
-            for start in range(0, len(rows), batch_size):
-                responses += split_on_oom(generate_chunk, rows[start : start + batch_size])
+            for start in range(0, len(rows), settings.batch_size):
+                responses += split_on_oom(generate_chunk, rows[start : start + settings.batch_size])
     finally:
         inner.generation_config = model_config
         model.train(was_training)
-    return _generation(tokenizer, rows, responses, stops)
+    return responses
 
 
 def is_out_of_memory(error: BaseException) -> bool:

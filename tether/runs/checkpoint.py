@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tether.runs import faults
 from tether.errors import TetherError
+from tether.runs import faults
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from tether.runs.checkpoint import latest_checkpoint, list_checkpoints
 from tether.config import config_differences, config_to_dict, config_yaml
 from tether.errors import TetherError
+from tether.runs.checkpoint import latest_checkpoint, list_checkpoints
 
 
 class RunDirError(TetherError, RuntimeError):
@@ -29,7 +29,7 @@ class RunDirError(TetherError, RuntimeError):
 
 # Keys a resumed run may change: extending a run is the common reason to resume; the
 # parallel engine too: a checkpoint written under FSDP resumes under DDP or in one
-# process (and a run dir from before these keys existed resumes with their defaults).
+# process (and a run dir whose config.yaml lacks these keys resumes with their defaults).
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "parallel", "fsdp_cpu_offload")
 
 

@@ -61,6 +61,24 @@ def tokenize_preferences(
     return out
 
 
+def prepare_data(
+    cfg: DPOConfig, tokenizer
+) -> tuple[list[TokenizedPreference], list[TokenizedPreference]]:
+    """Read, validate, split and tokenise; raises DataError before any model loads.
+
+    Rankings become weighted pairs (`dpo.listwise_pairs`) on both sides of the split.
+    """
+    splits = load_preference_splits(cfg.data, cfg.train.seed)
+    train_pairs, held_out_pairs = splits.pairs(cfg.dpo.listwise_pairs)
+    max_len = cfg.data.max_length
+    train = tokenize_preferences(train_pairs, tokenizer, max_len, splits.report)
+    held_out = tokenize_preferences(held_out_pairs, tokenizer, max_len, splits.eval_report)
+    tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
+    if not train:
+        raise DataError(f"{cfg.data.train}: no usable preference pairs")
+    return train, held_out
+
+
 def pair_logps(model, pairs: list[TokenizedPreference], pad_id: int, bf16: bool) -> torch.Tensor:
     """[B, 2] sequence log-probs (chosen, rejected) of 2B rows in one batch, in which each
     pair's prompt runs once for both answers (`response_hidden` shares repeated prompts)."""
@@ -137,6 +155,22 @@ def reference_logps(
     return logps
 
 
+def pair_losses(
+    cfg: DPOConfig, logps: torch.Tensor, ref_logps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dpo_loss` of [B, 2] (chosen, rejected) policy and reference log-probs under `cfg.dpo`:
+    per-pair losses and the chosen and rejected implicit rewards."""
+    return dpo_loss(
+        logps[:, 0],
+        logps[:, 1],
+        ref_logps[:, 0],
+        ref_logps[:, 1],
+        cfg.dpo.beta,
+        cfg.dpo.loss_type,
+        cfg.dpo.label_smoothing,
+    )
+
+
 def dpo_metrics(
     losses: torch.Tensor,
     chosen_rewards: torch.Tensor,
@@ -165,14 +199,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
     """Train with DPO and return the path of `final/`."""
     begun = begin_run(cfg, out, resume)
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
-    splits = load_preference_splits(cfg.data, cfg.train.seed)
-    train_pairs, held_out_pairs = splits.pairs(cfg.dpo.listwise_pairs)
-    max_len = cfg.data.max_length
-    train = tokenize_preferences(train_pairs, tokenizer, max_len, splits.report)
-    held_out = tokenize_preferences(held_out_pairs, tokenizer, max_len, splits.eval_report)
-    tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
-    if not train:
-        raise DataError(f"{cfg.data.train}: no usable preference pairs")
+    train, held_out = prepare_data(cfg, tokenizer)
     per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)
     model.train()
@@ -186,18 +213,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         bf16,
     )
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
-    pad_id, loss_cfg = tokenizer.pad_token_id, cfg.dpo
-
-    def losses_of(logps: torch.Tensor, ref_logps: torch.Tensor):
-        return dpo_loss(
-            logps[:, 0],
-            logps[:, 1],
-            ref_logps[:, 0],
-            ref_logps[:, 1],
-            loss_cfg.beta,
-            loss_cfg.loss_type,
-            loss_cfg.label_smoothing,
-        )
+    pad_id = tokenizer.pad_token_id
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
         total_weight = sum(train[i].weight for i in indices)  # the whole step's
@@ -211,7 +227,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
             share = float(weights.sum()) / total_weight  # exact under accumulation
             with parallel.micro_batch(last=start + per_micro >= len(mine)):
                 logps = parallel(pair_logps, micro, pad_id, bf16)
-                losses, chosen_r, rejected_r = losses_of(logps, ref["train"][micro_idx])
+                losses, chosen_r, rejected_r = pair_losses(cfg, logps, ref["train"][micro_idx])
                 loss = (losses * weights).sum() / weights.sum() * share
                 (loss * parallel.loss_scale).backward()
             for key, value in dpo_metrics(losses, chosen_r, rejected_r, logps, weights).items():
@@ -224,7 +240,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
     def eval_fn() -> dict[str, float]:
         # The batching of the reference pass: identical padding, so step 0 is exactly ln 2.
         logps = all_pair_logps(parallel, held_out, per_micro, pad_id, bf16, desc="eval")
-        losses, chosen_r, rejected_r = losses_of(logps, ref["held_out"])
+        losses, chosen_r, rejected_r = pair_losses(cfg, logps, ref["held_out"])
         weights = torch.tensor([p.weight for p in held_out])
         metrics = dpo_metrics(losses, chosen_r, rejected_r, logps, weights)
         return {f"eval/{k}": v for k, v in metrics.items()}

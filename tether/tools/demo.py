@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -264,14 +265,8 @@ def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
 
 def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     """Held-out prompts: π_ref (best_of samples each) against the policy (policy_samples)."""
-    from tether.models.reward_model import RewardModel
-
     prompts = [r["prompt"] for r in _read(out / "prompts/held_out.jsonl")]
-    source = resolve_model_source(s.model)
-    tokenizer = load_tokenizer(source)
-    reference = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).eval()
-    policy_dir = out / "ppo/final"
-    policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False).eval()
+    tokenizer, reference, policy = _load_reference_and_policy(s, out)
     max_new = _max_new(task, s)
     ref_texts, ref_ended, *_ = sample_answers(
         reference, tokenizer, prompts, s.best_of, max_new, s.seed + 1, "held-out π_ref"
@@ -281,53 +276,16 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     )
     kl = policy_kl(policy, reference, tokenizer, pol_prompt_ids, pol_response_ids)
 
-    gold_fn = gold_function(task)
-    rm = RewardModel.load(str(out / "rm/final"), bf16=bf16_available())
-
-    def judge(texts: list[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        repeated = [p for p in prompts for _ in range(n)]
-        rm_scores = rm.score(repeated, texts, batch_size=32)
-        return torch.tensor(gold_fn(repeated, texts)).view(-1, n), rm_scores.view(-1, n)
-
+    judge = _judge(task, prompts, out)
     ref_gold, ref_rm = judge(ref_texts, s.best_of)
     pol_gold, pol_rm = judge(pol_texts, s.policy_samples)
-    pol_kl = kl.view(-1, s.policy_samples)
-    best_of_n = [
-        {
-            "n": n,
-            "kl": best_of_n_kl(n),
-            "gold": best_of_n_mean(ref_rm, ref_gold, n),
-            "rm_score": best_of_n_mean(ref_rm, ref_rm, n),
-        }
-        for n in BEST_OF_N
-        if n <= s.best_of
-    ]
+    reference_answers = _scored_answers(ref_texts, ref_ended, ref_gold, ref_rm)
+    policy_answers = _scored_answers(
+        pol_texts, pol_ended, pol_gold, pol_rm, kl.view(-1, s.policy_samples)
+    )
     records = [
-        {
-            "prompt": p,
-            "reference": [
-                {"response": t, "ended": e, "gold": g, "rm_score": r}
-                for t, e, g, r in zip(
-                    ref_texts[i * s.best_of : (i + 1) * s.best_of],
-                    ref_ended[i * s.best_of : (i + 1) * s.best_of],
-                    ref_gold[i].tolist(),
-                    ref_rm[i].tolist(),
-                    strict=True,
-                )
-            ],
-            "policy": [
-                {"response": t, "ended": e, "gold": g, "rm_score": r, "kl": k}
-                for t, e, g, r, k in zip(
-                    pol_texts[i * s.policy_samples : (i + 1) * s.policy_samples],
-                    pol_ended[i * s.policy_samples : (i + 1) * s.policy_samples],
-                    pol_gold[i].tolist(),
-                    pol_rm[i].tolist(),
-                    pol_kl[i].tolist(),
-                    strict=True,
-                )
-            ],
-        }
-        for i, p in enumerate(prompts)
+        {"prompt": p, "reference": ref, "policy": pol}
+        for p, ref, pol in zip(prompts, reference_answers, policy_answers, strict=True)
     ]
     write_jsonl(out / "eval/samples.jsonl", records)
     results = {
@@ -341,10 +299,75 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
         "rm_gold_accuracy": _none_if_nan(pairwise_agreement(ref_rm, ref_gold)),
         "length_ref": _mean_words(ref_texts),
         "length_policy": _mean_words(pol_texts),
-        "best_of_n": best_of_n,
+        "best_of_n": _best_of_n_curve(ref_rm, ref_gold, s.best_of),
     }
     write_text_atomic(out / "eval/results.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _load_reference_and_policy(s: DemoSettings, out: Path):
+    """The tokenizer, π_ref and the trained policy (ppo/final), both in eval mode, dropout off."""
+    source = resolve_model_source(s.model)
+    tokenizer = load_tokenizer(source)
+    reference = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).eval()
+    policy_dir = out / "ppo/final"
+    policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False).eval()
+    return tokenizer, reference, policy
+
+
+def _judge(
+    task: Task, prompts: list[str], out: Path
+) -> Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]:
+    """judge(texts, n) -> ([P, n] gold, [P, n] RM score) of n answers per prompt, consecutive."""
+    from tether.models.reward_model import RewardModel
+
+    gold_fn = gold_function(task)
+    rm = RewardModel.load(str(out / "rm/final"), bf16=bf16_available())
+
+    def judge(texts: list[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        repeated = [p for p in prompts for _ in range(n)]
+        rm_scores = rm.score(repeated, texts, batch_size=32)
+        return torch.tensor(gold_fn(repeated, texts)).view(-1, n), rm_scores.view(-1, n)
+
+    return judge
+
+
+def _scored_answers(
+    texts: list[str],
+    ended: list[bool],
+    gold: torch.Tensor,
+    rm: torch.Tensor,
+    kl: torch.Tensor | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Per prompt, its n answers (consecutive in `texts`; [P, n] scores) as samples.jsonl
+    records: response, ended, gold, rm_score, and kl where given (the policy's answers)."""
+    n = gold.shape[1]
+    per_prompt = []
+    for i in range(gold.shape[0]):
+        rows = slice(i * n, (i + 1) * n)
+        columns = [texts[rows], ended[rows], gold[i].tolist(), rm[i].tolist()]
+        keys = ["response", "ended", "gold", "rm_score"]
+        if kl is not None:
+            columns.append(kl[i].tolist())
+            keys.append("kl")
+        per_prompt.append(
+            [dict(zip(keys, values, strict=True)) for values in zip(*columns, strict=True)]
+        )
+    return per_prompt
+
+
+def _best_of_n_curve(ref_rm: torch.Tensor, ref_gold: torch.Tensor, best_of: int) -> list[dict]:
+    """Best-of-n from π_ref's samples, picked by the RM: each n's analytic KL and mean scores."""
+    return [
+        {
+            "n": n,
+            "kl": best_of_n_kl(n),
+            "gold": best_of_n_mean(ref_rm, ref_gold, n),
+            "rm_score": best_of_n_mean(ref_rm, ref_rm, n),
+        }
+        for n in BEST_OF_N
+        if n <= best_of
+    ]
 
 
 @torch.no_grad()
