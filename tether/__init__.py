@@ -9,7 +9,7 @@ The package, bottom layer first; each layer imports only the layers below it
     models/    loading LMs, tokenizers, LoRA; reward models; the training attention kernel
     runs/      run dirs, checkpoints, the shared training loop, torch.distributed
     fast/      the rollout engine and its C++ kernels, the allocator (skip on a first read:
-               `rollout.generate` gives the same samples with or without it)
+               `rollout.generation.generate` samples the same distribution without it)
     rewards    reward functions and verifiers, with timeouts
     rollout/   sampling, the forward passes over a rollout, the actor-critic
     stages/    sft, rm, ppo (with rloo, grpo, reinforce, a2c), dpo: one loop each

@@ -143,7 +143,7 @@ class Weights:
         self.kernels = None
         if fused is not False and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             self.kernels = tether_fused.kernels()
-        # The shapes the attention kernel unrolls its loops for (tether/fused_decode.cpp)
+        # The shapes the attention kernel unrolls its loops for (tether/fast/fused_decode.cpp)
         self.fused_attention = (
             self.kernels is not None
             and self.head_dim in (16, 32, 64, 128)
@@ -197,7 +197,7 @@ def _decode_attention(
     """softmax(q·kᵀ/√d + bias) v for ONE query per row: q [B, H, 1, D], keys/values the whole
     cache [B, Hkv, T_max, D], bias [B, 1, 1, T_max] float32 (0 where a key is visible, -inf
     for padding and for slots not filled yet). Where the fused kernels are built, the engine
-    runs `decode_attention` from tether/fused_decode.cpp instead, which reads only the filled
+    runs `decode_attention` from tether/fast/fused_decode.cpp instead, which reads only the filled
     slots; this is the fallback and the tests' reference.
 
     Two small batched matmuls with the query heads grouped by their KV head; for a single

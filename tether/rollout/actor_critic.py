@@ -3,8 +3,9 @@
 One module means one optimizer, one gradient clip and one checkpoint cover policy and critic
 together (A2C-style joint training). The critic is either a linear value head on the policy's
 own backbone (one model in memory) or a separate backbone with its own head, usually
-initialised from the reward model (RLHF-NOTES). The reference policy is kept outside: with a
-LoRA policy it is the same backbone with the adapters disabled.
+initialised from the reward model (docs/implementation-details.md#critic-initialisation).
+The reference policy is kept outside: with a LoRA policy it is the same backbone with the
+adapters disabled.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Forward passes over a rollout: lay it out as tensors, read log-probs, entropies and hidden states
-of the response tokens.
+"""Forward passes over a rollout: lay it out as tensors, then read the log-probs, entropies
+and hidden states of its response tokens.
 
 Layout of a rollout batch (B rows):
 
@@ -7,7 +7,8 @@ Layout of a rollout batch (B rows):
     mask  [B, P + R]   1 on real tokens (prompt and response up to and including EOS)
     response_mask [B, R]   the response part of `mask`
 
-Position ids come from the mask, so left padding does not shift positions (RLHF-NOTES). The
+Position ids come from the mask, so left padding does not shift positions
+(docs/implementation-details.md#left-padding-and-position-ids). The
 state that emits response token t is position P + t − 1, so log-probs, entropies and values
 of the response are all read from hidden[:, P − 1 : −1]: the LM head runs on R positions per
 row instead of P + R, and no [B, P + R, V] logits tensor is ever built.
