@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -67,13 +66,11 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tether.hardware import autocast
+    from tether.hardware import autocast, resolve_device
     from tether.runs import distributed
 
-    world = distributed.init_from_env("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(
-        f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    )
+    device = resolve_device("auto")
+    world = distributed.init_from_env(device)
     torch.manual_seed(0)
     config = LlamaConfig(**SIZES[args.size], max_position_embeddings=max(2048, args.seq))
     model = LlamaForCausalLM(config).to(device)

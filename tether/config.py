@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,8 +126,15 @@ class TrainConfig:
     # Micro-batches per optimizer step; the effective batch is batch_size * grad_accum.
     grad_accum: int = 1
     seed: int = 0
-    # bf16 = autocast with float32 master weights; auto = bf16 where the CPU/GPU has it.
+    # Where every model of the run sits: auto = this process's GPU (cuda:LOCAL_RANK under
+    # torchrun) where CUDA is available, else the CPU; or cpu, cuda, cuda:N.
+    device: str = "auto"
+    # bf16 = autocast with float32 master weights; auto = bf16 where the device computes it
+    # natively (a GPU from Ampere on, a CPU with AVX512-BF16 or AMX), else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # PyTorch's deterministic algorithms: bit-exact reruns and resumes, at some speed on a GPU
+    # (docs/robustness.md#deterministic-runs).
+    deterministic: bool = False
     log_every: int = 1
     # 0 = evaluate only at the end.
     eval_every: int = 0
@@ -148,6 +156,11 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", "must be >= 0")
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        _check(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            "train.device",
+            f"is {self.device!r}; must be auto, cpu, cuda or cuda:N",
+        )
 
 
 @dataclass

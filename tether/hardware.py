@@ -1,7 +1,9 @@
-"""What this machine offers and how tether uses it: CPU features, bf16, threads, malloc.
+"""What this machine offers and how tether uses it: the device, CPU features, bf16, threads,
+malloc, GPU memory.
 
-A run's precision and thread count are decided here once, from the hardware the models
-run on, so that every stage, the demo and the rollout engine agree.
+A run's device, precision and thread count are decided here once, from the hardware the
+models run on, so that every stage, the demo and the rollout engine agree. Precision follows
+the device the models sit on, never the mere presence of a GPU in the machine.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import contextlib
 import ctypes
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from tether.errors import TetherError
 
 
 def cache_dir() -> Path:
@@ -30,12 +35,55 @@ def cpu_flags() -> str:
     return ""
 
 
-def bf16_available() -> bool:
-    """bf16 autocast pays on CUDA and on CPUs with native bf16 dot products (AVX512-BF16/AMX);
-    elsewhere it emulates bf16 and is slower than fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The device a run's models sit on, from `train.device`.
+
+    auto: this process's GPU where CUDA is available (`cuda:LOCAL_RANK` under torchrun, one
+    GPU per rank), else the CPU. `cuda` alone also means the local rank's GPU. A CUDA device
+    that this machine does not have is an error here, before any model loads.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise TetherError(f"train.device: {spec!r} is not a device ({e})") from e
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise TetherError(f"train.device: {spec!r}; tether runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise TetherError(
+            f"train.device: {spec} but this machine has no usable CUDA device "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+            "use train.device: cpu (or auto)"
+        )
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise TetherError(
+            f"train.device: {spec} asks for GPU {index}; this machine has "
+            f"{torch.cuda.device_count()}"
+        )
+    return torch.device("cuda", index)
+
+
+def bf16_available(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 autocast pays on `device`: a GPU of compute capability 8.0 or newer
+    (Ampere on), or a CPU with native bf16 dot products (AVX512-BF16/AMX). Elsewhere bf16 is
+    emulated and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu_flags()))
+
+
+def describe(device: torch.device, bf16: bool) -> str:
+    """Where a run computes and in which precision, for its first line."""
+    where = str(device)
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    return f"{where}, {'bf16 autocast over fp32 weights' if bf16 else 'fp32'}"
 
 
 def set_threads(threads: int) -> None:
@@ -71,13 +119,57 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def use_bf16(precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and bf16_available())
+def use_bf16(precision: str, device: torch.device | str = "cpu") -> bool:
+    """`train.precision` on `device`: auto is bf16 where the device computes it natively."""
+    return precision == "bf16" or (precision == "auto" and bf16_available(device))
 
 
-def autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast over float32 master weights (matmuls in bf16, reductions in fp32)."""
+@contextlib.contextmanager
+def autocast(enabled: bool) -> Iterator[None]:
+    """bf16 autocast over float32 master weights (matmuls in bf16, reductions in fp32).
+
+    Autocast is per device type, so this enters it for the CPU and, once this process has
+    put anything on a GPU, for CUDA too: each op runs under its own device's autocast, and
+    callers need not say where their models are.
+    """
     if not enabled:
-        return contextlib.nullcontext()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+        if torch.cuda.is_initialized():
+            stack.enter_context(torch.autocast(device_type="cuda", dtype=torch.bfloat16))
+        yield
+
+
+def use_deterministic(enabled: bool) -> None:
+    """`train.deterministic`: PyTorch's deterministic algorithms, so a rerun (and a resumed
+    run) computes bit for bit what the first one did. On a GPU it costs speed: cuBLAS gets a
+    fixed workspace, cuDNN's autotuner is off, and ops without a deterministic kernel raise
+    instead of running."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def cuda_memory(device: torch.device) -> dict[str, float]:
+    """GPU memory since the last call (`memory/cuda_peak_gib`) and held by PyTorch's caching
+    allocator (`memory/cuda_reserved_gib`); empty off the GPU. Resets the peak."""
+    if device.type != "cuda":
+        return {}
+    gib = 2**30
+    stats = {
+        "memory/cuda_peak_gib": torch.cuda.max_memory_allocated(device) / gib,
+        "memory/cuda_reserved_gib": torch.cuda.memory_reserved(device) / gib,
+    }
+    torch.cuda.reset_peak_memory_stats(device)
+    return stats
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU OOM, or a CPU allocation failure (which PyTorch raises as a RuntimeError)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)

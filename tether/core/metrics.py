@@ -26,7 +26,7 @@ def expected_calibration_error(
     p = torch.cat([torch.sigmoid(chosen - rejected), torch.sigmoid(rejected - chosen)]).double()
     outcome = torch.cat([torch.ones_like(chosen), torch.zeros_like(chosen)]).double()
     which = torch.clamp((p * bins).long(), max=bins - 1)
-    ece = torch.zeros((), dtype=torch.float64)
+    ece = torch.zeros((), dtype=torch.float64, device=p.device)
     for b in range(bins):
         in_bin = which == b
         if in_bin.any():
@@ -77,7 +77,9 @@ def best_of_n_mean(selector: torch.Tensor, values: torch.Tensor, n: int) -> floa
     order = selector.argsort(dim=1, stable=True)
     ranked = values.double().gather(1, order)
     weights = torch.tensor(
-        [math.comb(i, n - 1) / math.comb(count, n) for i in range(count)], dtype=torch.float64
+        [math.comb(i, n - 1) / math.comb(count, n) for i in range(count)],
+        dtype=torch.float64,
+        device=ranked.device,
     )
     return (ranked * weights).sum(dim=1).mean().item()
 
@@ -96,6 +98,7 @@ def preference_metrics(
     model that mostly rewards length has a high `length_corr` and a large gap between
     `accuracy_chosen_longer` and `accuracy_chosen_shorter`.
     """
+    chosen_len, rejected_len = chosen_len.to(chosen.device), rejected_len.to(chosen.device)
     diff = chosen - rejected
     longer, shorter = chosen_len > rejected_len, chosen_len < rejected_len
     return {

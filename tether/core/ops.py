@@ -69,7 +69,7 @@ def explained_variance(
     var_returns = masked_var(returns, mask)
     var_error = masked_var(returns - values, mask)
     if float(var_returns) == 0.0:
-        return torch.zeros((), dtype=values.dtype)
+        return torch.zeros((), dtype=values.dtype, device=values.device)
     return 1.0 - var_error / var_returns
 
 
@@ -125,10 +125,10 @@ class _LogprobsAndEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, with_entropy, chunk_size):
-        n = logits.shape[0]
-        logprobs = torch.empty(n)
-        entropy = torch.zeros(n)
-        normaliser = torch.empty(n)
+        n, device = logits.shape[0], logits.device
+        logprobs = torch.empty(n, device=device)
+        entropy = torch.zeros(n, device=device)
+        normaliser = torch.empty(n, device=device)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
             z = _scaled(logits[rows], temperature)
@@ -149,7 +149,7 @@ class _LogprobsAndEntropy(torch.autograd.Function):
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         with_entropy = ctx.with_entropy and grad_entropy is not None
         if grad_logprobs is None:  # the entropy alone is in the loss
-            grad_logprobs = torch.zeros(logits.shape[0])
+            grad_logprobs = torch.zeros(logits.shape[0], device=logits.device)
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -177,7 +177,10 @@ def _logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., V] logits (and [...] labels) -> log p_label and entropy, each [...]."""
     rows = logits.reshape(-1, logits.shape[-1])
-    ids = torch.zeros(rows.shape[0], dtype=torch.long) if labels is None else labels.reshape(-1)
+    if labels is None:
+        ids = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    else:
+        ids = labels.reshape(-1)
     logprobs, entropy = _LogprobsAndEntropy.apply(rows, ids, temperature, with_entropy, chunk_size)
     shape = logits.shape[:-1]
     return logprobs.view(shape), entropy.view(shape)

@@ -41,10 +41,13 @@ COMPACT_SHARE = 0.25
 
 
 def supports(model) -> bool:
+    """Whether the engine decodes `model`: a Llama-family model on the CPU (a model on a GPU
+    samples through Hugging Face `generate`)."""
     inner = hf_model(model)
     config = inner.config
     return (
-        config.model_type in SUPPORTED
+        next(inner.parameters()).device.type == "cpu"
+        and config.model_type in SUPPORTED
         and not getattr(config, "sliding_window", None)  # a full cache is assumed
         and getattr(config, "hidden_act", "silu") == "silu"
         and not getattr(config, "mlp_bias", False)  # the MLP below has no biases

@@ -233,7 +233,7 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold to resume: the trainable tensors only (LoRA adapters, or
     every weight for full fine-tuning)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names}
+    return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in names}
 
 
 def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -278,3 +278,9 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under an optional peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model computes on (that of its first parameter: a run keeps all of a
+    model on one device). Inputs built on the CPU move there once, where the model is called."""
+    return next(model.parameters()).device

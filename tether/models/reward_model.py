@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tether.models.loading import (
     disable_dropout,
     hf_model,
     load_tokenizer,
+    model_device,
     resolve_model_source,
     save_pretrained_model,
     store_frozen_linears,
@@ -54,12 +56,15 @@ def sequence_scores(
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
+    device = model_device(backbone)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
     ).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # [B, H]
+    rows = torch.arange(hidden.shape[0], device=device)
+    last = hidden[rows, last_token_index(attention_mask)]  # [B, H]
     return inner.score(last).squeeze(-1).float()
 
 
@@ -83,18 +88,19 @@ def grouped_sequence_scores(
         return sequence_scores(model, ids, mask)
     packed = pack_groups(groups)
     hidden = packed_hidden_states(backbone, packed)
-    return inner.score(hidden[packed.last_index]).squeeze(-1).float()
+    return inner.score(hidden[packed.last_index.to(hidden.device)]).squeeze(-1).float()
 
 
 def packed_hidden_states(backbone: torch.nn.Module, packed: PackedGroups) -> torch.Tensor:
     """[T, H] final hidden states of a packed row (`packing.pack_groups`), for a backbone whose
-    config passes `attention.runs_packed_rows`."""
+    config passes `attention.runs_packed_rows`. The segments' masks move with each call."""
+    device = model_device(backbone)
     return backbone(
-        input_ids=packed.input_ids,
+        input_ids=packed.input_ids.to(device),
         # A placeholder 4D mask, which transformers passes on as it is: the segments carry
         # the real masks, and without it transformers would build a causal [T, T] one.
-        attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
-        position_ids=packed.position_ids,
+        attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
+        position_ids=packed.position_ids.to(device),
         use_cache=False,
         **{SEGMENTS: packed.segments},
     ).last_hidden_state[0]
@@ -172,11 +178,18 @@ class RewardModel:
 
     @classmethod
     def load(
-        cls, path: str, max_length: int = 512, dtype: str = "float32", bf16: bool = False
+        cls,
+        path: str,
+        max_length: int = 512,
+        dtype: str = "float32",
+        bf16: bool = False,
+        device: str | torch.device = "cpu",
     ) -> RewardModel:
+        """The reward model saved at `path`, on `device` (a run's own device: a PPO run on a
+        GPU scores there)."""
         tokenizer = load_tokenizer(path)
         model = load_reward_backbone(ModelConfig(name=path, dtype=dtype), tokenizer, seed=0)
-        model.eval().requires_grad_(False)
+        model.to(device).eval().requires_grad_(False)
         if bf16:  # it only ever runs under bf16 autocast (`score`)
             store_frozen_linears(model, torch.bfloat16)
         norm = getattr(model.config, NORMALIZATION_KEY, None) or {"mean": 0.0, "std": 1.0}
@@ -191,7 +204,7 @@ class RewardModel:
         batch_size: int = 16,
         normalize: bool = True,
     ) -> torch.Tensor:
-        """[N] scores, normalised to the reference set when `normalize`. Consecutive
+        """[N] scores on the CPU, normalised to the reference set when `normalize`. Consecutive
         responses to the same prompt (k samples of a rollout, best-of-n candidates) are
         scored after one pass over their shared prompt; batches hold whole such runs,
         about `batch_size` rows each."""
@@ -213,12 +226,14 @@ class RewardModel:
                 batches.append([])
             batches[-1].append(group)
         out = []
+        device = model_device(self.model)
+        # Called on the reward's own thread (rewards.call_with_timeout): autocast and the
+        # current GPU are per thread, so both are set here rather than by the caller.
+        on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
         for batch in batches:
-            # Called on the reward's own thread (rewards.call_with_timeout): autocast is
-            # per thread, so it is entered here rather than by the caller.
-            with autocast(self.bf16):
+            with on_device, autocast(self.bf16):
                 scores = grouped_sequence_scores(self.model, batch, self.tokenizer.pad_token_id)
-            out.append(scores.float())
+            out.append(scores.float().cpu())
         raw = torch.cat(out) if out else torch.zeros(0)
         return (raw - self.mean) / self.std if normalize else raw
 

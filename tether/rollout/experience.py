@@ -25,6 +25,7 @@ from tether.core.kl import kl_estimate
 from tether.core.ops import RunningMoments, explained_variance, masked_mean, masked_sum
 from tether.data import Message
 from tether.hardware import autocast
+from tether.models.loading import model_device
 from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, checked_call
 from tether.rollout.actor_critic import ActorCritic
 from tether.rollout.generation import Generation, generate
@@ -318,6 +319,9 @@ def collect_rollout(
     policy pass with its graph, kept in the rollout for the update to start from.
     """
     sampled = sample_and_score(run, messages, rows, row_seeds)
+    device = model_device(run.parallel.model)
+    sampled.batch = sampled.batch.to(device)  # built on the CPU, moved once
+    sampled.scores, sampled.ended = sampled.scores.to(device), sampled.ended.to(device)
     passes = forward_passes(run, sampled.batch, live_rows)
 
     # From here on: the job's whole batch, the same on every rank.
@@ -338,7 +342,8 @@ def collect_rollout(
     kl, _, advantages, returns = experience
 
     mine = distributed.rows_of_rank(mask.shape[0])
-    samples = rollout_samples(sampled, scores[mine], masked_sum(kl, mask, dim=1)[mine], stats)
+    seq_kl = masked_sum(kl, mask, dim=1)[mine].cpu()
+    samples = rollout_samples(sampled, scores[mine].cpu(), seq_kl, stats)
 
     def own(t: torch.Tensor) -> torch.Tensor:  # this rank's rows, at its own width
         return t[mine, :local_width]

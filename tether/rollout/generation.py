@@ -19,8 +19,8 @@ from tether.core.packing import pad_rows
 from tether.data import Message, as_messages
 from tether.errors import TetherError
 from tether.fast import engine as tether_engine
-from tether.hardware import bf16_available
-from tether.models.loading import hf_model
+from tether.hardware import bf16_available, is_out_of_memory
+from tether.models.loading import hf_model, model_device
 
 R = TypeVar("R")  # a prompt row, or its index
 
@@ -87,7 +87,7 @@ def generate(
     )
     if engine == "auto" and tether_engine.supports(model):
         if dtype is None:
-            dtype = torch.bfloat16 if bf16_available() else torch.float32
+            dtype = torch.bfloat16 if bf16_available(model_device(model)) else torch.float32
         responses = _engine_generate(model, tokenizer, rows, settings, dtype, seed, row_seeds)
     else:
         if row_seeds is not None and seed is None:
@@ -168,8 +168,11 @@ def _hf_generate(
     # distribution than the one log-probs are computed on; give it a blank one meanwhile.
     model_config, inner.generation_config = inner.generation_config, GenerationConfig()
 
+    device = model_device(model)
+
     def generate_chunk(chunk: list[list[int]]) -> list[list[int]]:
         ids, mask = pad_rows(chunk, tokenizer.pad_token_id, side="left")
+        ids, mask = ids.to(device), mask.to(device)
         out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         return [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
 
@@ -184,13 +187,6 @@ def _hf_generate(
         inner.generation_config = model_config
         model.train(was_training)
     return responses
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """A GPU OOM, or a CPU allocation failure (which PyTorch raises as a RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def split_on_oom(

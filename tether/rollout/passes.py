@@ -34,7 +34,7 @@ from tether.core.packing import (
     position_ids_from_mask,
 )
 from tether.models.attention import runs_packed_rows
-from tether.models.loading import hf_model
+from tether.models.loading import hf_model, model_device
 from tether.models.reward_model import packed_hidden_states
 from tether.runs import distributed
 
@@ -47,6 +47,15 @@ class RolloutBatch:
     mask: torch.Tensor  # [B, P + R]
     prompt_width: int  # P
     response_mask: torch.Tensor  # [B, R]
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The batch on `device` (itself where it is already there)."""
+        return RolloutBatch(
+            self.ids.to(device),
+            self.mask.to(device),
+            self.prompt_width,
+            self.response_mask.to(device),
+        )
 
     def rows(self, index: torch.Tensor | list[int]) -> RolloutBatch:
         return RolloutBatch(
@@ -139,6 +148,7 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
+    batch = batch.to(model_device(backbone))
     width = batch.prompt_width
     prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
     first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
@@ -197,6 +207,7 @@ def _hidden_after_shared_prompts(
     """Each distinct prompt (row `first_row[g]`) once, then every row's response after it,
     the responses in length buckets that all read the one prompt cache."""
     width = batch.prompt_width
+    first_row, group_of_row = first_row.to(batch.ids.device), group_of_row.to(batch.ids.device)
     prompt_mask = batch.mask[first_row, :width]
     cache, cache_kwargs = new_cache(backbone)
     last_prompt_state = backbone(
@@ -251,7 +262,10 @@ def _packed_shared_prompts_hidden(
         source.append(packed.token_index(k, p - 1, p - 1 + n))
         target.append(r * length + torch.arange(n))
     states = hidden.new_zeros(rows * length, hidden.shape[-1])
-    states = states.index_copy(0, torch.cat(target), hidden[torch.cat(source)])
+    source_index, target_index = torch.cat(source), torch.cat(target)
+    states = states.index_copy(
+        0, target_index.to(hidden.device), hidden[source_index.to(hidden.device)]
+    )
     return states.view(rows, length, -1)
 
 
@@ -263,7 +277,7 @@ def common_prompt_opening(batch: RolloutBatch) -> int:
     most = int(lengths.min()) - 1
     if most < 1:
         return 0
-    columns = (width - lengths)[:, None] + torch.arange(most)
+    columns = (width - lengths)[:, None] + torch.arange(most, device=lengths.device)
     heads = batch.ids.gather(1, columns)  # [B, most]: the first tokens of each prompt
     alike = (heads == heads[:1]).all(dim=0)
     return most if bool(alike.all()) else int(alike.int().argmin())
@@ -272,9 +286,9 @@ def common_prompt_opening(batch: RolloutBatch) -> int:
 def _hidden_after_common_opening(backbone, batch: RolloutBatch, opening: int) -> torch.Tensor:
     """The prompts' common opening once, then each row without it: [pad | rest of prompt |
     response], its positions counted on from the opening's."""
-    rows, width = batch.ids.shape[0], batch.prompt_width
+    rows, width, device = batch.ids.shape[0], batch.prompt_width, batch.ids.device
     starts = width - batch.mask[:, :width].sum(dim=1)  # where each prompt begins
-    columns = torch.arange(batch.ids.shape[1])
+    columns = torch.arange(batch.ids.shape[1], device=device)
     keep = (columns < starts[:, None]) | (columns >= starts[:, None] + opening)
     ids, mask = batch.ids[keep].view(rows, -1), batch.mask[keep].view(rows, -1)
     head = batch.ids[:1, int(starts[0]) : int(starts[0]) + opening]
@@ -282,11 +296,11 @@ def _hidden_after_common_opening(backbone, batch: RolloutBatch, opening: int) ->
     backbone(
         input_ids=head,
         attention_mask=torch.ones_like(head),
-        position_ids=torch.arange(opening)[None],
+        position_ids=torch.arange(opening, device=device)[None],
         **cache_kwargs,
     )
-    cache.batch_select_indices(torch.zeros(rows, dtype=torch.long))
-    full_mask = torch.cat([torch.ones(rows, opening, dtype=mask.dtype), mask], dim=1)
+    cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=device))
+    full_mask = torch.cat([torch.ones(rows, opening, dtype=mask.dtype, device=device), mask], 1)
     hidden = backbone(
         input_ids=ids,
         attention_mask=full_mask,
@@ -337,5 +351,7 @@ def _unpack(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs_of(model, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-    """[B, R] token log-probs of the responses under `model` (a policy or the reference)."""
+    """[B, R] token log-probs of the responses under `model` (a policy or the reference), on
+    the model's device."""
+    batch = batch.to(model_device(model))
     return token_logprobs(model, response_hidden(model, batch), batch, temperature, False)[0]

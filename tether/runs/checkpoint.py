@@ -156,7 +156,9 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(trainable tensors, training state, meta) of a verified checkpoint."""
     tensors = load_file(path / "model.safetensors")
-    state = torch.load(path / "state.pt", weights_only=True)
+    # On the CPU whatever wrote it: the optimizer moves its state to its parameters' device,
+    # so a run written on a GPU resumes on the CPU (or another GPU).
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     meta = json.loads((path / "meta.json").read_text())
     return tensors, state, meta
 
@@ -312,7 +314,7 @@ def load_sharded_checkpoint(
         optim_state_dict=optim_state,
         options=options,
     )
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     rngs = state.pop("rng_per_rank")
     w = distributed.world()
     # On another number of ranks rank 0 continues rank 0's stream; the others keep the

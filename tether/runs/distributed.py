@@ -1,7 +1,9 @@
 """Several processes, one run: PyTorch's own engine (torch.distributed, DDP, FSDP2), and the
 few collectives the stages need.
 
-Under `torchrun` every process runs the same stage code, on the CPU (gloo). The data of a
+Under `torchrun` every process runs the same stage code, each on its own device: the CPU
+(gloo), or the GPU `cuda:LOCAL_RANK` (NCCL for tensors on the GPU, gloo for the few small
+metric reductions and Python objects, which stay on the CPU). The data of a
 step is the same on every rank (a seeded order over the same files); each rank takes its
 contiguous share of it, runs forward and backward on that share, and the wrapper (DDP, or
 FSDP2's `fully_shard`) reduces the gradients. Losses are normalised by the *global* count of
@@ -43,16 +45,20 @@ class World:
         return self.rank == 0
 
 
-def init_from_env(backend: str = "gloo") -> World:
+def init_from_env(device: torch.device | str = "cpu") -> World:
     """Join the torchrun job this process was started in; a plain process is a world of one.
 
-    gloo: the stages keep their models and batches on the CPU, in a job as in one process.
-    A caller that places its model on a GPU (benchmarks/distributed_train.py) asks for NCCL.
+    With models on a GPU the process group is `cpu:gloo,cuda:nccl`: collectives of GPU
+    tensors (row gathers, gradient reductions) go over NCCL, those of CPU tensors (metric
+    sums, pickled objects) over gloo. On the CPU it is gloo alone.
     """
+    device = torch.device(device)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return world()
 
 
@@ -148,20 +154,24 @@ def gather(obj: T) -> list[T]:
 
 
 def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each of `tensors` ([B_r, L_r, ...] on rank r) concatenated over ranks along rows, with
-    dim 1 zero-padded to the widest (responses end at different lengths on different ranks).
-    One collective for all of them."""
-    per_rank_parts = gather(tensors)
+    """Each of `tensors` ([B, L_r, ...] on rank r, the same B on every rank) concatenated over
+    ranks along rows, with dim 1 zero-padded to the widest (responses end at different lengths
+    on different ranks). The tensors stay on their device: one small gather of the widths,
+    then one `all_gather` per tensor (NCCL for GPU tensors)."""
+    if not several_ranks():
+        return tensors
+    widths = gather([t.shape[1] if t.dim() >= 2 else 0 for t in tensors])
     out = []
     for i, tensor in enumerate(tensors):
-        parts = [rank_tensors[i] for rank_tensors in per_rank_parts]
+        width = max(rank_widths[i] for rank_widths in widths)
+        sent = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
         if tensor.dim() >= 2:
-            width = max(p.shape[1] for p in parts)
-            parts = [
-                torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]))
-                for p in parts
-            ]
-        out.append(torch.cat(parts))
+            pad = (0, 0) * (tensor.dim() - 2) + (0, width - tensor.shape[1])
+            sent = torch.nn.functional.pad(sent, pad)
+        sent = sent.contiguous()
+        parts = [torch.empty_like(sent) for _ in range(world().size)]
+        dist.all_gather(parts, sent)
+        out.append(torch.cat(parts).to(tensor.dtype))
     return tuple(out)
 
 

@@ -33,18 +33,26 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The random streams a run draws from: Python's, the CPU generator and, where the run
+    has used a GPU, the generator of the GPU it runs on (the current device: each process
+    uses one). Saving only that one lets a run resume on another number of GPUs."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Back to `state`. A GPU stream is restored onto the current GPU where there is one; a run
+    resumed on the CPU has no use for it."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written by every GPU's generator: this process's GPU's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 @dataclass

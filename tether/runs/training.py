@@ -21,9 +21,19 @@ from tqdm.auto import tqdm
 
 from tether.config import TrainConfig
 from tether.errors import RewardError, TetherError
-from tether.hardware import keep_freed_memory, set_threads, use_bf16
+from tether.hardware import (
+    cuda_memory,
+    describe,
+    is_out_of_memory,
+    keep_freed_memory,
+    resolve_device,
+    set_threads,
+    use_bf16,
+    use_deterministic,
+)
 from tether.models.loading import load_tokenizer
 from tether.runs import distributed, faults
+from tether.runs.checkpoint import latest_checkpoint
 from tether.runs.data_order import example_indices, examples_per_step, total_steps
 from tether.runs.optim import clip_and_step, make_optimizer, make_scheduler
 from tether.runs.rundir import MetricsLogger, NullLogger, RunDir
@@ -44,30 +54,42 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 
 @dataclass
 class RunStart:
-    """A locked run dir, the checkpoint to resume from (or None), precision and tokenizer."""
+    """A locked run dir, the checkpoint to resume from (or None), the device every model of
+    the run sits on, its precision, and the tokenizer."""
 
     run: RunDir
     resume_from: Any
+    device: torch.device
     bf16: bool
     tokenizer: Any
 
 
 def begin_run(cfg: Any, out, resume: bool) -> RunStart:
-    """Lock and check the run dir, set threads and seeds, load the tokenizer: the first lines
-    of every stage, before its data is validated and its model loaded.
+    """Pick the device, lock and check the run dir, set threads and seeds, load the
+    tokenizer: the first lines of every stage, before its data is validated and its model
+    loaded. The first line printed says where the run computes and in which precision.
 
-    In a torchrun job rank 0 locks and prepares the run dir and the others follow its
-    decision (which checkpoint to resume from); a refusal on rank 0 ends the job.
+    In a torchrun job each rank takes its own GPU (`cuda:LOCAL_RANK`); rank 0 locks and
+    prepares the run dir and the others follow its decision (which checkpoint to resume
+    from); a refusal on rank 0 ends the job.
     """
-    world = distributed.init_from_env()
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current device: RNG state, NCCL, new tensors
+    world = distributed.init_from_env(device)
+    bf16 = use_bf16(cfg.train.precision, device)
+    if world.is_main:
+        ranks = f" (and {world.size - 1} more ranks)" if world.size > 1 else ""
+        tqdm.write(f"tether: running on {describe(device, bf16)}{ranks}")
     run = RunDir(out)
     resume_from = run.prepare(cfg, resume) if world.is_main else None
     resume_from = distributed.broadcast(resume_from)
     set_threads(cfg.train.threads)
     keep_freed_memory()
+    use_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    return RunStart(run, resume_from, use_bf16(cfg.train.precision), tokenizer)
+    return RunStart(run, resume_from, device, bf16, tokenizer)
 
 
 @dataclass
@@ -122,6 +144,22 @@ StepFn = Callable[[list[int]], tuple[dict[str, float], int]]
 
 class NonFiniteError(TetherError, RuntimeError):
     """Training produced NaN/inf gradients train.max_bad_steps times in a row."""
+
+
+class OutOfMemoryStop(TetherError, RuntimeError):
+    """A training step ran out of memory; the message names the keys that lower it."""
+
+
+def memory_remedy(cfg: Any) -> str:
+    """The config keys that shrink a step's memory, for this stage's config."""
+    keys = ["a smaller train.batch_size or a larger train.grad_accum (the micro-batch)"]
+    if hasattr(cfg, "rollout"):
+        keys.append("rollout.generation_batch_size")
+        keys.append("rollout.max_new_tokens")
+    keys.append("data.max_length")
+    if hasattr(cfg.model, "gradient_checkpointing") and not cfg.model.gradient_checkpointing:
+        keys.append("model.gradient_checkpointing: true")
+    return ", ".join(keys)
 
 
 # What the progress bar shows, where a stage logs it.
@@ -197,11 +235,12 @@ def run_steps(
         disable=not distributed.world().is_main,
     )
     save = functools.partial(_save, run, model, opt, train.keep_last, extra_state)
+    device = next(model.parameters()).device
     bad_in_a_row = 0
     while progress.step < last_step:
         started = time.perf_counter()
         indices = example_indices(progress.cursor, per_step, num_examples, train.seed, grouped)
-        metrics, tokens = _step_or_save(step_fn, indices, run, progress, save)
+        metrics, tokens = _step_or_save(step_fn, indices, run, progress, save, cfg)
         metrics["train/lr"] = opt.scheduler.get_last_lr()[0]
         if not steps_itself:
             metrics["train/grad_norm"] = clip_and_step(
@@ -212,6 +251,7 @@ def run_steps(
         progress.step += 1
         progress.cursor += len(indices)
         _add_step_metrics(metrics, progress.cursor / num_examples, started, tokens)
+        metrics |= cuda_memory(device)
         _evaluate_and_log(metrics, progress.step, last_step, train, eval_fn, logger)
         bar.update(1)
         bar.set_postfix(
@@ -246,9 +286,12 @@ def _step_or_save(
     run: RunDir,
     progress: Progress,
     save: Callable[[], None],
+    cfg: Any,
 ) -> tuple[dict[str, float], int]:
     """`step_fn(indices)`; when a reward fails, the state the step started from is saved (in
-    one process) before the error goes on, so the run resumes exactly here once it is fixed."""
+    one process) before the error goes on, so the run resumes exactly here once it is fixed.
+    A step that runs out of memory saves nothing (it may have stepped part of the way): the
+    last checkpoint stays the one to resume from, and the error names what to lower."""
     rng_at_start = rng_state()
     try:
         return step_fn(indices)
@@ -264,6 +307,15 @@ def _step_or_save(
             save()
         saved = f"state saved at step {progress.step}" if progress.step else "nothing to save"
         raise RewardError(f"{e} [{saved}; fix the reward, then --resume]") from e
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        last = latest_checkpoint(run.checkpoints)
+        kept = f"{last} is kept" if last else "no checkpoint yet"
+        raise OutOfMemoryStop(
+            f"step {progress.step + 1} ran out of memory ({type(e).__name__}); lower "
+            f"{memory_remedy(cfg)}, then --resume ({kept})"
+        ) from e
 
 
 def _guard_non_finite(

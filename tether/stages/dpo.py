@@ -23,7 +23,7 @@ from tether.core.losses import dpo_loss
 from tether.core.ops import sequence_logprobs
 from tether.data import DataError, LoadReport, PreferencePair, load_preference_splits
 from tether.hardware import autocast
-from tether.models.loading import load_causal_lm, save_pretrained_model
+from tether.models.loading import load_causal_lm, model_device, save_pretrained_model
 from tether.rollout.generation import encode_answer, encode_prompt
 from tether.rollout.passes import build_batch, sequence_logprobs_of
 from tether.runs import distributed
@@ -84,7 +84,7 @@ def pair_logps(model, pairs: list[TokenizedPreference], pad_id: int, bf16: bool)
     pair's prompt runs once for both answers (`response_hidden` shares repeated prompts)."""
     prompts = [p.prompt for p in pairs] * 2
     answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    batch = build_batch(prompts, answers, pad_id)
+    batch = build_batch(prompts, answers, pad_id).to(model_device(model))
     with autocast(bf16):
         token_logps = sequence_logprobs_of(model, batch, temperature=1.0)
     logps = sequence_logprobs(token_logps, batch.response_mask)
@@ -100,8 +100,8 @@ def all_pair_logps(
     bf16: bool,
     desc: str,
 ) -> torch.Tensor:
-    """[N, 2] log-probs of every pair, in eval mode; in a torchrun job each rank computes its
-    share and every rank gets all N."""
+    """[N, 2] log-probs of every pair (on the CPU), in eval mode; in a torchrun job each rank
+    computes its share and every rank gets all N."""
     if not pairs:
         return torch.zeros(0, 2)
     parallel = distributed.Parallel.of(model)
@@ -109,7 +109,7 @@ def all_pair_logps(
     parallel.model.eval()
     mine, real = distributed.eval_share(pairs, pairs[0])
     out = [
-        parallel(pair_logps, mine[i : i + batch_size], pad_id, bf16)
+        parallel(pair_logps, mine[i : i + batch_size], pad_id, bf16).cpu()
         for i in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", leave=False)
     ]
     parallel.model.train(was_training)
@@ -123,8 +123,10 @@ def reference_logps(
     splits: dict[str, list[TokenizedPreference]],
     tokenizer,
     bf16: bool,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """The reference's [N, 2] log-probs per split, read from `path` or computed and cached.
+    """The reference's [N, 2] log-probs per split on `device`, read from `path` or computed
+    and cached.
 
     Computed before any training step, from `cfg.reference` or else from the policy's initial
     weights, and written atomically; a cache whose shapes do not match the data is redone.
@@ -133,12 +135,12 @@ def reference_logps(
     if path.is_file():
         cached = load_file(path)
         if all(k in cached and cached[k].shape == (len(v), 2) for k, v in splits.items()):
-            return cached
+            return {k: v.to(device) for k, v in cached.items()}
         tqdm.write(f"warning: {path} does not match the data; recomputing reference log-probs")
     model: torch.nn.Module | distributed.Parallel = policy
     if cfg.reference:
         ref_cfg = ModelConfig(name=cfg.reference, trust_remote_code=cfg.model.trust_remote_code)
-        model = load_causal_lm(ref_cfg, tokenizer, dropout=False)
+        model = load_causal_lm(ref_cfg, tokenizer, dropout=False).to(device)
     pad, size = (
         tokenizer.pad_token_id,
         distributed.per_rank(cfg.train.batch_size, "train.batch_size"),
@@ -152,7 +154,7 @@ def reference_logps(
         save_file(logps, str(tmp))
         os.replace(tmp, path)
     distributed.barrier()
-    return logps
+    return {k: v.to(device) for k, v in logps.items()}
 
 
 def pair_losses(
@@ -201,7 +203,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     train, held_out = prepare_data(cfg, tokenizer)
     per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
-    model = load_causal_lm(cfg.model, tokenizer, dropout=False)
+    model = load_causal_lm(cfg.model, tokenizer, dropout=False).to(begun.device)
     model.train()
     parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     ref = reference_logps(
@@ -211,6 +213,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         {"train": train, "held_out": held_out},
         tokenizer,
         bf16,
+        begun.device,
     )
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
     pad_id = tokenizer.pad_token_id
@@ -223,7 +226,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         for start in range(0, len(mine), per_micro):
             micro_idx = mine[start : start + per_micro]
             micro = [train[i] for i in micro_idx]
-            weights = torch.tensor([p.weight for p in micro])
+            weights = torch.tensor([p.weight for p in micro], device=begun.device)
             share = float(weights.sum()) / total_weight  # exact under accumulation
             with parallel.micro_batch(last=start + per_micro >= len(mine)):
                 logps = parallel(pair_logps, micro, pad_id, bf16)
@@ -240,7 +243,7 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
     def eval_fn() -> dict[str, float]:
         # The batching of the reference pass: identical padding, so step 0 is exactly ln 2.
         logps = all_pair_logps(parallel, held_out, per_micro, pad_id, bf16, desc="eval")
-        losses, chosen_r, rejected_r = pair_losses(cfg, logps, ref["held_out"])
+        losses, chosen_r, rejected_r = pair_losses(cfg, logps, ref["held_out"].cpu())
         weights = torch.tensor([p.weight for p in held_out])
         metrics = dpo_metrics(losses, chosen_r, rejected_r, logps, weights)
         return {f"eval/{k}": v for k, v in metrics.items()}

@@ -93,13 +93,18 @@ def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[Message]], lis
     return kept, rows
 
 
-def build_reward(cfg: PPOConfig, bf16: bool) -> tuple[CombinedReward, RewardTerm | None]:
-    """The trained-on reward and the gold judge. Reward models score under the run's
-    precision (bf16 autocast where it has it), unless a term's `args` say otherwise."""
+def build_reward(
+    cfg: PPOConfig, bf16: bool, device: torch.device | str = "cpu"
+) -> tuple[CombinedReward, RewardTerm | None]:
+    """The trained-on reward and the gold judge. Reward models sit on the run's device and
+    score under its precision (bf16 autocast where it has it), unless a term's `args` say
+    otherwise."""
     timeout = cfg.reward.timeout_s
 
     def args_of(name: str, args: dict | None) -> dict | None:
-        return {"bf16": bf16, **(args or {})} if name.startswith("model:") else args
+        if not name.startswith("model:"):
+            return args
+        return {"bf16": bf16, "device": str(device), **(args or {})}
 
     terms = [
         build_term(t["name"], t.get("weight", 1.0), args_of(t["name"], t.get("args")), timeout)
@@ -263,11 +268,14 @@ def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLControll
     return FixedKLController(kl.coef)
 
 
-def build_online_run(cfg: PPOConfig, tokenizer, bf16: bool) -> OnlineRun:
-    """The reward, the actor-critic (wrapped for torchrun), the reference and fresh state."""
-    reward, gold = build_reward(cfg, bf16)
+def build_online_run(cfg: PPOConfig, tokenizer, device: torch.device, bf16: bool) -> OnlineRun:
+    """The reward, the actor-critic (wrapped for torchrun), the reference, all on `device`,
+    and fresh state."""
+    reward, gold = build_reward(cfg, bf16, device)
     ac, reference = load_actor_critic(cfg, tokenizer, algorithm_of(cfg).critic, bf16)
-    ac.train()
+    ac.to(device).train()
+    if reference is not None:
+        reference.to(device)
     check_sharded_rollout(cfg, ac)
     return OnlineRun(
         cfg=cfg,
@@ -307,7 +315,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     k = cfg.rollout.samples_per_prompt
     prompts_per_rank = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     check_batch_layout(cfg, prompts_per_rank)
-    run = build_online_run(cfg, tokenizer, bf16)
+    run = build_online_run(cfg, tokenizer, begun.device, bf16)
     ac = run.parallel.model
     opt = start_optimization(
         run_dir, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size

@@ -180,7 +180,9 @@ def ranking_loss(
     """Plackett-Luce NLL of a micro-batch of rankings."""
     flat = score_items(items, model, pad_id, bf16)
     width = max(len(item.rows) for item in items)
-    valid = torch.tensor([[k < len(item.rows) for k in range(width)] for item in items])
+    valid = torch.tensor(
+        [[k < len(item.rows) for k in range(width)] for item in items], device=flat.device
+    )
     scores = flat.new_zeros(valid.shape).masked_scatter(valid, flat)  # [N, K], best first
     loss, metrics = plackett_luce_loss(scores, valid)
     if cfg.center_coef:
@@ -205,7 +207,10 @@ def pair_loss(
         offset += len(item.rows)
     chosen, rejected = flat[winners], flat[losers]
     loss, metrics = pairwise_ranking_loss(
-        chosen, rejected, margin=torch.tensor(margins), weights=torch.tensor(weights)
+        chosen,
+        rejected,
+        margin=torch.tensor(margins, device=flat.device),
+        weights=torch.tensor(weights, device=flat.device),
     )
     if cfg.center_coef:
         loss = loss + score_centering_penalty(chosen, rejected, cfg.center_coef)
@@ -222,8 +227,8 @@ def score_rows(
     pad_id: int,
     bf16: bool,
 ) -> torch.Tensor:
-    """[N] raw scores of tokenised prompt+response rows, in eval mode; in a torchrun job each
-    rank scores its share and every rank gets all N."""
+    """[N] raw scores (on the CPU) of tokenised prompt+response rows, in eval mode; in a
+    torchrun job each rank scores its share and every rank gets all N."""
     parallel = distributed.Parallel.of(model)
     was_training = parallel.model.training
     parallel.model.eval()
@@ -232,7 +237,7 @@ def score_rows(
     for start in range(0, len(mine), batch_size):
         rows_here = [[r] for r in mine[start : start + batch_size]]  # packed, no padding
         with autocast(bf16):
-            out.append(parallel(grouped_sequence_scores, rows_here, pad_id))
+            out.append(parallel(grouped_sequence_scores, rows_here, pad_id).cpu())
     parallel.model.train(was_training)
     return distributed.gather_real(torch.cat(out), real)
 
@@ -266,7 +271,7 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     run, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
     train, held_out = prepare_data(cfg, tokenizer)
     per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
-    model = load_reward_backbone(cfg.model, tokenizer, cfg.train.seed)
+    model = load_reward_backbone(cfg.model, tokenizer, cfg.train.seed).to(begun.device)
     model.train()
     parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)

@@ -24,7 +24,7 @@ from tether.data import (
     tokenize_sft,
 )
 from tether.hardware import autocast
-from tether.models.loading import load_causal_lm, save_pretrained_model
+from tether.models.loading import load_causal_lm, model_device, save_pretrained_model
 from tether.runs import distributed
 from tether.runs.training import begin_run, fit, save_final, start_optimization
 
@@ -59,6 +59,8 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenizedSFT], list[To
 
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], num_tokens: int, bf16: bool):
+    """The NLL of a micro-batch (built on the CPU, moved here to the model's device)."""
+    batch = {k: v.to(model_device(model)) for k, v in batch.items()}
     with autocast(bf16):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sft_loss(logits.float(), batch["labels"], num_tokens=num_tokens)
@@ -93,7 +95,7 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
     train, held_out = prepare_data(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id
     per_micro = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
-    model = load_causal_lm(cfg.model, tokenizer)
+    model = load_causal_lm(cfg.model, tokenizer).to(begun.device)
     model.train()
     parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
