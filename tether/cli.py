@@ -61,6 +61,9 @@ def _load(target: str):
     return getattr(importlib.import_module(module), name)
 
 
+DEVICE_HELP = "where the models run: auto (this process's GPU where there is one), cpu, cuda:N"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tether` parser: one subcommand per training stage, then the tools."""
     parser = argparse.ArgumentParser(
@@ -101,6 +104,7 @@ def _add_stage_parser(sub, name: str, stage: Stage) -> None:
     p.add_argument("--model", help=f"shortcut for --set {stage.model_key}=...")
     p.add_argument("--data", help=f"shortcut for --set {stage.data_key}=...")
     p.add_argument("--max-steps", type=int, help=f"shortcut for --set {stage.steps_key}=...")
+    p.add_argument("--device", help="shortcut for --set train.device=... (auto, cpu, cuda:N)")
     p.set_defaults(func=_run_stage, stage=name)
 
 
@@ -111,6 +115,7 @@ def _add_rm_eval_parser(sub) -> None:
     ev.add_argument("--max-length", type=int, default=256)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.set_defaults(func=_run_rm_eval)
 
 
@@ -121,6 +126,7 @@ def _add_score_parser(sub) -> None:
     sc.add_argument("--out", required=True, type=Path, help="JSONL written with a `score` key")
     sc.add_argument("--max-length", type=int, default=256)
     sc.add_argument("--batch-size", type=int, default=16)
+    sc.add_argument("--device", default="auto", help=DEVICE_HELP)
     sc.set_defaults(func=_run_score)
 
 
@@ -153,6 +159,7 @@ def _add_inspect_parser(sub) -> None:
     ins.add_argument("--temperature", type=float, default=1.0)
     ins.add_argument("--html", type=Path, help="also write a self-contained HTML page")
     ins.add_argument("--no-color", action="store_true")
+    ins.add_argument("--device", default="auto", help=DEVICE_HELP)
     ins.set_defaults(func=_run_inspect)
 
 
@@ -173,6 +180,7 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--length-bias", type=float, help="annotator utility per word (hacking)")
     demo.add_argument("--tau", type=float, help="annotator noise in gold units")
     demo.add_argument("--kl-coef", type=float, help="β of the PPO KL penalty")
+    demo.add_argument("--device", help=DEVICE_HELP)
     demo.set_defaults(func=_run_demo)
 
 
@@ -187,7 +195,9 @@ def _run_rm_eval(args: argparse.Namespace) -> int:
 
     from tether.tools.evaluate import evaluate_reward_model
 
-    metrics = evaluate_reward_model(args.model, args.data, args.max_length, args.batch_size)
+    metrics = evaluate_reward_model(
+        args.model, args.data, args.max_length, args.batch_size, args.device
+    )
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -199,7 +209,7 @@ def _run_rm_eval(args: argparse.Namespace) -> int:
 def _run_score(args: argparse.Namespace) -> int:
     from tether.tools.evaluate import score_file
 
-    n = score_file(args.model, args.data, args.out, args.max_length, args.batch_size)
+    n = score_file(args.model, args.data, args.out, args.max_length, args.batch_size, args.device)
     print(f"scored {n} responses -> {args.out}")
     return 0
 
@@ -235,7 +245,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if not groups:
         raise TetherError("give --prompt with --response, or --data FILE")
     inspector = Inspector(
-        args.policy, args.reference, args.temperature, args.reward_model, args.critic, args.beta
+        args.policy,
+        args.reference,
+        args.temperature,
+        args.reward_model,
+        args.critic,
+        args.beta,
+        args.device,
     )
     results = []
     for prompt, responses in groups.values():
@@ -266,6 +282,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         ("length_bias", args.length_bias),
         ("tau", args.tau),
         ("kl_coef", args.kl_coef),
+        ("device", args.device),
     ):
         if value is not None:
             settings = replace(settings, **{field_name: value})
@@ -306,6 +323,7 @@ def _run_stage(args: argparse.Namespace) -> int:
         (args.model, stage.model_key),
         (args.data, stage.data_key),
         (args.max_steps, stage.steps_key),
+        (args.device, "train.device"),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -28,9 +28,17 @@ class RunDirError(TetherError, RuntimeError):
 
 
 # Keys a resumed run may change: extending a run is the common reason to resume; the
-# parallel engine too: a checkpoint written under FSDP resumes under DDP or in one
-# process (and a run dir whose config.yaml lacks these keys resumes with their defaults).
-RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "parallel", "fsdp_cpu_offload")
+# device and the parallel engine too: a checkpoint written on a GPU resumes on the CPU or
+# another GPU, one written under FSDP under DDP or in one process (and a run dir whose
+# config.yaml lacks these keys resumes with their defaults).
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.epochs",
+    "train.device",
+    "train.deterministic",
+    "parallel",
+    "fsdp_cpu_offload",
+)
 
 
 class RunDir:

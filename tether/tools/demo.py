@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,13 @@ from tether.core.kl import best_of_n_kl
 from tether.core.metrics import best_of_n_mean, pairwise_agreement, win_rate
 from tether.core.ops import masked_sum
 from tether.errors import TetherError
-from tether.hardware import autocast, bf16_available, keep_freed_memory
-from tether.models.loading import load_causal_lm, load_tokenizer, resolve_model_source
+from tether.hardware import autocast, bf16_available, keep_freed_memory, resolve_device
+from tether.models.loading import (
+    load_causal_lm,
+    load_tokenizer,
+    model_device,
+    resolve_model_source,
+)
 from tether.rollout.generation import encode_prompt, generate
 from tether.rollout.passes import build_batch, sequence_logprobs_of
 from tether.runs.rundir import read_jsonl, write_text_atomic
@@ -67,6 +72,9 @@ class DemoSettings:
     best_of: int = 16  # π_ref samples per held-out prompt, for best-of-n up to this n
     policy_samples: int = 4  # policy samples per held-out prompt
     seed: int = 0
+    # Where every model runs (train.device): auto, cpu, cuda, cuda:N. A resumed run takes the
+    # one given now, so a demo started on one machine can finish on another.
+    device: str = "auto"
 
 
 QUICK = {
@@ -87,7 +95,8 @@ def load_settings(out: Path, given: DemoSettings, resume: bool) -> DemoSettings:
     if resume and path.is_file():
         saved = json.loads(path.read_text())
         known = {f.name for f in fields(DemoSettings)}
-        return DemoSettings(**{k: v for k, v in saved.items() if k in known})
+        kept = DemoSettings(**{k: v for k, v in saved.items() if k in known})
+        return replace(kept, device=given.device)
     if not resume and out.exists() and any(out.iterdir()):
         raise TetherError(f"{out} already holds a demo run; pass --resume or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +116,7 @@ def sample_answers(
     rows = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)]
     texts, ended, response_ids, prompt_ids = [], [], [], []
     chunk = 64
-    bf16 = bf16_available()
+    bf16 = bf16_available(model_device(model))
     for i, start in enumerate(tqdm(range(0, len(rows), chunk), desc=desc, unit="batch")):
         with autocast(bf16):
             gen = generate(
@@ -147,7 +156,8 @@ def stage_preferences(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     prompts = [r["prompt"] for r in _read(out / "prompts/train.jsonl")]
     source = resolve_model_source(s.model)
     tokenizer = load_tokenizer(source)
-    model = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).eval()
+    model = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False)
+    model.to(resolve_device(s.device)).eval()
     k, tau = s.responses_per_prompt, _tau(task, s)
     texts, *_ = sample_answers(
         model, tokenizer, prompts, k, _max_new(task, s), s.seed, desc="sampling π_ref"
@@ -182,7 +192,7 @@ def stage_preferences(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
 def lora_overrides(s: DemoSettings) -> list[str]:
     """RM and policy alike: LoRA r=16 on the reference model, which stays frozen beneath."""
     lora = ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"]
-    return [f"model.name={s.model}", *lora]
+    return [f"model.name={s.model}", *lora, f"train.device={s.device}"]
 
 
 def rm_config(task: Task, s: DemoSettings, out: Path) -> RMConfig:
@@ -276,7 +286,7 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     )
     kl = policy_kl(policy, reference, tokenizer, pol_prompt_ids, pol_response_ids)
 
-    judge = _judge(task, prompts, out)
+    judge = _judge(task, prompts, out, s)
     ref_gold, ref_rm = judge(ref_texts, s.best_of)
     pol_gold, pol_rm = judge(pol_texts, s.policy_samples)
     reference_answers = _scored_answers(ref_texts, ref_ended, ref_gold, ref_rm)
@@ -309,20 +319,22 @@ def _load_reference_and_policy(s: DemoSettings, out: Path):
     """The tokenizer, π_ref and the trained policy (ppo/final), both in eval mode, dropout off."""
     source = resolve_model_source(s.model)
     tokenizer = load_tokenizer(source)
-    reference = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).eval()
+    device = resolve_device(s.device)
+    reference = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False)
     policy_dir = out / "ppo/final"
-    policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False).eval()
-    return tokenizer, reference, policy
+    policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False)
+    return tokenizer, reference.to(device).eval(), policy.to(device).eval()
 
 
 def _judge(
-    task: Task, prompts: list[str], out: Path
+    task: Task, prompts: list[str], out: Path, s: DemoSettings
 ) -> Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]:
     """judge(texts, n) -> ([P, n] gold, [P, n] RM score) of n answers per prompt, consecutive."""
     from tether.models.reward_model import RewardModel
 
     gold_fn = gold_function(task)
-    rm = RewardModel.load(str(out / "rm/final"), bf16=bf16_available())
+    device = resolve_device(s.device)
+    rm = RewardModel.load(str(out / "rm/final"), bf16=bf16_available(device), device=device)
 
     def judge(texts: list[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         repeated = [p for p in prompts for _ in range(n)]
@@ -375,16 +387,17 @@ def policy_kl(policy, reference, tokenizer, prompt_ids, response_ids, chunk: int
     """[N] Σ_t log π(y_t|…) − log π_ref(y_t|…) of each policy sample: a one-sample Monte
     Carlo estimate of KL(π ‖ π_ref) per prompt, unbiased, at T = 1."""
     out = []
+    device = model_device(policy)
     for start in range(0, len(prompt_ids), chunk):
         batch = build_batch(
             prompt_ids[start : start + chunk],
             response_ids[start : start + chunk],
             tokenizer.pad_token_id,
-        )
-        with autocast(bf16_available()):
+        ).to(device)
+        with autocast(bf16_available(device)):
             logprobs = sequence_logprobs_of(policy, batch, 1.0)
             ref_logprobs = sequence_logprobs_of(reference, batch, 1.0)
-        out.append(masked_sum(logprobs - ref_logprobs, batch.response_mask, dim=1))
+        out.append(masked_sum(logprobs - ref_logprobs, batch.response_mask, dim=1).cpu())
     return torch.cat(out).float()
 
 

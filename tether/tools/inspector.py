@@ -18,6 +18,7 @@ import torch
 from tether.config import ModelConfig
 from tether.core.advantages import gae, kl_penalized_rewards
 from tether.data import Message, as_messages
+from tether.hardware import resolve_device
 from tether.models.loading import load_causal_lm, load_tokenizer
 from tether.rollout.generation import encode_answer, encode_prompt
 from tether.rollout.passes import build_batch, response_hidden, sequence_logprobs_of
@@ -59,19 +60,29 @@ class Inspector:
         reward_model: str | None = None,
         critic: str | None = None,
         beta: float = 0.05,
+        device: str = "auto",
     ) -> None:
+        self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(policy)
         self.models = {
-            name: load_causal_lm(ModelConfig(name=source), self.tokenizer, dropout=False).eval()
+            name: load_causal_lm(ModelConfig(name=source), self.tokenizer, dropout=False)
+            .to(self.device)
+            .eval()
             for name, source in (("policy", policy), ("reference", reference))
         }
         self.temperature, self.beta = temperature, beta
-        self.critic = load_critic(critic, self.tokenizer) if critic else None
+        self.critic = None
+        if critic:
+            backbone, head = load_critic(critic, self.tokenizer)
+            self.critic = (
+                (None if backbone is None else backbone.to(self.device)),
+                head.to(self.device),
+            )
         self.reward_model = None
         if reward_model:
             from tether.models.reward_model import RewardModel
 
-            self.reward_model = RewardModel.load(reward_model)
+            self.reward_model = RewardModel.load(reward_model, device=self.device)
 
     @torch.no_grad()
     def inspect(self, prompt: str | list[Message], responses: list[str]) -> list[Inspection]:
@@ -80,6 +91,7 @@ class Inspector:
         answers = [encode_answer(self.tokenizer, messages, r) for r in responses]
         prompt_ids = encode_prompt(self.tokenizer, messages)
         batch = build_batch([prompt_ids] * len(answers), answers, self.tokenizer.pad_token_id)
+        batch = batch.to(self.device)
         logprobs = {
             name: sequence_logprobs_of(model, batch, self.temperature)
             for name, model in self.models.items()
@@ -93,7 +105,7 @@ class Inspector:
             values = head(response_hidden(backbone or self.models["policy"], batch))
             values = values.squeeze(-1).float()
             log_ratio = logprobs["policy"] - logprobs["reference"]
-            final_scores = torch.tensor([s or 0.0 for s in scores])
+            final_scores = torch.tensor([s or 0.0 for s in scores], device=self.device)
             rewards = kl_penalized_rewards(final_scores, log_ratio, batch.response_mask, self.beta)
             advantages, _ = gae(rewards, values, batch.response_mask, gamma=1.0, lam=0.95)
         return [
