@@ -178,7 +178,9 @@ def _hf_generate(
 
     responses: list[list[int]] = []
     try:
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        # Seeded sampling leaves the run's own streams as they were, the GPU's included.
+        gpus = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(rows), settings.batch_size):

@@ -74,6 +74,7 @@ def begin_run(cfg: Any, out, resume: bool) -> RunStart:
     from); a refusal on rank 0 ends the job.
     """
     device = resolve_device(cfg.train.device)
+    use_deterministic(cfg.train.deterministic)  # before any GPU work: cuBLAS reads it then
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the current device: RNG state, NCCL, new tensors
     world = distributed.init_from_env(device)
@@ -86,7 +87,6 @@ def begin_run(cfg: Any, out, resume: bool) -> RunStart:
     resume_from = distributed.broadcast(resume_from)
     set_threads(cfg.train.threads)
     keep_freed_memory()
-    use_deterministic(cfg.train.deterministic)
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     return RunStart(run, resume_from, device, bf16, tokenizer)

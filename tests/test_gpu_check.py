@@ -1,0 +1,32 @@
+"""benchmarks/gpu_check.py at tiny scale on the CPU: the script a GPU session runs stays
+runnable, and every one of its checks passes where it can run without a GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_check_passes_on_the_cpu_at_tiny_scale(smol_tokenizer_dir, tmp_path):
+    out = tmp_path / "check"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/gpu_check.py"),
+        "--device", "cpu", "--scale", "tiny",
+        "--tokenizer", str(smol_tokenizer_dir), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    names = [c["name"] for c in report["checks"]]
+    for kind in ("sft", "rm", "dpo", "ppo", "grpo", "ppo-lora"):
+        assert f"stage {kind}" in names
+    assert any(n.startswith("parity") for n in names)
+    assert {"resume sft after SIGKILL at step 2", "resume ppo after SIGKILL at step 2"} <= set(
+        names
+    )
+    assert any(n.startswith("torchrun") for n in names)
+    assert all(c["ok"] for c in report["checks"])
+    assert "11 passed, 0 failed" in proc.stdout
