@@ -126,12 +126,65 @@ def test_entropy_and_length_collapse():
     assert found["length_collapse"] == "warning"
 
 
-def test_stagnation_flat_reward_flat_groups_and_a_useless_critic():
+def test_stagnation_flat_reward_and_flat_groups():
     series = healthy(**{"reward/score_mean": [0.5 + 0.01 * (i % 2) for i in range(STEPS)]})
     series["reward/flat_group_frac"] = [0.95] * STEPS
-    series["value/explained_var"] = [-0.5] * STEPS
     finding = next(f for f in diagnose(run_of(series)) if f.code == "stagnation")
-    assert {"score_gain", "flat_group_frac_late", "explained_var_late"} <= finding.evidence.keys()
+    assert {"score_gain", "flat_group_frac_late"} <= finding.evidence.keys()
+
+
+def test_a_useless_critic_is_named_and_is_not_stagnation_when_the_reward_rises():
+    series = healthy(**{"reward/score_mean": ramp(0.0, 1.5)})
+    series["value/explained_var"] = [(-0.25, 0.17, -0.1)[i % 3] for i in range(STEPS)]
+    found = codes(run_of(series))
+    assert found.get("critic_not_learning") == "warning" and "stagnation" not in found
+    finding = next(f for f in diagnose(run_of(series)) if f.code == "critic_not_learning")
+    assert finding.evidence["explained_var_late"] < 0.1
+    assert any("critic.init" in r for r in finding.remedies)
+
+
+def test_answers_shrinking_while_kl_rises_is_a_length_collapse():
+    series = healthy(**{"reward/score_mean": ramp(0.0, 1.5), "kl/mean": ramp(0.5, 13.5)})
+    series["response/length_mean"] = ramp(19, 3)
+    finding = next(f for f in diagnose(run_of(series)) if f.code == "length_collapse")
+    assert finding.severity == "critical"  # a word or two: under a quarter of the start
+    assert finding.evidence["length_late"] < 5 and finding.evidence["kl_late"] > 10
+    # Shorter answers at a steady KL are a style change, not a collapse.
+    steady = healthy(**{"response/length_mean": ramp(19, 3), "kl/mean": [2.0] * STEPS})
+    assert "length_collapse" not in codes(run_of(steady))
+
+
+def test_degenerate_text_is_read_from_the_samples():
+    late = [{"step": 30, "prompt": "p0", "response": "great great great great great"}]
+    late += [{"step": 30, "prompt": f"q{i}", "response": "Film."} for i in range(7)]
+    finding = next(
+        f
+        for f in diagnose(run_of(healthy(), diverse_samples(1) + late))
+        if f.code == "degenerate_text"
+    )
+    assert "the same answers to different prompts" in finding.summary
+    assert finding.evidence["duplicate_share_late"] > 0.5
+    assert "Film." in finding.evidence["late_examples"]
+    looping = [
+        {"step": 30, "prompt": f"p{i}", "response": f"so good {i}" + " so good" * 5}
+        for i in range(8)
+    ]
+    finding = next(
+        f
+        for f in diagnose(run_of(healthy(), diverse_samples(1) + looping))
+        if f.code == "degenerate_text"
+    )
+    assert "answers repeating themselves" in finding.summary
+
+
+def test_kl_spent_without_reward_gain_late_in_the_run():
+    score = [min(0.1 * i, 1.5) for i in range(STEPS)]  # gains until step 15, then flat
+    series = healthy(**{"reward/score_mean": score, "kl/mean": ramp(0.0, 12.0)})
+    finding = next(f for f in diagnose(run_of(series)) if f.code == "kl_inefficient")
+    assert finding.evidence["kl_spent_late"] > 3 and finding.evidence["kl_per_gain_late"] is None
+    # KL rising in step with the reward is what PPO is for.
+    steady = healthy(**{"reward/score_mean": ramp(0.0, 1.5), "kl/mean": ramp(0.0, 12.0)})
+    assert "kl_inefficient" not in codes(run_of(steady))
 
 
 def test_over_regularized_explains_the_flat_reward():
@@ -215,3 +268,24 @@ def test_doctor_names_instability_in_a_real_run_with_a_huge_learning_rate(
     )
     assert {"instability", "nan"} & {f.code for f in findings}, [f.code for f in findings]
     assert exit_status(findings) == 2
+
+
+def test_doctor_names_answers_collapsing_in_a_real_run_paid_for_brevity(
+    peaked_model_dir, ppo_files, tmp_path
+):
+    """A reward that pays for short answers, on a model that can stop: the answers shrink to
+    a token or two and the doctor says so (the failure the demo's keep-back task showed)."""
+    _, reward = ppo_files
+    findings = provoked_run(
+        peaked_model_dir,
+        ppo_files,
+        tmp_path / "run",
+        f"reward.terms=[{{name: '{reward}:response_chars', weight: -0.2}}]",
+        "ppo.kl.coef=0.01",
+        "optim.lr=0.003",
+        "train.max_steps=24",
+    )
+    found = {f.code for f in findings}
+    assert {"length_collapse", "degenerate_text"} & found, found
+    lengths = [m["response/length_mean"] for m in read_run(tmp_path / "run").metrics]
+    assert sum(lengths[-4:]) / 4 < 0.5 * sum(lengths[:4]) / 4

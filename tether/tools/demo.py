@@ -37,7 +37,14 @@ from tether.core.kl import best_of_n_kl
 from tether.core.metrics import best_of_n_mean, pairwise_agreement, win_rate
 from tether.core.ops import masked_sum
 from tether.errors import TetherError
-from tether.hardware import autocast, bf16_available, keep_freed_memory, resolve_device
+from tether.hardware import (
+    autocast,
+    bf16_available,
+    describe,
+    keep_freed_memory,
+    resolve_device,
+    use_bf16,
+)
 from tether.models.loading import (
     load_causal_lm,
     load_tokenizer,
@@ -415,6 +422,8 @@ def run_demo(
     s = load_settings(out, settings or DemoSettings(), resume)
     task = get_task(s.task)
     gold_function(task)  # a broken gold spec fails here, before any model loads
+    device = resolve_device(s.device)  # an unusable device fails here too
+    print(f"tether demo: running on {describe(device, use_bf16('auto', device))}")
     state_path = out / "stages.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     steps = [

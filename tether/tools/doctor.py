@@ -63,6 +63,22 @@ DISTINCT_DROP_SHARE = 0.5
 DUPLICATE_SHARE = 0.5
 # GRPO/RLOO: groups whose k answers all scored alike carry no gradient.
 FLAT_GROUPS_SHARE = 0.8
+# Length collapse: the late mean length under this share of the early one while KL rises (the
+# policy found that saying less pays); critical under the second share (a word or two).
+LENGTH_COLLAPSE_SHARE = 0.5
+LENGTH_COLLAPSE_CRITICAL_SHARE = 0.25
+# Degenerate text: the share of an answer's word trigrams that repeat an earlier trigram of the
+# same answer ("great great great", loops) past which the answers are mostly repetition.
+REPEATED_TRIGRAM_SHARE = 0.3
+# KL efficiency: KL bought per unit of score gain late in the run, against the early rate;
+# past this factor (or KL rising by at least KL_SPEND_MIN_NATS with no gain) the run pays KL
+# for nothing: the usual sign of over-optimisation before gold falls.
+KL_PER_GAIN_FACTOR = 4.0
+KL_SPEND_MIN_NATS = 1.0
+# A critic explains little: explained variance under this on most late steps. 0 is a
+# constant's; below 0.1 the advantages are the returns plus noise (REINFORCE without a
+# baseline), which PPO's value function is there to avoid.
+CRITIC_EXPLAINED_MIN = 0.1
 # Over-regularised: KL stays under this many nats per sequence while β is at least this.
 OVERREG_KL_NATS = 0.1
 OVERREG_MIN_COEF = 0.2
@@ -145,6 +161,25 @@ def duplicate_share(samples: list[dict[str, Any]]) -> float:
         1 for s in samples if len(by_response[s["response"].strip()]) > 1 and s["response"]
     )
     return repeated / len(samples) if samples else 0.0
+
+
+def empty_share(samples: list[dict[str, Any]]) -> float:
+    """Share of responses with no text at all (the policy stops at once)."""
+    return sum(not s["response"].strip() for s in samples) / len(samples) if samples else 0.0
+
+
+def repeated_trigram_share(text: str) -> float:
+    """Share of an answer's word trigrams that repeat an earlier one of the same answer."""
+    words = text.split()
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    if not grams:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeats = 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams)
 
 
 def sample_steps(run: Run) -> list[tuple[int, list[dict[str, Any]]]]:
@@ -427,6 +462,165 @@ def collapse_rules(run: Run) -> list[Finding]:
     return out
 
 
+def shrinking_rule(run: Run) -> Finding | None:
+    """Answers collapsing in length while the policy moves away from the reference: the
+    reward (or the KL) pays for saying less, down to a word or two that are not answers."""
+    steps, length = run.series("response/length_mean")
+    _, kl = run.series("kl/mean")
+    if len(length) < MIN_STEPS_FOR_TRENDS or len(kl) < MIN_STEPS_FOR_TRENDS:
+        return None
+    early, late = mean(windows(length)[0]), mean(windows(length)[1])
+    # Against the first step's KL (the policy starts at the reference): a collapse within
+    # the first few steps is already in the early window.
+    kl_early, kl_late = kl[0], mean(windows(kl)[1])
+    if not (late < LENGTH_COLLAPSE_SHARE * early and kl_late > kl_early):
+        return None
+    return Finding(
+        "length_collapse",
+        "critical" if late < LENGTH_COLLAPSE_CRITICAL_SHARE * early else "warning",
+        (steps[0], steps[-1]),
+        f"answers shrank from {early:.1f} to {late:.1f} tokens while KL rose from "
+        f"{kl_early:.2f} to {kl_late:.2f} nats",
+        {
+            "length_early": round(early, 2),
+            "length_late": round(late, 2),
+            "kl_early": round(kl_early, 3),
+            "kl_late": round(kl_late, 3),
+        },
+        [
+            "read samples.jsonl at the late steps: short answers that score well are what the "
+            "reward model pays for",
+            "check the reward for a bias towards short answers (rm-eval's length_corr)",
+            "raise ppo.kl.coef or steer to a KL budget (ppo.kl.adaptive with ppo.kl.target)",
+            "take the checkpoint from before the length fell",
+        ],
+    )
+
+
+def degenerate_text_rule(run: Run) -> Finding | None:
+    """What a reviewer sees in samples.jsonl: less varied wording, answers that repeat
+    themselves, and the same few answers given to different prompts."""
+    per_step = sample_steps(run)
+    if len(per_step) < 2:
+        return None
+    (first_step, first), (last_step, last) = per_step[0], per_step[-1]
+    signals, evidence = [], {}
+    d0 = distinct_bigrams([s["response"] for s in first])
+    d1 = distinct_bigrams([s["response"] for s in last])
+    if d1 < DISTINCT_DROP_SHARE * d0:
+        signals.append("fewer distinct bigrams")
+        evidence |= {"distinct2_early": round(d0, 3), "distinct2_late": round(d1, 3)}
+    r0 = mean([repeated_trigram_share(s["response"]) for s in first])
+    r1 = mean([repeated_trigram_share(s["response"]) for s in last])
+    if r1 > REPEATED_TRIGRAM_SHARE and r1 > 2 * r0:
+        signals.append("answers repeating themselves")
+        evidence |= {
+            "repeated_trigrams_early": round(r0, 3),
+            "repeated_trigrams_late": round(r1, 3),
+        }
+    e0, e1 = empty_share(first), empty_share(last)
+    if e1 > DUPLICATE_SHARE and e1 > e0:
+        signals.append("empty answers")
+        evidence |= {"empty_share_early": round(e0, 3), "empty_share_late": round(e1, 3)}
+    dup0, dup1 = duplicate_share(first), duplicate_share(last)
+    if dup1 > DUPLICATE_SHARE and dup1 > dup0:
+        signals.append("the same answers to different prompts")
+        evidence |= {
+            "duplicate_share_early": round(dup0, 3),
+            "duplicate_share_late": round(dup1, 3),
+        }
+    if not signals:
+        return None
+    examples = sorted({s["response"].strip() for s in last}, key=len)[:3]
+    evidence["late_examples"] = examples
+    return Finding(
+        "degenerate_text",
+        "warning",
+        (first_step, last_step),
+        "the answers degenerate: " + ", ".join(signals),
+        evidence,
+        [
+            "read samples.jsonl: the late answers show what the reward pays for",
+            "raise ppo.kl.coef, or steer to a KL budget (ppo.kl.target)",
+            "take the checkpoint from before the answers degenerated",
+            "improve the reward model on such answers (add them as rejected)",
+        ],
+    )
+
+
+def kl_efficiency_rule(run: Run) -> Finding | None:
+    """KL spent per unit of score gain, late in the run against early: a policy that keeps
+    moving away from the reference without the reward following is over-optimising."""
+    _, score = run.series("reward/score_mean")
+    steps, kl = run.series("kl/mean")
+    if len(score) < 2 * MIN_STEPS_FOR_TRENDS or len(kl) != len(score):
+        return None
+    size = max(3, len(score) // 5)
+    middle = len(score) // 2
+
+    def at(values: list[float], start: int) -> float:
+        return mean(values[start : start + size])
+
+    r_a, r_b, r_c = at(score, 0), at(score, middle - size // 2), at(score, len(score) - size)
+    k_a, k_b, k_c = at(kl, 0), at(kl, middle - size // 2), at(kl, len(kl) - size)
+    gain_early, gain_late, spent_late = r_b - r_a, r_c - r_b, k_c - k_b
+    gain = score_gain(run)
+    noise = gain[1] * FLAT_IN_STDS if gain else 0.0
+    if gain_early <= noise or spent_late < KL_SPEND_MIN_NATS:
+        return None
+    early_rate = max(k_b - k_a, 1e-6) / gain_early
+    late_rate = spent_late / gain_late if gain_late > noise else math.inf
+    if late_rate < KL_PER_GAIN_FACTOR * early_rate:
+        return None
+    return Finding(
+        "kl_inefficient",
+        "warning",
+        (steps[middle], steps[-1]),
+        f"late in the run KL rises {spent_late:.2f} nats for a score gain of {gain_late:.3f}: "
+        f"{'no gain' if math.isinf(late_rate) else f'{late_rate:.3g} nats per unit'} against "
+        f"{early_rate:.3g} early on",
+        {
+            "kl_per_gain_early": round(early_rate, 4),
+            "kl_per_gain_late": None if math.isinf(late_rate) else round(late_rate, 4),
+            "score_gain_late": round(gain_late, 4),
+            "kl_spent_late": round(spent_late, 3),
+        },
+        [
+            "stop earlier: the checkpoint from the middle of the run has most of the gain",
+            "steer to a KL budget (ppo.kl.adaptive with ppo.kl.target)",
+            "raise ppo.kl.coef or lower the learning rate",
+        ],
+    )
+
+
+def critic_rule(run: Run) -> Finding | None:
+    """A value function that explains (almost) none of the returns: PPO's advantages are then
+    the returns plus noise, and the run learns like REINFORCE without a baseline."""
+    steps, explained = run.series("value/explained_var")
+    if len(explained) < MIN_STEPS_FOR_TRENDS:
+        return None
+    late = windows(explained)[1]
+    if sum(v < CRITIC_EXPLAINED_MIN for v in late) < PERSISTENT_SHARE * len(late):
+        return None
+    return Finding(
+        "critic_not_learning",
+        "warning",
+        (steps[0], steps[-1]),
+        f"the critic explains little of the returns: explained variance {mean(late):.2f} "
+        "late in the run (1 is a perfect critic, 0 a constant)",
+        {
+            "explained_var_early": round(mean(windows(explained)[0]), 3),
+            "explained_var_late": round(mean(late), 3),
+        },
+        [
+            "initialise the value head from the reward model (critic.init: RM_DIR)",
+            "give the critic its own learning rate (critic.lr) or a larger ppo.vf_coef",
+            "normalise the reward (reward.normalize) so the value targets have unit scale",
+            "more PPO epochs, so the value head fits each batch",
+        ],
+    )
+
+
 def stagnation_rule(run: Run) -> Finding | None:
     reasons, evidence = [], {}
     gain = score_gain(run)
@@ -437,19 +631,11 @@ def stagnation_rule(run: Run) -> Finding | None:
     if flat:
         reasons.append("most groups scored all their answers alike (zero advantage)")
         evidence["flat_group_frac_late"] = round(flat[1], 3)
-    _, explained = run.series("value/explained_var")
-    if len(explained) >= MIN_STEPS_FOR_TRENDS:
-        late = windows(explained)[1]
-        if sum(v < 0 for v in late) >= PERSISTENT_SHARE * len(late):
-            reasons.append("the critic explains less than a constant (explained variance < 0)")
-            evidence["explained_var_late"] = round(mean(late), 3)
     if not reasons:
         return None
     remedies = ["raise the learning rate", "check that the reward varies across responses"]
     if flat:
         remedies.append("more samples per prompt, or prompts of a difficulty where answers differ")
-    if "explained_var_late" in evidence:
-        remedies.append("a larger ppo.vf_coef, or a critic initialised from the reward model")
     return Finding(
         "stagnation",
         "warning",
@@ -490,6 +676,10 @@ RULES: list[Callable[[Run], Finding | list[Finding] | None]] = [
     kl_rules,
     instability_rule,
     collapse_rules,
+    shrinking_rule,
+    degenerate_text_rule,
+    kl_efficiency_rule,
+    critic_rule,
     stagnation_rule,
     over_regularized_rule,
 ]
