@@ -394,18 +394,21 @@ class CriticConfig:
     """The value function trained jointly with the policy (A2C-style)."""
 
     # "head": a linear value head on the policy's own backbone (one model in memory);
-    # "separate": its own backbone, initialised from `init` (a reward model dir is the usual
-    # choice: docs/implementation-details.md#critic-initialisation) or from the policy when
-    # `init` is empty.
+    # "separate": its own backbone with a head.
     kind: Literal["head", "separate"] = "head"
+    # A reward model dir to start the critic from (docs/implementation-details.md#critic-
+    # initialisation): a separate critic takes its backbone and head; a value head takes its
+    # score head, rescaled by its normalisation, so the first values are the reward model's
+    # normalised score of the response so far. Empty: a head starting at 0 (a separate
+    # critic: the policy's backbone).
     init: str = ""
+    # The critic's learning rate (value head or separate critic); 0: optim.lr. The head is
+    # one linear layer fitting a moving target, and learns at rates that would wreck the
+    # policy.
+    lr: float = 0.0
 
     def validate(self) -> None:
-        _check(
-            self.kind == "separate" or not self.init,
-            "critic.init",
-            "only applies to critic.kind: separate",
-        )
+        _check(self.lr >= 0, "critic.lr", "must be >= 0 (0: optim.lr)")
 
 
 @dataclass

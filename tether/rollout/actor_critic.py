@@ -11,14 +11,17 @@ adapters disabled.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from tether.config import ModelConfig, PPOConfig
-from tether.models.loading import hf_model, load_causal_lm, store_frozen_linears
-from tether.models.reward_model import load_reward_backbone
+from tether.models.loading import ModelLoadError, hf_model, load_causal_lm, store_frozen_linears
+from tether.models.reward_model import NORMALIZATION_KEY, load_reward_backbone
 from tether.rollout.passes import RolloutBatch, response_hidden, token_logprobs
 
 
@@ -59,6 +62,36 @@ class ActorCritic(nn.Module):
             yield self.policy
 
 
+def init_head_from_reward_model(head: nn.Linear, reward_model_dir: str) -> None:
+    """Set a value head to a reward model's normalised score head: V(s_t) starts as the
+    reward model's score of the response so far, (w·h − mean) / std, the quantity the value
+    must predict at the end. The reward model and the policy share their base model, so the
+    head reads hidden states of the same kind (the adapters differ a little)."""
+    path = Path(reward_model_dir)
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            name = next(k for k in f.keys() if k.endswith("score.weight"))  # noqa: SIM118
+            weight = f.get_tensor(name).float()
+            bias_name = name.removesuffix("weight") + "bias"
+            bias = f.get_tensor(bias_name).float() if bias_name in f.keys() else None  # noqa: SIM118
+    except (OSError, StopIteration) as e:
+        raise ModelLoadError(
+            f"critic.init: {reward_model_dir} holds no reward model (model.safetensors with a "
+            "score head); give a `tether rm` final/ dir"
+        ) from e
+    if weight.shape != head.weight.shape:
+        raise ModelLoadError(
+            f"critic.init: {reward_model_dir}'s score head reads {weight.shape[1]} hidden "
+            f"units, the policy has {head.weight.shape[1]}: it needs the same base model"
+        )
+    config = json.loads((path / "config.json").read_text())
+    norm = config.get(NORMALIZATION_KEY) or {"mean": 0.0, "std": 1.0}
+    mean, std = float(norm["mean"]), float(norm["std"])
+    with torch.no_grad():
+        head.weight.copy_(weight / std)
+        head.bias.fill_(((float(bias) if bias is not None else 0.0) - mean) / std)
+
+
 def load_actor_critic(
     cfg: PPOConfig, tokenizer, with_critic: bool = True, bf16: bool = False
 ) -> tuple[ActorCritic, nn.Module | None]:
@@ -88,6 +121,8 @@ def load_actor_critic(
         value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(value_head.weight)
         nn.init.zeros_(value_head.bias)
+        if cfg.critic.init:
+            init_head_from_reward_model(value_head, cfg.critic.init)
     reference = None
     if not cfg.model.lora.enabled or cfg.reference:
         ref_cfg = ModelConfig(

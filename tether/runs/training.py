@@ -111,9 +111,10 @@ def start_optimization(
     num_examples: int,
     resume_from,
     per_step: int | None = None,
+    lr_by_prefix: dict[str, float] | None = None,
 ) -> Optimization:
     """Optimizer, schedule, progress (restored from `resume_from` if given) and the logger."""
-    optimizer = make_optimizer(model, cfg.optim)
+    optimizer = make_optimizer(model, cfg.optim, lr_by_prefix)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps(cfg.train, num_examples, per_step))
     progress, extra = Progress(), {}
     if resume_from is not None:

@@ -317,8 +317,9 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     check_batch_layout(cfg, prompts_per_rank)
     run = build_online_run(cfg, tokenizer, begun.device, bf16)
     ac = run.parallel.model
+    critic_lr = {"value_head.": cfg.critic.lr, "critic.": cfg.critic.lr} if cfg.critic.lr else None
     opt = start_optimization(
-        run_dir, cfg, ac, len(rows), begun.resume_from, per_step=cfg.train.batch_size
+        run_dir, cfg, ac, len(rows), begun.resume_from, cfg.train.batch_size, critic_lr
     )
     kl_ctl = make_kl_controller(cfg)
     if opt.extra:  # resumed: the state the checkpoint carried besides the weights
