@@ -21,6 +21,7 @@ SUMMARY_KEYS = {
     "kl",
     "win_rate",
     "best_of_n",
+    "best_of_n_gold_at_policy_kl",
     "wall_s",
 }
 
@@ -146,3 +147,15 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):
     resumed = run_cli(["demo", "--out", str(out), "--resume"])
     assert resumed.stdout.count("done earlier") == 2  # prompts and preferences
     assert (out / "report.html").is_file()
+
+
+def test_a_kl_budget_steers_ppo_with_the_adaptive_controller(tmp_path):
+    from tether.tools.demo import ppo_config
+    from tether.tools.tasks import get_task
+
+    task = get_task("sentiment")
+    fixed = ppo_config(task, DemoSettings(), tmp_path)
+    assert not fixed.ppo.kl.adaptive and fixed.ppo.kl.coef == 0.05
+    budget = ppo_config(task, DemoSettings(kl_budget=2.0, ppo_batch=16), tmp_path)
+    assert budget.ppo.kl.adaptive and budget.ppo.kl.target == 2.0
+    assert budget.ppo.kl.horizon == 8  # β moves up to 40% a step

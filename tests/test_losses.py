@@ -348,3 +348,14 @@ def test_dpo_rejects_unknown_type_and_bad_smoothing() -> None:
         dpo_loss(*_dpo_inputs(), beta=0.1, loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError):
         dpo_loss(*_dpo_inputs(), beta=0.1, label_smoothing=0.5)
+
+
+def test_a_frontier_is_read_at_a_kl_between_its_points_and_not_beyond():
+    from tether.core.metrics import value_at_kl
+
+    best_of_n = [(0.0, 0.2), (0.5, 0.4), (1.0, 0.5)]  # (KL, gold), e.g. n = 1, 2, 4
+    assert value_at_kl(best_of_n, 0.25) == pytest.approx(0.3)
+    assert value_at_kl(best_of_n, 0.75) == pytest.approx(0.45)
+    assert value_at_kl(best_of_n, 1.0) == pytest.approx(0.5)
+    assert value_at_kl(best_of_n, 1.5) is None  # past best-of-n's largest n: no claim
+    assert value_at_kl([], 0.1) is None

@@ -180,6 +180,9 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--length-bias", type=float, help="annotator utility per word (hacking)")
     demo.add_argument("--tau", type=float, help="annotator noise in gold units")
     demo.add_argument("--kl-coef", type=float, help="β of the PPO KL penalty")
+    demo.add_argument(
+        "--kl-budget", type=float, help="steer PPO to this KL (nats) with an adaptive β"
+    )
     demo.add_argument("--device", help=DEVICE_HELP)
     demo.set_defaults(func=_run_demo)
 
@@ -283,6 +286,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         ("tau", args.tau),
         ("kl_coef", args.kl_coef),
         ("device", args.device),
+        ("kl_budget", args.kl_budget),
     ):
         if value is not None:
             settings = replace(settings, **{field_name: value})

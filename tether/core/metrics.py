@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -118,3 +119,19 @@ def preference_metrics(
         ),
         "frac_chosen_longer": longer.float().mean().item(),
     }
+
+
+def value_at_kl(points: list[tuple[float, float]], kl: float) -> float | None:
+    """A frontier's value at `kl`, linear between its (KL, value) points; None outside them.
+
+    For comparing methods at equal KL (Gao et al. 2022): best-of-n gives a point per n at
+    the analytic KL log n − (n−1)/n, and a PPO policy one point at its measured KL; the
+    best-of-n value at the policy's KL is what PPO must beat to be the better use of KL.
+    """
+    ordered = sorted(points)
+    if not ordered or not ordered[0][0] <= kl <= ordered[-1][0]:
+        return None
+    for (k0, v0), (k1, v1) in itertools.pairwise(ordered):
+        if k0 <= kl <= k1:
+            return v0 if k1 == k0 else v0 + (v1 - v0) * (kl - k0) / (k1 - k0)
+    return ordered[-1][1]

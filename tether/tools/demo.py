@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from tether.config import ModelConfig, PPOConfig, RMConfig, load_config
 from tether.core.kl import best_of_n_kl
-from tether.core.metrics import best_of_n_mean, pairwise_agreement, win_rate
+from tether.core.metrics import best_of_n_mean, pairwise_agreement, value_at_kl, win_rate
 from tether.core.ops import masked_sum
 from tether.errors import TetherError
 from tether.hardware import (
@@ -76,6 +76,9 @@ class DemoSettings:
     ppo_steps: int = 24
     ppo_batch: int = 16
     kl_coef: float = 0.05
+    # > 0: steer PPO to this KL (nats per answer) with the adaptive controller, starting from
+    # kl_coef, instead of a fixed β; the report compares the policy with best-of-n there.
+    kl_budget: float = 0.0
     best_of: int = 16  # π_ref samples per held-out prompt, for best-of-n up to this n
     policy_samples: int = 4  # policy samples per held-out prompt
     seed: int = 0
@@ -262,8 +265,22 @@ def ppo_config(task: Task, s: DemoSettings, out: Path) -> PPOConfig:
             "ppo.lam=0.95",
             f"ppo.kl.coef={s.kl_coef}",
             "ppo.kl.estimator=k1",
+            *kl_budget_overrides(s),
         ],
     )
+
+
+def kl_budget_overrides(s: DemoSettings) -> list[str]:
+    """The adaptive controller aimed at the budget, fast enough for a short run: a horizon of
+    half a batch lets β move by up to 40% a step (lm-human-preferences' 10,000-sample horizon
+    would barely move it in the demo's few hundred samples)."""
+    if not s.kl_budget:
+        return []
+    return [
+        "ppo.kl.adaptive=true",
+        f"ppo.kl.target={s.kl_budget}",
+        f"ppo.kl.horizon={max(1, s.ppo_batch // 2)}",
+    ]
 
 
 def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
@@ -318,6 +335,9 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
         "length_policy": _mean_words(pol_texts),
         "best_of_n": _best_of_n_curve(ref_rm, ref_gold, s.best_of),
     }
+    # Best-of-n's gold at the policy's KL: what PPO must beat to be the better use of KL.
+    frontier = [(b["kl"], b["gold"]) for b in results["best_of_n"]]
+    results["best_of_n_gold_at_policy_kl"] = value_at_kl(frontier, results["kl"])
     write_text_atomic(out / "eval/results.json", json.dumps(results, indent=2) + "\n")
     return results
 

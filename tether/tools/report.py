@@ -240,11 +240,19 @@ def demo_page(run_dir: Path) -> str:
         f"<td class='num'>{b['gold']:.3f}</td><td class='num'>{b['rm_score']:+.3f}</td></tr>"
         for b in summary["best_of_n"]
     )
+    at_kl = summary.get("best_of_n_gold_at_policy_kl")
+    equal_kl = (
+        "<p>At the policy's KL best-of-n reaches gold "
+        f"<b>{at_kl:.3f}</b>, against PPO's <b>{summary['gold_policy']:.3f}</b>.</p>"
+        if at_kl is not None
+        else "<p>The policy's KL is past the largest best-of-n measured: no comparison at "
+        "equal KL.</p>"
+    )
     bon_table = (
         "<table><tr><th>n</th><th>KL (nats)</th><th>gold</th><th>RM score</th></tr>"
         f"{bon_rows}<tr><td>PPO policy</td><td class='num'>{summary['kl']:.3f}</td>"
         f"<td class='num'>{summary['gold_policy']:.3f}</td>"
-        f"<td class='num'>{summary['rm_score_policy']:+.3f}</td></tr></table>"
+        f"<td class='num'>{summary['rm_score_policy']:+.3f}</td></tr></table>" + equal_kl
     )
     stage_rows = (
         "".join(
