@@ -60,6 +60,22 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     RunDir(tmp_path).prepare(longer, resume=True)  # extending a run is allowed
 
 
+def test_a_run_dir_from_before_a_key_existed_resumes_with_its_default(tmp_path):
+    import yaml
+
+    cfg = load_config(SFTConfig, None, ["data.train=x.jsonl"])
+    RunDir(tmp_path).prepare(cfg, resume=False)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["train"]["deterministic"]  # written by a tether without the key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    RunDir(tmp_path).prepare(cfg, resume=True)  # the default: no difference
+    del saved["train"]["seed"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    seeded = load_config(SFTConfig, None, ["data.train=x.jsonl", "train.seed=7"])
+    with pytest.raises(RunDirError, match=r"train\.seed"):  # not the default: refused
+        RunDir(tmp_path).prepare(seeded, resume=True)
+
+
 def test_a_resume_cut_off_while_writing_config_keeps_the_old_one(tmp_path, monkeypatch):
     """A kill can land while a resume rewrites config.yaml; the next resume reads that file
     to learn where the data is, so it must hold the old text or the new, never a torn one."""

@@ -95,6 +95,8 @@ class RunDir:
             return None
         if saved_path.is_file():
             saved = yaml.safe_load(saved_path.read_text()) or {}
+            # A key the saved config lacks (added by a later tether) is read as its default.
+            saved = _with_defaults(config_to_dict(type(config)()), saved)
             changed = [
                 k
                 for k in config_differences(saved, config_to_dict(config))
@@ -190,6 +192,15 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def _with_defaults(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with every key it lacks taken from `defaults`, at every depth."""
+    out = dict(defaults)
+    for key, value in saved.items():
+        nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        out[key] = _with_defaults(defaults[key], value) if nested else value
+    return out
 
 
 def _plain(value: Any) -> Any:
