@@ -21,14 +21,19 @@ from tether.tools.tasks import get_task
 
 
 def variants(demo: Path) -> dict[str, list[str]]:
-    """Each row adds one change to the row before it (the last row: what the demo uses)."""
+    """One change at a time against the zero-initialised head at the policy's learning rate."""
     rm = f"critic.init={demo / 'rm/final'}"
     return {
         "as-configured": [],
         "head-zero": ["critic.init=", "critic.lr=0"],
-        "+init-from-rm": [rm, "critic.lr=0"],
-        "+critic-lr-10x": [rm, "critic.lr=3e-3"],
-        "+reward-normalize": [rm, "critic.lr=3e-3", "reward.normalize=true"],
+        "init-from-rm": [rm, "critic.lr=0"],
+        "critic-lr-10x": ["critic.init=", "critic.lr=3e-3"],
+        "critic-lr-30x": ["critic.init=", "critic.lr=1e-2"],
+        "critic-lr-10x+reward-normalize": [
+            "critic.init=",
+            "critic.lr=3e-3",
+            "reward.normalize=true",
+        ],
     }
 
 

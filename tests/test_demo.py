@@ -149,13 +149,12 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):
     assert (out / "report.html").is_file()
 
 
-def test_a_kl_budget_steers_ppo_with_the_adaptive_controller(tmp_path):
+def test_a_kl_budget_steers_ppo_with_the_budget_controller(tmp_path):
     from tether.tools.demo import ppo_config
     from tether.tools.tasks import get_task
 
     task = get_task("sentiment")
     fixed = ppo_config(task, DemoSettings(), tmp_path)
-    assert not fixed.ppo.kl.adaptive and fixed.ppo.kl.coef == 0.05
-    budget = ppo_config(task, DemoSettings(kl_budget=2.0, ppo_batch=16), tmp_path)
-    assert budget.ppo.kl.adaptive and budget.ppo.kl.target == 2.0
-    assert budget.ppo.kl.horizon == 8  # β moves up to 40% a step
+    assert not fixed.ppo.kl.adaptive and fixed.ppo.kl.budget == 0
+    budget = ppo_config(task, DemoSettings(kl_budget=2.0), tmp_path)
+    assert budget.ppo.kl.budget == 2.0 and budget.ppo.kl.coef == 0.05

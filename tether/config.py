@@ -330,6 +330,9 @@ class KLConfig:
     adaptive: bool = False
     target: float = 6.0
     horizon: int = 10000
+    # > 0: a KL budget in nats per response instead (core.kl.KLBudgetController): β rises
+    # fast once the KL passes it and decays slowly under it; overrides `adaptive`.
+    budget: float = 0.0
     # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
     # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.
     placement: Literal["auto", "reward", "loss"] = "auto"
@@ -351,6 +354,12 @@ class KLConfig:
         _check(self.coef >= 0, "ppo.kl.coef", "must be >= 0")
         _check(self.target > 0, "ppo.kl.target", "must be > 0")
         _check(self.horizon > 0, "ppo.kl.horizon", "must be > 0")
+        _check(self.budget >= 0, "ppo.kl.budget", "must be >= 0 (0: no budget)")
+        _check(
+            not self.budget or self.coef > 0,
+            "ppo.kl.coef",
+            "must be > 0 with ppo.kl.budget (the budget controller scales it)",
+        )
 
 
 @dataclass

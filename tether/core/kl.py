@@ -111,3 +111,38 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self._value = float(state["value"])
+
+
+class KLBudgetController:
+    """β for a KL budget: raised fast once the KL passes the budget, lowered slowly under it.
+
+        e = clip(KL / budget − 1, −down, up);   β ← β · exp(e)        (once per iteration)
+
+    A target controller (`AdaptiveKLController`) tracks its target from both sides at the
+    same pace, so a short run overshoots: β first falls while the KL is still small, then
+    climbs back too slowly. A budget is one-sided: at twice the budget β grows e-fold in one
+    iteration (up = 1), while under it β decays by at most 10% (down = 0.1), so the policy
+    spends the budget on reward instead of drifting past it.
+    """
+
+    def __init__(self, init_kl_coef: float, budget: float, up: float = 1.0, down: float = 0.1):
+        if budget <= 0 or init_kl_coef <= 0:
+            raise ValueError(
+                f"budget and the initial β must be > 0, got {budget=}, {init_kl_coef=}"
+            )
+        self._value = float(init_kl_coef)
+        self.budget, self.up, self.down = float(budget), float(up), float(down)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(float(current_kl) / self.budget - 1.0, -self.down), self.up)
+        self._value *= math.exp(error)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self._value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._value = float(state["value"])

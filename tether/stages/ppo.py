@@ -32,7 +32,12 @@ from tqdm.auto import tqdm
 
 from tether.config import PPOConfig
 from tether.core.advantages import MovingAverageBaseline
-from tether.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tether.core.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLBudgetController,
+    kl_estimate,
+)
 from tether.core.losses import ppo_policy_loss, value_loss
 from tether.core.ops import RunningMoments, masked_mean
 from tether.data import DataError, Message, load_prompts
@@ -261,8 +266,12 @@ def check_sharded_rollout(cfg: PPOConfig, ac: ActorCritic) -> None:
         )
 
 
-def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
+def make_kl_controller(
+    cfg: PPOConfig,
+) -> KLBudgetController | AdaptiveKLController | FixedKLController:
     kl = cfg.ppo.kl
+    if kl.budget:
+        return KLBudgetController(kl.coef, kl.budget)
     if kl.adaptive:
         return AdaptiveKLController(kl.coef, kl.target, kl.horizon)
     return FixedKLController(kl.coef)
@@ -290,7 +299,10 @@ def build_online_run(cfg: PPOConfig, tokenizer, device: torch.device, bf16: bool
     )
 
 
-def carried_state(kl_ctl: AdaptiveKLController | FixedKLController, run: OnlineRun) -> dict:
+KLController = KLBudgetController | AdaptiveKLController | FixedKLController
+
+
+def carried_state(kl_ctl: KLController, run: OnlineRun) -> dict:
     """What an iteration hands the next besides the weights, saved with every checkpoint."""
     return {
         "kl": kl_ctl.state_dict(),
@@ -299,9 +311,7 @@ def carried_state(kl_ctl: AdaptiveKLController | FixedKLController, run: OnlineR
     }
 
 
-def load_carried_state(
-    state: dict, kl_ctl: AdaptiveKLController | FixedKLController, run: OnlineRun
-) -> None:
+def load_carried_state(state: dict, kl_ctl: KLController, run: OnlineRun) -> None:
     kl_ctl.load_state_dict(state["kl"])
     run.moments.load_state_dict(state["score_moments"])
     run.baseline.load_state_dict(state["baseline"])

@@ -76,8 +76,8 @@ class DemoSettings:
     ppo_steps: int = 24
     ppo_batch: int = 16
     kl_coef: float = 0.05
-    # > 0: steer PPO to this KL (nats per answer) with the adaptive controller, starting from
-    # kl_coef, instead of a fixed β; the report compares the policy with best-of-n there.
+    # > 0: keep PPO within this KL (nats per answer) with the budget controller, starting
+    # from kl_coef, instead of a fixed β; the report compares the policy with best-of-n there.
     kl_budget: float = 0.0
     best_of: int = 16  # π_ref samples per held-out prompt, for best-of-n up to this n
     policy_samples: int = 4  # policy samples per held-out prompt
@@ -271,16 +271,8 @@ def ppo_config(task: Task, s: DemoSettings, out: Path) -> PPOConfig:
 
 
 def kl_budget_overrides(s: DemoSettings) -> list[str]:
-    """The adaptive controller aimed at the budget, fast enough for a short run: a horizon of
-    half a batch lets β move by up to 40% a step (lm-human-preferences' 10,000-sample horizon
-    would barely move it in the demo's few hundred samples)."""
-    if not s.kl_budget:
-        return []
-    return [
-        "ppo.kl.adaptive=true",
-        f"ppo.kl.target={s.kl_budget}",
-        f"ppo.kl.horizon={max(1, s.ppo_batch // 2)}",
-    ]
+    """The budget controller (core.kl.KLBudgetController), starting from kl_coef."""
+    return [f"ppo.kl.budget={s.kl_budget}"] if s.kl_budget else []
 
 
 def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
