@@ -34,6 +34,7 @@ def variants(demo: Path) -> dict[str, list[str]]:
             "critic.lr=3e-3",
             "reward.normalize=true",
         ],
+        "separate-from-rm": ["critic.kind=separate", rm, "critic.lr=0"],
     }
 
 

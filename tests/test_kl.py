@@ -112,18 +112,20 @@ def test_adaptive_controller_rejects_bad_settings() -> None:
         AdaptiveKLController(0.1, target=6.0, horizon=0)
 
 
-def test_the_budget_controller_rises_fast_over_the_budget_and_decays_slowly_under_it():
+def test_the_budget_controller_keeps_its_floor_and_tracks_the_budget_from_above():
     from tether.core.kl import KLBudgetController
 
     ctl = KLBudgetController(0.05, budget=2.0)
-    ctl.update(4.0, n_steps=16)  # twice the budget: e-fold in one iteration
-    assert ctl.value == pytest.approx(0.05 * math.e)
-    ctl.update(10.0, n_steps=16)  # far past it: still at most e-fold
-    assert ctl.value == pytest.approx(0.05 * math.e**2)
-    ctl.update(0.0, n_steps=16)  # no KL at all: down by at most 10%
-    assert ctl.value == pytest.approx(0.05 * math.e**2 * math.exp(-0.1))
-    ctl.update(2.0, n_steps=16)  # on budget: unchanged
-    assert ctl.value == pytest.approx(0.05 * math.e**2 * math.exp(-0.1))
+    ctl.update(0.5, n_steps=16)  # under budget at the start: β stays at its floor
+    assert ctl.value == 0.05
+    ctl.update(4.0, n_steps=16)  # twice the budget: up by e^0.3 (the clip)
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.3))
+    ctl.update(2.2, n_steps=16)  # 10% over: up by e^0.1
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.4))
+    ctl.update(1.0, n_steps=16)  # half the budget: down by e^0.3, not below the floor
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.1))
+    ctl.update(0.0, n_steps=16)
+    assert ctl.value == 0.05
     restored = KLBudgetController(0.05, budget=2.0)
-    restored.load_state_dict(ctl.state_dict())
-    assert restored.value == ctl.value
+    restored.load_state_dict({"value": 0.2})
+    assert restored.value == 0.2

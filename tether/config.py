@@ -330,8 +330,8 @@ class KLConfig:
     adaptive: bool = False
     target: float = 6.0
     horizon: int = 10000
-    # > 0: a KL budget in nats per response instead (core.kl.KLBudgetController): β rises
-    # fast once the KL passes it and decays slowly under it; overrides `adaptive`.
+    # > 0: a KL budget in nats per response instead (core.kl.KLBudgetController): `coef` is
+    # a floor that β rises from while the KL is over budget; overrides `adaptive`.
     budget: float = 0.0
     # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
     # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.

@@ -114,32 +114,32 @@ class AdaptiveKLController:
 
 
 class KLBudgetController:
-    """β for a KL budget: raised fast once the KL passes the budget, lowered slowly under it.
+    """β for a KL budget: the configured β is a floor, raised while the KL is over budget.
 
-        e = clip(KL / budget − 1, −down, up);   β ← β · exp(e)        (once per iteration)
+        e = clip(KL / budget − 1, −rate, rate);   β ← max(β₀, β · exp(e))   (per iteration)
 
-    A target controller (`AdaptiveKLController`) tracks its target from both sides at the
-    same pace, so a short run overshoots: β first falls while the KL is still small, then
-    climbs back too slowly. A budget is one-sided: at twice the budget β grows e-fold in one
-    iteration (up = 1), while under it β decays by at most 10% (down = 0.1), so the policy
-    spends the budget on reward instead of drifting past it.
+    A target controller (`AdaptiveKLController`) lowers β while the KL is still under its
+    target, which in a short run means the KL overshoots before β climbs back. A budget never
+    lowers β below β₀: the run starts with the penalty it was configured with, β grows by
+    up to e^rate an iteration once the KL passes the budget, and falls back to β₀ as the KL
+    returns under it. The rate is modest because the KL answers β an iteration or two late
+    (it is measured on the rollout before the update): a faster β overshoots and drives the
+    policy back to the reference.
     """
 
-    def __init__(self, init_kl_coef: float, budget: float, up: float = 1.0, down: float = 0.1):
+    def __init__(self, init_kl_coef: float, budget: float, rate: float = 0.3):
         if budget <= 0 or init_kl_coef <= 0:
-            raise ValueError(
-                f"budget and the initial β must be > 0, got {budget=}, {init_kl_coef=}"
-            )
-        self._value = float(init_kl_coef)
-        self.budget, self.up, self.down = float(budget), float(up), float(down)
+            raise ValueError(f"budget and initial β must be > 0, got {budget=}, {init_kl_coef=}")
+        self._value = self.floor = float(init_kl_coef)
+        self.budget, self.rate = float(budget), float(rate)
 
     @property
     def value(self) -> float:
         return self._value
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        error = min(max(float(current_kl) / self.budget - 1.0, -self.down), self.up)
-        self._value *= math.exp(error)
+        error = min(max(float(current_kl) / self.budget - 1.0, -self.rate), self.rate)
+        self._value = max(self.floor, self._value * math.exp(error))
 
     def state_dict(self) -> dict[str, float]:
         return {"value": self._value}
