@@ -405,11 +405,11 @@ class CriticConfig:
     # "head": a linear value head on the policy's own backbone (one model in memory);
     # "separate": its own backbone with a head.
     kind: Literal["head", "separate"] = "head"
-    # A reward model dir to start the critic from (docs/implementation-details.md#critic-
-    # initialisation): a separate critic takes its backbone and head; a value head takes its
-    # score head, rescaled by its normalisation, so the first values are the reward model's
-    # normalised score of the response so far. Empty: a head starting at 0 (a separate
-    # critic: the policy's backbone).
+    # A reward model dir to start the critic from: a separate critic takes its backbone and
+    # head; a value head takes its score head, rescaled by its normalisation, so the first
+    # values are the reward model's normalised score of the response so far. Empty: a head
+    # starting at 0 (a separate critic: the policy's backbone). What each measured:
+    # docs/implementation-details.md#critic-initialisation
     init: str = ""
     # The critic's learning rate (value head or separate critic); 0: optim.lr. The head is
     # one linear layer fitting a moving target, and learns at rates that would wreck the
