@@ -18,7 +18,12 @@ MALLOC_PACKAGE ?= libtcmalloc-minimal4
 # Set-up also builds the rollout engine's fused C++ kernels (tether/fast/fused.py, ~15 s with g++)
 # into the cache directory, so that the first rollout does not wait for them.
 
-.PHONY: setup malloc test demo lint clean
+# The CPU-feature paths of an AVX2-only machine (no AVX-512, no native bf16), run on any
+# machine by hiding the flags from tether (tether/hardware.py); CI runs it after `make test`.
+AVX2_ONLY := avx512* amx* avx_ne_convert avx_vnni*
+AVX2_TESTS := tests/test_fused.py tests/test_ppo.py tests/test_device.py tests/test_attention.py
+
+.PHONY: setup malloc test test-avx2 demo lint clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +50,9 @@ malloc:
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
+
+test-avx2: setup
+	TETHER_HIDE_CPU_FLAGS='$(AVX2_ONLY)' $(PY) -m pytest -q -n $(TEST_WORKERS) $(AVX2_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check tether tests benchmarks

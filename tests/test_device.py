@@ -138,3 +138,23 @@ def test_sft_on_a_gpu_resumes_on_the_cpu_to_the_same_weights(
     cpu = sft_config(tiny_model_dir, memorisable_sft, "train.max_steps=6", "train.device=cpu")
     run_sft(cpu, tmp_path / "gpu", resume=True)  # 4 steps on the GPU, 2 more on the CPU
     assert read_metrics(tmp_path / "gpu/metrics.jsonl")[-1]["step"] == 6
+
+
+AVX2_ONLY = "avx512* amx* avx_ne_convert avx_vnni*"
+
+
+def test_hidden_cpu_flags_take_the_paths_of_an_avx2_only_cpu(monkeypatch):
+    """An AVX-512 machine runs the paths a Zen 2 takes: no bf16 by default, and no bf16
+    weight packing (which PyTorch refuses there), so the suite covers both kinds of CPU."""
+    from tether.fast.engine import can_pack
+
+    monkeypatch.setenv(hardware.HIDE_CPU_FLAGS, AVX2_ONLY)
+    flags = hardware.cpu_flags().partition(":")[2].split()
+    assert not [f for f in flags if f.startswith(("avx512", "amx")) or f == "avx_ne_convert"]
+    assert not hardware.bf16_weight_packing()
+    assert not hardware.bf16_available("cpu")
+    assert not can_pack(torch.bfloat16, torch.device("cpu"))
+    assert can_pack(torch.float32, torch.device("cpu")) == torch.backends.mkldnn.is_available()
+    proc = run_cli(["--version"], {hardware.HIDE_CPU_FLAGS: AVX2_ONLY, "CUDA_VISIBLE_DEVICES": ""})
+    assert "device (auto): cpu, fp32" in proc.stdout
+    assert "bf16 weight packing: no" in proc.stdout

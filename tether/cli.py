@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Align language models with human feedback: SFT, reward models, PPO.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # --version's lines as they are
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
@@ -312,10 +313,33 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from tether import __version__
-    from tether.fast import allocator
+    """The version, and what tether will use on this machine and why: a user whose runs are
+    slow sees whether bf16, the weight packing and the fused kernels apply."""
+    import os
 
-    return f"tether {__version__} (malloc: {allocator.active()})"
+    import torch
+
+    from tether import __version__, hardware
+    from tether.fast import allocator, fused
+
+    device = hardware.resolve_device("auto")
+    bf16 = hardware.use_bf16("auto", device)
+    flags = hardware.cpu_flags().partition(":")[2].split()
+    shown = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
+    kernels = (
+        "off"
+        if os.environ.get(fused.SWITCH) == "0"
+        else ("built" if fused.library_path().is_file() else "not built (built on first rollout)")
+    )
+    return "\n".join(
+        [
+            f"tether {__version__}, torch {torch.__version__}",
+            f"device (auto): {hardware.describe(device, bf16)}",
+            f"cpu: {' '.join(shown) or 'no AVX flags read'}",
+            f"bf16 weight packing: {'yes' if hardware.bf16_weight_packing() else 'no'}; "
+            f"fused decode kernels: {kernels}; malloc: {allocator.active()}",
+        ]
+    )
 
 
 def _run_stage(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fnmatch
 import os
 import re
 from collections.abc import Iterator
@@ -24,15 +25,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TETHER_CACHE", "~/.cache/tether")).expanduser()
 
 
+# Glob patterns of CPU flags to hide from tether, to run as on a lesser CPU: with
+# TETHER_HIDE_CPU_FLAGS='avx512* amx* avx_ne_convert avx_vnni*' an AVX-512 machine takes the
+# paths of an AVX2-only one (float32 by default, no bf16 weight packing), so CI on either
+# kind of machine exercises both.
+HIDE_CPU_FLAGS = "TETHER_HIDE_CPU_FLAGS"
+
+
 def cpu_flags() -> str:
-    """The CPU's feature flags as /proc/cpuinfo lists them ("" where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
+    """The CPU's feature flags as /proc/cpuinfo lists them ("" where it cannot be read),
+    less those TETHER_HIDE_CPU_FLAGS hides."""
+    line = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        line = next((x for x in lines if x.startswith("flags")), "")
+    hidden = os.environ.get(HIDE_CPU_FLAGS, "").split()
+    if not hidden or not line:
+        return line
+    head, _, flags = line.partition(":")
+    kept = [f for f in flags.split() if not any(fnmatch.fnmatchcase(f, p) for p in hidden)]
+    return f"{head}: {' '.join(kept)}"
+
+
+def has_cpu_flags(*names: str) -> bool:
+    flags = set(cpu_flags().partition(":")[2].split())
+    return all(name in flags for name in names)
+
+
+def bf16_weight_packing() -> bool:
+    """Whether oneDNN can pack bf16 weights on this CPU: PyTorch refuses the reorder without
+    AVX-NE-CONVERT or AVX-512 BW+VL+DQ (an AVX2-only CPU such as Zen 2 has neither)."""
+    return has_cpu_flags("avx_ne_convert") or has_cpu_flags("avx512bw", "avx512vl", "avx512dq")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

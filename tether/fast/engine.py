@@ -29,6 +29,7 @@ from tether.core.packing import (
     position_ids_from_mask,
 )
 from tether.fast import fused as tether_fused
+from tether.hardware import bf16_weight_packing
 from tether.models.loading import hf_model
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -82,11 +83,13 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     head runs at 24 GFLOP/s for 16 rows and 51 for 64, against 58 and 107 with the weight
     reordered once for oneDNN, and the layers' matmuls are 1.1-1.8x slower. In bf16 on a
     2-core AVX-512 EPYC (Zen 4) the reordered weights are 1.2-1.3x faster at 16 rows (the LM
-    head 2.1x) and 1.1-1.3x at 64 (benchmarks/RESULTS.md).
+    head 2.1x) and 1.1-1.3x at 64 (benchmarks/RESULTS.md). bf16 packing needs the CPU
+    features PyTorch checks for (`hardware.bf16_weight_packing`); without them the bf16
+    engine runs `F.linear`.
     """
     mkldnn = torch.ops.mkldnn
     return (
-        dtype in (torch.float32, torch.bfloat16)
+        (dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_weight_packing()))
         and device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
