@@ -363,6 +363,19 @@ def load_prompts(path: str | Path, format: str = "auto") -> tuple[list[list[Mess
     return _parse_all(path, format, _parse_prompt)
 
 
+def _parse_prompt_record(record: dict) -> tuple[list[Message], dict[str, Any]]:
+    return _parse_prompt(record), {k: v for k, v in record.items() if k != "prompt"}
+
+
+def load_prompt_records(
+    path: str | Path, format: str = "auto"
+) -> tuple[list[list[Message]], list[dict[str, Any]], LoadReport]:
+    """Prompts and each record's other fields (a verifier's `solution`, ...), which rewards
+    called TRL's way receive as keyword columns."""
+    parsed, report = _parse_all(path, format, _parse_prompt_record)
+    return [m for m, _ in parsed], [c for _, c in parsed], report
+
+
 def _parse_scored(record: dict) -> tuple[dict, list[Message], str]:
     if "prompt" not in record:
         raise _Bad("prompt", "missing")

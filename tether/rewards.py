@@ -1,16 +1,29 @@
 """Rewards for policy optimisation: reward models, user functions and rule-based verifiers.
 
-Every reward is a callable `f(prompts, responses) -> list[float]`, one float per response,
-and several combine as a weighted sum. A reward model is one more such callable, so a
-verifier plugs in wherever a model would. Outputs are checked on every call: a function that
-raises, returns the wrong count or a non-finite value is named together with the sample, as
-the reward is the one input an RL run cannot sanity-check by itself.
+A reward gives one float per response, and several combine as a weighted sum. A reward model
+is one more reward, so a verifier plugs in wherever a model would. A function is called in
+one of two ways, read from its signature:
+
+- tether's: `f(prompts, responses, **args)`, positionally;
+- TRL's, when it has a parameter named `completions`: `f(prompts=..., completions=...,
+  completion_ids=..., **columns)` by keyword, where `columns` are the prompt file's other
+  fields (e.g. `solution`), one value per completion, and completions are message lists when
+  the prompts are. It may return None for a response it has no opinion on (it then adds 0),
+  and may be async.
+
+A signature that cannot take what tether would pass is an error before any rollout. Outputs
+are checked on every call: a function that raises, returns the wrong count or a non-finite
+value is named together with the sample, as the reward is the one input an RL run cannot
+sanity-check by itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import re
 import threading
@@ -119,30 +132,107 @@ def load_function(spec: str) -> RewardFn:
     return fn
 
 
+# What TRL passes a reward function besides the dataset's columns.
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids")
+
+
+def is_trl_style(fn: Callable[..., Any]) -> bool:
+    """TRL's convention: the function names a `completions` parameter."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: tether's way
+        return False
+
+
 @dataclass
 class RewardTerm:
     name: str
-    fn: RewardFn
+    fn: Callable[..., Any]
     weight: float = 1.0
     timeout_s: float = 0.0  # 0: no limit
+    trl: bool = False  # called TRL's way (module docstring)
+
+    def call(
+        self,
+        prompts: list,
+        responses: list[str],
+        columns: dict[str, list] | None = None,
+        completion_ids: list[list[int]] | None = None,
+    ) -> Any:
+        if not self.trl:
+            out = self.fn(prompts, responses)
+        else:
+            out = self.fn(**trl_arguments(self.fn, prompts, responses, columns, completion_ids))
+        return asyncio.run(out) if inspect.isawaitable(out) else out
+
+    def check(self, columns: set[str]) -> None:
+        """Raise RewardError, before any rollout, where the signature cannot take what this
+        term would pass it: TRL's arguments and `columns` (the prompt file's other fields)."""
+        if not self.trl:
+            return
+        params = inspect.signature(self.fn).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        required = [p.name for p in params if p.default is p.empty and p.kind in kinds]
+        missing = [n for n in required if n not in TRL_ARGUMENTS and n not in columns]
+        if missing:
+            raise RewardError(
+                f"reward '{self.name}' is called TRL's way (it names `completions`): "
+                f"f(prompts=, completions=, completion_ids=, **columns), but it needs "
+                f"{', '.join(missing)}, which the prompt file's records lack (their other "
+                f"fields: {', '.join(sorted(columns)) or 'none'})"
+            )
+
+
+def trl_arguments(
+    fn: Callable[..., Any],
+    prompts: list,
+    responses: list[str],
+    columns: dict[str, list] | None,
+    completion_ids: list[list[int]] | None,
+) -> dict[str, Any]:
+    """TRL's keyword arguments, less those `fn` does not declare (unless it takes **kwargs).
+    Completions are message lists where the prompts are."""
+    completions: list = [
+        [{"role": "assistant", "content": r}] if isinstance(p, list) else r
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    offered = {"prompts": prompts, "completions": completions, **(columns or {})}
+    if completion_ids is not None:
+        offered["completion_ids"] = completion_ids
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return offered
+    return {k: v for k, v in offered.items() if k in params}
 
 
 @dataclass
 class CombinedReward:
-    """Σ_k w_k · f_k(prompts, responses), each term checked; also returns the parts."""
+    """Σ_k w_k · f_k, each term checked; also returns the parts. A TRL-style term's None
+    (no opinion on that response) adds 0."""
 
     terms: list[RewardTerm] = field(default_factory=list)
 
     def __call__(
-        self, prompts: list[str], responses: list[str]
-    ) -> tuple[list[float], dict[str, list[float]]]:
+        self,
+        prompts: list,
+        responses: list[str],
+        columns: dict[str, list] | None = None,
+        completion_ids: list[list[int]] | None = None,
+    ) -> tuple[list[float], dict[str, list[float | None]]]:
         total = [0.0] * len(responses)
-        parts: dict[str, list[float]] = {}
+        parts: dict[str, list[float | None]] = {}
         for term in self.terms:
-            values = checked_call(term, prompts, responses)
+            values = checked_call(term, prompts, responses, columns, completion_ids)
             parts[term.name] = values
-            total = [t + term.weight * v for t, v in zip(total, values, strict=True)]
+            total = [
+                t + (term.weight * v if v is not None else 0.0)
+                for t, v in zip(total, values, strict=True)
+            ]
         return total, parts
+
+    def check(self, columns: set[str]) -> None:
+        for term in self.terms:
+            term.check(columns)
 
 
 def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
@@ -171,9 +261,20 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
     return outcome["value"]
 
 
-def checked_call(term: RewardTerm, prompts: list[str], responses: list[str]) -> list[float]:
+def checked_call(
+    term: RewardTerm,
+    prompts: list,
+    responses: list[str],
+    columns: dict[str, list] | None = None,
+    completion_ids: list[list[int]] | None = None,
+) -> list[float | None]:
+    """The term's values, one per response, or a RewardError naming the term and sample.
+    Only a TRL-style term may return None (no opinion)."""
+    how = "TRL's way, by keyword" if term.trl else "tether's way, f(prompts, responses)"
     try:
-        values = call_with_timeout(lambda: term.fn(prompts, responses), term.timeout_s)
+        values = call_with_timeout(
+            lambda: term.call(prompts, responses, columns, completion_ids), term.timeout_s
+        )
     except RewardError:
         raise
     except TimeoutError as e:
@@ -184,8 +285,8 @@ def checked_call(term: RewardTerm, prompts: list[str], responses: list[str]) -> 
         ) from e
     except Exception as e:
         raise RewardError(
-            f"reward '{term.name}' raised {type(e).__name__}: {e} "
-            f"(batch of {len(responses)}, first response {responses[0][:80]!r})"
+            f"reward '{term.name}' raised {type(e).__name__}: {e} (called {how}; batch of "
+            f"{len(responses)}, first response {responses[0][:80]!r})"
         ) from e
     values = list(values.tolist() if hasattr(values, "tolist") else values)
     if len(values) != len(responses):
@@ -193,12 +294,14 @@ def checked_call(term: RewardTerm, prompts: list[str], responses: list[str]) -> 
             f"reward '{term.name}' returned {len(values)} values for {len(responses)} responses"
         )
     for i, v in enumerate(values):
+        if v is None and term.trl:
+            continue
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise RewardError(
                 f"reward '{term.name}' gave {v!r} for sample {i}: prompt "
-                f"{prompts[i][:80]!r}, response {responses[i][:80]!r}"
+                f"{str(prompts[i])[:80]!r}, response {responses[i][:80]!r}"
             )
-    return [float(v) for v in values]
+    return [None if v is None else float(v) for v in values]
 
 
 def build_term(
@@ -216,4 +319,17 @@ def build_term(
         builtin = BUILTINS[name]
         return RewardTerm(name, lambda p, r: builtin(p, r, **args), weight, timeout_s)
     fn = load_function(name)
+    if is_trl_style(fn):
+        call = functools.partial(fn, **args) if args else fn
+        return RewardTerm(name, call, weight, timeout_s, trl=True)
+    try:
+        inspect.signature(fn).bind(["prompt"], ["response"], **args)
+    except TypeError as e:
+        raise RewardError(
+            f"reward '{name}' is called tether's way, f(prompts, responses, **args), which its "
+            f"signature {inspect.signature(fn)} cannot take ({e}); for TRL's way, by keyword, "
+            "name its completions parameter `completions`"
+        ) from e
+    except ValueError:  # no signature to read: it is called as it is
+        pass
     return RewardTerm(name, (lambda p, r: fn(p, r, **args)) if args else fn, weight, timeout_s)

@@ -112,8 +112,18 @@ def prompt_for_reward(messages: list[Message]) -> str | list[Message]:
     return messages
 
 
+def by_column(records: list[dict]) -> dict[str, list]:
+    """Per-row fields as columns, one value per row (None where a row lacks the field)."""
+    names = sorted({k for r in records for k in r})
+    return {k: [r.get(k) for r in records] for k in names}
+
+
 def sample_and_score(
-    run: OnlineRun, messages: list[list[Message]], rows: list[list[int]], row_seeds: list[int]
+    run: OnlineRun,
+    messages: list[list[Message]],
+    rows: list[list[int]],
+    row_seeds: list[int],
+    columns: list[dict] | None = None,
 ) -> Sampled:
     """Sample one response per row from the whole policy, then score every response once.
 
@@ -135,10 +145,12 @@ def sample_and_score(
         )
     batch = build_batch(generation.prompt_ids, generation.response_ids, run.tokenizer.pad_token_id)
     reward_prompts = [prompt_for_reward(m) for m in messages]
-    raw, _ = run.reward(reward_prompts, generation.texts)
+    fields = by_column(columns) if columns else None
+    ids = generation.response_ids
+    raw, _ = run.reward(reward_prompts, generation.texts, fields, ids)
     gold = None
     if run.gold is not None:
-        gold = checked_call(run.gold, reward_prompts, generation.texts)
+        gold = checked_call(run.gold, reward_prompts, generation.texts, fields, ids)
     ended = torch.tensor(generation.ended)
     scores = apply_missing_eos(
         torch.tensor(raw), ended, rollout.missing_eos, rollout.missing_eos_penalty
@@ -307,6 +319,7 @@ def collect_rollout(
     kl_coef: float,
     row_seeds: list[int],
     live_rows: torch.Tensor | None = None,
+    columns: list[dict] | None = None,
 ) -> tuple[Rollout, dict[str, float], list[dict]]:
     """Sample, score, run the passes, and compute rewards and advantages for one iteration.
 
@@ -316,9 +329,10 @@ def collect_rollout(
     computes the same normalisation, KL, advantages (whitening, GRPO groups, baselines) and
     statistics over the whole batch, keeping its own rows' advantages for the update. The
     samples returned are this rank's. `live_rows` (the update's first micro-batch) run their
-    policy pass with its graph, kept in the rollout for the update to start from.
+    policy pass with its graph, kept in the rollout for the update to start from. `columns`
+    are each row's other prompt fields, for rewards called TRL's way.
     """
-    sampled = sample_and_score(run, messages, rows, row_seeds)
+    sampled = sample_and_score(run, messages, rows, row_seeds, columns)
     device = model_device(run.parallel.model)
     sampled.batch = sampled.batch.to(device)  # built on the CPU, moved once
     sampled.scores, sampled.ended = sampled.scores.to(device), sampled.ended.to(device)

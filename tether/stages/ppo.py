@@ -40,7 +40,7 @@ from tether.core.kl import (
 )
 from tether.core.losses import ppo_policy_loss, value_loss
 from tether.core.ops import RunningMoments, masked_mean
-from tether.data import DataError, Message, load_prompts
+from tether.data import DataError, Message, load_prompt_records
 from tether.fast import engine as tether_engine
 from tether.hardware import autocast
 from tether.models.loading import hf_model, save_pretrained_model
@@ -81,28 +81,36 @@ def first_micro_batch(cfg: PPOConfig, step: int, rows: int) -> torch.Tensor:
     return torch.randperm(rows, generator=update_shuffle(cfg, step))[:micro].sort().values
 
 
-def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[Message]], list[list[int]]]:
-    """Read and tokenise prompts; raises DataError before any model loads."""
-    prompts, report = load_prompts(cfg.data.train, cfg.data.format)
-    kept, rows = [], []
-    for messages in prompts:
+def prepare_prompts(
+    cfg: PPOConfig, tokenizer
+) -> tuple[list[list[Message]], list[list[int]], list[dict]]:
+    """Read and tokenise prompts, keeping each record's other fields (the columns TRL-style
+    rewards receive); raises DataError before any model loads."""
+    prompts, columns, report = load_prompt_records(cfg.data.train, cfg.data.format)
+    kept, rows, kept_columns = [], [], []
+    for messages, extra in zip(prompts, columns, strict=True):
         ids = encode_prompt(tokenizer, messages)
         if len(ids) > cfg.data.max_length:
             report.skipped[f"prompt longer than data.max_length={cfg.data.max_length}"] += 1
             continue
         kept.append(messages)
         rows.append(ids)
+        kept_columns.append(extra)
     tqdm.write(report.summary())
     if not kept:
         raise DataError(f"{cfg.data.train}: no prompt fits data.max_length={cfg.data.max_length}")
-    return kept, rows
+    return kept, rows, kept_columns
 
 
 def build_reward(
-    cfg: PPOConfig, bf16: bool, device: torch.device | str = "cpu"
+    cfg: PPOConfig,
+    bf16: bool,
+    device: torch.device | str = "cpu",
+    columns: set[str] = frozenset(),
 ) -> tuple[CombinedReward, RewardTerm | None]:
-    """The trained-on reward and the gold judge. Reward models sit on the run's device and
-    score under its precision (bf16 autocast where it has it), unless a term's `args` say
+    """The trained-on reward and the gold judge, each checked against the prompt file's
+    columns (`columns`) before any rollout. Reward models sit on the run's device and score
+    under its precision (bf16 autocast where it has it), unless a term's `args` say
     otherwise."""
     timeout = cfg.reward.timeout_s
 
@@ -120,7 +128,11 @@ def build_reward(
         gold = build_term(
             cfg.reward.gold, 1.0, args_of(cfg.reward.gold, cfg.reward.gold_args), timeout
         )
-    return CombinedReward(terms), gold
+    reward = CombinedReward(terms)
+    reward.check(columns)
+    if gold is not None:
+        gold.check(columns)
+    return reward, gold
 
 
 def row_seed(seed: int, step: int, row: int) -> int:
@@ -277,10 +289,12 @@ def make_kl_controller(
     return FixedKLController(kl.coef)
 
 
-def build_online_run(cfg: PPOConfig, tokenizer, device: torch.device, bf16: bool) -> OnlineRun:
-    """The reward, the actor-critic (wrapped for torchrun), the reference, all on `device`,
-    and fresh state."""
-    reward, gold = build_reward(cfg, bf16, device)
+def build_online_run(
+    cfg: PPOConfig, tokenizer, device: torch.device, bf16: bool, columns: set[str]
+) -> OnlineRun:
+    """The reward (checked against the prompt file's `columns`), the actor-critic (wrapped
+    for torchrun), the reference, all on `device`, and fresh state."""
+    reward, gold = build_reward(cfg, bf16, device, columns)
     ac, reference = load_actor_critic(cfg, tokenizer, algorithm_of(cfg).critic, bf16)
     ac.to(device).train()
     if reference is not None:
@@ -321,11 +335,11 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     """Train a policy with PPO (or the algorithm `cfg.algo` names) and return `final/`."""
     begun = begin_run(cfg, out, resume)
     run_dir, bf16, tokenizer = begun.run, begun.bf16, begun.tokenizer
-    messages, rows = prepare_prompts(cfg, tokenizer)
+    messages, rows, columns = prepare_prompts(cfg, tokenizer)
     k = cfg.rollout.samples_per_prompt
     prompts_per_rank = distributed.per_rank(cfg.train.batch_size, "train.batch_size")
     check_batch_layout(cfg, prompts_per_rank)
-    run = build_online_run(cfg, tokenizer, begun.device, bf16)
+    run = build_online_run(cfg, tokenizer, begun.device, bf16, {k for c in columns for k in c})
     ac = run.parallel.model
     critic_lr = {"value_head.": cfg.critic.lr, "critic.": cfg.critic.lr} if cfg.critic.lr else None
     opt = start_optimization(
@@ -353,6 +367,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
             kl_ctl.value,
             seeds,
             first_micro_batch(cfg, step, len(grouped)),
+            [columns[i] for i in grouped],
         )
         stats["time/rollout_s"] = time.perf_counter() - started
         started = time.perf_counter()
