@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tether.config import ConfigError, SFTConfig, config_yaml, load_config
+from tether.config import ConfigError, DPOConfig, PPOConfig, SFTConfig, config_yaml, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -82,3 +83,19 @@ def test_stage_defaults_of_a_section_survive_a_partial_override():
 
     cfg = load_config(RMConfig, None, ["data.train=p.jsonl"])
     assert cfg.data.max_length == 256 and cfg.optim.lr == 5e-5  # RM defaults, not SFT's
+
+
+@pytest.mark.parametrize(
+    ("cls", "override", "hint"),
+    [
+        (PPOConfig, "learning_rate=1e-5", "TRL's `learning_rate` is tether's 'optim.lr'"),
+        (PPOConfig, "num_generations=8", "'rollout.samples_per_prompt'"),
+        (PPOConfig, "beta=0.1", "'ppo.kl.coef'"),
+        (DPOConfig, "beta=0.1", "'dpo.beta'"),  # the same TRL name, another stage's key
+        (SFTConfig, "output_dir=runs/x", "'--out'"),
+        (SFTConfig, "optim.batch_size=4", "did you mean 'train.batch_size'"),  # other section
+    ],
+)
+def test_unknown_keys_are_answered_with_tethers_name_for_them(cls, override, hint):
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        load_config(cls, None, ["data.train=x.jsonl", override])

@@ -573,7 +573,74 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _update(config: C, raw: dict[str, Any], prefix: str, source: str) -> C:
+# TRL's (and transformers' TrainingArguments') names for tether's keys, for the error a TRL
+# user's config meets; several stand for a key of one stage only (`beta`).
+TRL_NAMES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("optim.lr",),
+    "lr_scheduler_type": ("optim.schedule",),
+    "warmup_steps": ("optim.warmup_steps",),
+    "weight_decay": ("optim.weight_decay",),
+    "max_grad_norm": ("optim.max_grad_norm",),
+    "adam_epsilon": ("optim.eps",),
+    "per_device_train_batch_size": ("train.batch_size",),
+    "gradient_accumulation_steps": ("train.grad_accum",),
+    "num_train_epochs": ("train.epochs",),
+    "max_steps": ("train.max_steps",),
+    "seed": ("train.seed",),
+    "logging_steps": ("train.log_every",),
+    "save_steps": ("train.save_every",),
+    "eval_steps": ("train.eval_every",),
+    "save_total_limit": ("train.keep_last",),
+    "bf16": ("train.precision",),
+    "model_name_or_path": ("model.name",),
+    "gradient_checkpointing": ("model.gradient_checkpointing",),
+    "max_length": ("data.max_length",),
+    "max_prompt_length": ("data.max_length",),
+    "num_generations": ("rollout.samples_per_prompt",),
+    "max_completion_length": ("rollout.max_new_tokens",),
+    "temperature": ("rollout.temperature",),
+    "beta": ("ppo.kl.coef", "dpo.beta"),
+    "kl_coef": ("ppo.kl.coef",),
+    "loss_type": ("dpo.loss_type",),
+    "label_smoothing": ("dpo.label_smoothing",),
+    "epsilon": ("ppo.clip_eps",),
+    "cliprange": ("ppo.clip_eps",),
+    "cliprange_value": ("ppo.value_clip_eps",),
+    "vf_coef": ("ppo.vf_coef",),
+    "num_ppo_epochs": ("ppo.ppo_epochs",),
+    "num_mini_batches": ("ppo.num_minibatches",),
+    "report_to": ("logging.tensorboard", "logging.wandb"),
+    "output_dir": ("--out",),
+}
+
+
+def _dotted_keys(config: Any, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _dotted_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _suggestion(full: str, root: Any) -> str:
+    """'; did you mean ...?' from TRL's names, then from the closest keys in any section of
+    the config being built (`root`)."""
+    keys = _dotted_keys(root)
+    name = full.rsplit(".", 1)[-1]
+    trl = [k for k in TRL_NAMES.get(name, ()) if k in keys or k.startswith("--")]
+    if trl:
+        return f"; TRL's `{name}` is tether's {' or '.join(repr(k) for k in trl)}"
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+    close = difflib.get_close_matches(full, keys, n=1) or [
+        by_leaf[m] for m in difflib.get_close_matches(name, list(by_leaf), n=1)
+    ]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _update(config: C, raw: dict[str, Any], prefix: str, source: str, root: Any = None) -> C:
     """Apply `raw` onto a default-constructed config, section by section, so a stage's own
     defaults for a shared section (the RM's shorter max_length) survive a partial override."""
     hints = typing.get_type_hints(type(config))
@@ -581,14 +648,13 @@ def _update(config: C, raw: dict[str, Any], prefix: str, source: str) -> C:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            hint = _suggestion(full, root or config)
             raise ConfigError(f"{source}: unknown config key '{full}'{hint}")
         current = getattr(config, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: config key '{full}' must be a section (a mapping)")
-            _update(current, value, prefix=f"{full}.", source=source)
+            _update(current, value, prefix=f"{full}.", source=source, root=root or config)
         else:
             setattr(config, key, _coerce(hints[key], value, full, source))
     return config
