@@ -73,7 +73,7 @@ def test_missing_eos_rule_subtract_replace_none() -> None:
 
 # --------------------------------------------------------------------------- TRL's way
 
-TRL_REWARDS = '''
+TRL_REWARDS = """
 import asyncio
 
 def correct(completions, solution, **kwargs):
@@ -95,7 +95,7 @@ def chat(prompts, completions, **kwargs):
 
 def positional(a, b, c):
     return [0.0 for _ in b]
-'''
+"""
 
 
 @pytest.fixture
