@@ -30,7 +30,7 @@ from tether.core.packing import (
 )
 from tether.fast import fused as tether_fused
 from tether.hardware import bf16_weight_packing
-from tether.models.loading import hf_model
+from tether.models.loading import hf_model, model_device
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # The batch size oneDNN lays the weights out for; any batch runs on the layout, and
@@ -47,7 +47,7 @@ def supports(model) -> bool:
     inner = hf_model(model)
     config = inner.config
     return (
-        next(inner.parameters()).device.type == "cpu"
+        model_device(inner).type == "cpu"
         and config.model_type in SUPPORTED
         and not getattr(config, "sliding_window", None)  # a full cache is assumed
         and getattr(config, "hidden_act", "silu") == "silu"

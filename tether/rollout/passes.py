@@ -114,7 +114,7 @@ def bucket_limit(backbone: torch.nn.Module) -> int:
     """How many length buckets a pass may use: one where each call would cast frozen float32
     weights to the autocast dtype (a LoRA policy's base in a bf16 run), since the cast is
     paid, and in training its copy kept for backward, once per call."""
-    if not torch.is_autocast_enabled(next(backbone.parameters()).device.type):
+    if not torch.is_autocast_enabled(model_device(backbone).type):
         return 4
     linears = (m.weight for m in backbone.modules() if isinstance(m, torch.nn.Linear))
     return 1 if any(w.dtype == torch.float32 and not w.requires_grad for w in linears) else 4

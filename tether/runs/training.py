@@ -31,7 +31,7 @@ from tether.hardware import (
     use_bf16,
     use_deterministic,
 )
-from tether.models.loading import load_tokenizer
+from tether.models.loading import load_tokenizer, model_device
 from tether.runs import distributed, faults
 from tether.runs.checkpoint import latest_checkpoint
 from tether.runs.data_order import example_indices, examples_per_step, total_steps
@@ -236,7 +236,7 @@ def run_steps(
         disable=not distributed.world().is_main,
     )
     save = functools.partial(_save, run, model, opt, train.keep_last, extra_state)
-    device = next(model.parameters()).device
+    device = model_device(model)
     bad_in_a_row = 0
     while progress.step < last_step:
         started = time.perf_counter()

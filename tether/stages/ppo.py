@@ -278,9 +278,10 @@ def check_sharded_rollout(cfg: PPOConfig, ac: ActorCritic) -> None:
         )
 
 
-def make_kl_controller(
-    cfg: PPOConfig,
-) -> KLBudgetController | AdaptiveKLController | FixedKLController:
+KLController = KLBudgetController | AdaptiveKLController | FixedKLController
+
+
+def make_kl_controller(cfg: PPOConfig) -> KLController:
     kl = cfg.ppo.kl
     if kl.budget:
         return KLBudgetController(kl.coef, kl.budget)
@@ -311,9 +312,6 @@ def build_online_run(
         moments=RunningMoments(),
         baseline=MovingAverageBaseline(cfg.ppo.baseline_decay),
     )
-
-
-KLController = KLBudgetController | AdaptiveKLController | FixedKLController
 
 
 def carried_state(kl_ctl: KLController, run: OnlineRun) -> dict:
