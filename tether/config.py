@@ -78,18 +78,33 @@ class ModelConfig:
 class DataConfig:
     """Where the examples come from and how long they may be."""
 
+    # A file (JSONL, JSON array, CSV, Parquet), a saved `datasets` dir, a dir
+    # `datasets.load_dataset` reads, or a hub dataset id (where a hub or its cache is at hand).
     train: str = ""
-    # A separate held-out file; when empty, `eval_fraction` of `train` is held out (seeded).
+    # A separate held-out source; when empty, `eval_fraction` of `train` is held out (seeded).
     eval: str = ""
     eval_fraction: float = 0.05
-    format: Literal["auto", "jsonl", "parquet", "arrow"] = "auto"
+    # auto: from the name (a dir: saved dataset or load_dataset; owner/name: the hub).
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "arrow", "hub"] = "auto"
+    # The split of a `datasets` source read for `train`, and for `eval`.
+    split: str = "train"
+    eval_split: str = "test"
+    # A `datasets` source's configuration (load_dataset's second argument).
+    config: str = ""
+    # tether's field name -> the source's column, e.g. {prompt: question}.
+    columns: dict[str, str] = field(default_factory=dict)
     max_length: int = 512
     # Draw each optimizer step's examples from a length-sorted neighbourhood, so little of a
     # padded batch is padding (1.4x fewer tokens on HH pairs); the order stays seeded.
     group_by_length: bool = True
 
     def validate(self) -> None:
-        _check(bool(self.train), "data.train", "is required (a JSONL, Parquet or datasets dir)")
+        _check(bool(self.train), "data.train", "is required (a data file, dataset dir or hub id)")
+        _check(
+            all(isinstance(v, str) and v for v in self.columns.values()),
+            "data.columns",
+            "must map field names to column names (strings)",
+        )
         _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         _check(self.max_length >= 8, "data.max_length", "must be >= 8 tokens")
 

@@ -24,7 +24,9 @@ from tether.core.losses import listwise_to_pairs
 from tether.errors import TetherError
 
 Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Message keys kept besides role and content, for chat templates that render tool use.
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
 MAX_ERRORS_SHOWN = 10
 
 
@@ -39,9 +41,11 @@ class DataError(TetherError, ValueError):
 
 @dataclass(frozen=True)
 class SFTExample:
-    """A conversation; loss is taken on every assistant turn."""
+    """A conversation, loss on every assistant turn; or plain `text` (TRL's language-modeling
+    type), loss on every token."""
 
     messages: list[Message]
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,19 +85,56 @@ class LoadReport:
 # --------------------------------------------------------------------------- reading files
 
 
-def read_records(path: str | Path, format: str = "auto") -> list[tuple[int, Any]]:
-    """(line or row number, record) for every record of a JSONL(.gz), Parquet or datasets dir."""
-    path = Path(path)
-    if not path.exists():
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a data source is read: its format, the split and configuration of a `datasets`
+    source, and `columns`, which maps tether's field names to the source's
+    (`{"prompt": "question"}` reads each record's `question` as its prompt)."""
+
+    format: str = "auto"
+    split: str = "train"
+    config: str = ""
+    columns: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data: Any, held_out: bool = False) -> ReadOptions:
+        """The options of a config's `data` section, for `data.eval` where `held_out`."""
+        split = data.eval_split if held_out else data.split
+        return cls(data.format, split, data.config, dict(data.columns))
+
+
+FORMATS = ("jsonl", "json", "csv", "parquet", "arrow", "hub")
+
+
+def read_records(
+    path: str | Path, options: ReadOptions | str = ReadOptions()
+) -> list[tuple[int, Any]]:
+    """(line or row number, record) for every record of a source: JSONL(.gz), a JSON array,
+    CSV, Parquet, a saved `datasets` dir, or anything `datasets.load_dataset` reads (a local
+    dataset dir or script, a hub id where a hub or its offline cache is at hand)."""
+    if isinstance(options, str):
+        options = ReadOptions(format=options)
+    fmt = options.format
+    local = Path(path)
+    if fmt == "auto":
+        fmt = _detect_format(local)
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown data format '{fmt}' (use one of {list(FORMATS)})")
+    if fmt != "hub" and not local.exists():
         raise DataError(f"{path}: no such file or directory")
-    if format == "auto":
-        format = _detect_format(path)
-    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_datasets_dir}
-    if format not in readers:
-        raise DataError(f"{path}: unknown data format '{format}' (use {sorted(readers)})")
-    records = readers[format](path)
+    if fmt == "hub":
+        records = _read_load_dataset(str(path), options)
+    elif fmt == "arrow":
+        records = _read_datasets_dir(local, options.split)
+    else:
+        records = {
+            "jsonl": _read_jsonl,
+            "json": _read_json,
+            "csv": _read_csv,
+            "parquet": _read_parquet,
+        }[fmt](local)
     if not records:
-        raise DataError(f"{path}: the file holds no records")
+        raise DataError(f"{path}: the source holds no records")
     return records
 
 
@@ -101,28 +142,33 @@ def _detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return "arrow"
-        raise DataError(f"{path}: a directory, but not a saved `datasets` dataset")
+        return "hub"  # a dir of data files (or a loading script) that load_dataset reads
     name = path.name.lower()
     if name.endswith(".parquet"):
         return "parquet"
-    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")):
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".json", ".json.gz")):
+        return "json"
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         return "jsonl"
+    if not path.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path)):
+        return "hub"  # `owner/name` that is no local path: a hub id
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
     raise DataError(f"{path}: cannot tell the format from the name; set data.format")
 
 
+def _open_text(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     records = []
     try:
-        with opener(path, "rb") as fh:
+        with _open_text(path) as fh:
             for line_no, raw in enumerate(fh, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}:{line_no}: not valid UTF-8 "
-                        f"(byte {e.start}: {raw[e.start : e.start + 1]!r})"
-                    ) from None
+                text = _decode(raw, path, line_no)
                 if not text.strip():
                     continue
                 try:
@@ -138,6 +184,56 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     return records
 
 
+def _decode(raw: bytes, path: Path, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{line_no}: not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+        ) from None
+
+
+def _read_json(path: Path) -> list[tuple[int, Any]]:
+    """A `.json` file: one array of records (numbered from 1), or JSON Lines under a .json
+    name, which is common."""
+    try:
+        with _open_text(path) as fh:
+            raw = fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if not raw.lstrip().startswith(b"["):
+        return _read_jsonl(path)
+    text = _decode(raw, path, 1)
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    return list(enumerate(loaded, start=1))
+
+
+def _read_csv(path: Path) -> list[tuple[int, Any]]:
+    """CSV with a header row; a record's number is its line in the file."""
+    import csv
+
+    records = []
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames:
+                raise DataError(f"{path}: no header row")
+            line_no = reader.line_num + 1
+            for row in reader:
+                if None in row:
+                    raise DataError(f"{path}:{line_no}: more values than header columns")
+                records.append((line_no, dict(row)))
+                line_no = reader.line_num + 1
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except (OSError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read as CSV: {e}") from None
+    return records
+
+
 def _read_parquet(path: Path) -> list[tuple[int, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -149,16 +245,32 @@ def _read_parquet(path: Path) -> list[tuple[int, Any]]:
     return list(enumerate(rows, start=1))
 
 
-def _read_datasets_dir(path: Path) -> list[tuple[int, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path}: reading a saved dataset needs `pip install datasets`") from None
+def _read_datasets_dir(path: Path, split: str) -> list[tuple[int, Any]]:
+    import datasets
+
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DataError(f"{path}: a DatasetDict without a 'train' split: {list(loaded)}")
-        loaded = loaded["train"]
+        if split not in loaded:
+            raise DataError(f"{path}: no split '{split}' (data.split); it has {list(loaded)}")
+        loaded = loaded[split]
+    return list(enumerate(loaded.to_list(), start=1))
+
+
+def _read_load_dataset(source: str, options: ReadOptions) -> list[tuple[int, Any]]:
+    """`datasets.load_dataset(source, config, split=split)`: a local dataset dir or a hub id
+    (which needs a reachable hub or the dataset in the local `datasets` cache)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(source, options.config or None, split=options.split)
+    except ValueError as e:  # a split or configuration the dataset lacks
+        raise DataError(f"{source}: {e} (data.split / data.config)") from None
+    except Exception as e:  # datasets raises many kinds for "cannot get it"
+        where = "local dataset" if Path(source).exists() else "hub dataset"
+        raise DataError(
+            f"{source}: cannot load it as a {where} ({type(e).__name__}: {str(e)[:300]}); "
+            "without a hub, give a file (JSONL, JSON, CSV, Parquet) or a saved dataset dir"
+        ) from None
     return list(enumerate(loaded.to_list(), start=1))
 
 
@@ -221,16 +333,21 @@ def _messages(value: Any, key: str) -> list[Message]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise _Bad(f"{where}.role", f"must be one of {list(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
+        tool_use = {k: m[k] for k in TOOL_KEYS if m.get(k) is not None}
+        if content is None and tool_use.get("tool_calls"):
+            content = ""  # an assistant turn that only calls tools
+        elif not isinstance(content, str):
             raise _Bad(f"{where}.content", f"expected a string, got {type(content).__name__}")
-        if not content.strip():
+        elif not content.strip():
             raise _Bad(f"{where}.content", "empty text")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **tool_use})
     return out
 
 
-def _parse_all(path: str | Path, format: str, parse) -> tuple[list, LoadReport]:
-    records = read_records(path, format)
+def _parse_all(path: str | Path, options: ReadOptions | str, parse) -> tuple[list, LoadReport]:
+    if isinstance(options, str):
+        options = ReadOptions(format=options)
+    records = read_records(path, options)
     report = LoadReport(str(path), read=len(records))
     errors = _Errors(str(path))
     out = []
@@ -239,7 +356,7 @@ def _parse_all(path: str | Path, format: str, parse) -> tuple[list, LoadReport]:
             errors.add(line, None, f"expected a JSON object, got {type(record).__name__}")
             continue
         try:
-            parsed = parse(record)
+            parsed = parse(_renamed(record, options.columns))
         except _Bad as bad:
             errors.add(line, bad.field_name, bad.problem)
             continue
@@ -253,6 +370,18 @@ def _parse_all(path: str | Path, format: str, parse) -> tuple[list, LoadReport]:
     return out, report
 
 
+def _renamed(record: dict, columns: dict[str, str]) -> dict:
+    """The record under tether's field names: `columns` maps each to the source's name."""
+    if not columns:
+        return record
+    out = {k: v for k, v in record.items() if k not in columns.values()}
+    for ours, theirs in columns.items():
+        if theirs not in record:
+            raise _Bad(theirs, f"missing (data.columns reads {ours!r} from it)")
+        out[ours] = record[theirs]
+    return out
+
+
 def _parse_sft(record: dict) -> SFTExample:
     if "messages" in record:
         messages = _messages(record["messages"], "messages")
@@ -263,15 +392,25 @@ def _parse_sft(record: dict) -> SFTExample:
         if "prompt" not in record:
             raise _Bad("prompt", "missing")
         prompt = _messages(record["prompt"], "prompt")
+        if isinstance(record.get("completion"), list):  # conversational: assistant messages
+            completion = _messages(record["completion"], "completion")
+            if completion[0]["role"] != "assistant":
+                raise _Bad("completion[0].role", "a completion starts with the assistant's turn")
+            return SFTExample([*prompt, *completion])
         completion = _text(record, "completion")
         return SFTExample([*prompt, {"role": "assistant", "content": completion}])
-    raise _Bad("messages", "missing (an SFT record has 'messages' or 'prompt' + 'completion')")
+    if "text" in record:
+        return SFTExample([], _text(record, "text"))
+    raise _Bad(
+        "messages",
+        "missing (an SFT record has 'messages', 'prompt' + 'completion', or 'text')",
+    )
 
 
 def load_sft_examples(
-    path: str | Path, format: str = "auto"
+    path: str | Path, options: ReadOptions | str = ReadOptions()
 ) -> tuple[list[SFTExample], LoadReport]:
-    return _parse_all(path, format, _parse_sft)
+    return _parse_all(path, options, _parse_sft)
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -306,9 +445,17 @@ def _parse_preference(record: dict) -> PreferencePair | RankedResponses | str:
         ):
             raise _Bad("ranking", f"must be a permutation of 0..{len(responses) - 1}, best first")
         return RankedResponses(prompt, list(responses), list(ranking))
+    if "label" in record and "completion" in record:
+        raise _Bad(
+            "label",
+            "an unpaired preference (prompt, completion, label) is KTO's type; the reward model "
+            "and DPO need pairs: 'chosen' and 'rejected' answers to one prompt",
+        )
     if "prompt" in record:
         prompt = _messages(record["prompt"], "prompt")
         chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
+    elif isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list):
+        prompt, chosen, rejected = _implicit_prompt_conversation(record)
     elif (
         "chosen" in record
         and isinstance(record["chosen"], str)
@@ -320,11 +467,13 @@ def _parse_preference(record: dict) -> PreferencePair | RankedResponses | str:
             return "chosen/rejected dialogues differ before the last answer"
         if not chosen or not rejected:
             return "empty final answer"
+    elif isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str):
+        prompt, chosen, rejected = _implicit_prompt_text(record)
     else:
         raise _Bad(
             "prompt",
             "missing (a preference record has 'prompt', 'chosen', 'rejected', "
-            "or HH dialogues in 'chosen'/'rejected')",
+            "or 'chosen'/'rejected' that share the prompt, as TRL's implicit-prompt type)",
         )
     margin = record.get("margin")
     if margin is not None and (not isinstance(margin, int | float) or isinstance(margin, bool)):
@@ -332,6 +481,41 @@ def _parse_preference(record: dict) -> PreferencePair | RankedResponses | str:
     if chosen == rejected:
         return "identical chosen/rejected"
     return PreferencePair(prompt, chosen, rejected, None if margin is None else float(margin))
+
+
+def _implicit_prompt_conversation(record: dict) -> tuple[list[Message], str, str]:
+    """TRL's conversational implicit prompt: chosen and rejected are whole conversations
+    that differ only in the last (assistant) message; the shared messages are the prompt."""
+    chosen, rejected = (
+        _messages(record["chosen"], "chosen"),
+        _messages(record["rejected"], "rejected"),
+    )
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if shared == 0 or len(messages) != shared + 1 or messages[-1]["role"] != "assistant":
+            raise _Bad(
+                key,
+                "with no 'prompt', chosen and rejected must share every message but a last, "
+                "assistant one",
+            )
+    return chosen[:shared], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _implicit_prompt_text(record: dict) -> tuple[list[Message], str, str]:
+    """TRL's standard implicit prompt: the longest common prefix of chosen and rejected is
+    the prompt (as TRL's `extract_prompt` takes it, a space before the split moving to the
+    answers)."""
+    chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
+    cut = 0
+    while cut < min(len(chosen), len(rejected)) and chosen[cut] == rejected[cut]:
+        cut += 1
+    if cut and chosen[cut - 1] == " ":
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise _Bad("prompt", "missing, and chosen and rejected share no prompt text")
+    return [{"role": "user", "content": chosen[:cut]}], chosen[cut:].strip(), rejected[cut:].strip()
 
 
 def _answer(record: dict, key: str) -> str:
@@ -348,9 +532,9 @@ def _answer(record: dict, key: str) -> str:
 
 
 def load_preference_data(
-    path: str | Path, format: str = "auto"
+    path: str | Path, options: ReadOptions | str = ReadOptions()
 ) -> tuple[list[PreferencePair | RankedResponses], LoadReport]:
-    return _parse_all(path, format, _parse_preference)
+    return _parse_all(path, options, _parse_preference)
 
 
 def _parse_prompt(record: dict) -> list[Message]:
@@ -359,8 +543,10 @@ def _parse_prompt(record: dict) -> list[Message]:
     return _messages(record["prompt"], "prompt")
 
 
-def load_prompts(path: str | Path, format: str = "auto") -> tuple[list[list[Message]], LoadReport]:
-    return _parse_all(path, format, _parse_prompt)
+def load_prompts(
+    path: str | Path, options: ReadOptions | str = ReadOptions()
+) -> tuple[list[list[Message]], LoadReport]:
+    return _parse_all(path, options, _parse_prompt)
 
 
 def _parse_prompt_record(record: dict) -> tuple[list[Message], dict[str, Any]]:
@@ -368,11 +554,11 @@ def _parse_prompt_record(record: dict) -> tuple[list[Message], dict[str, Any]]:
 
 
 def load_prompt_records(
-    path: str | Path, format: str = "auto"
+    path: str | Path, options: ReadOptions | str = ReadOptions()
 ) -> tuple[list[list[Message]], list[dict[str, Any]], LoadReport]:
     """Prompts and each record's other fields (a verifier's `solution`, ...), which rewards
     called TRL's way receive as keyword columns."""
-    parsed, report = _parse_all(path, format, _parse_prompt_record)
+    parsed, report = _parse_all(path, options, _parse_prompt_record)
     return [m for m, _ in parsed], [c for _, c in parsed], report
 
 
@@ -384,10 +570,10 @@ def _parse_scored(record: dict) -> tuple[dict, list[Message], str]:
 
 
 def load_scored_responses(
-    path: str | Path, format: str = "auto"
+    path: str | Path, options: ReadOptions | str = ReadOptions()
 ) -> tuple[list[tuple[dict, list[Message], str]], LoadReport]:
     """(record, prompt messages, response) for `{prompt, response}` (or completion) records."""
-    return _parse_all(path, format, _parse_scored)
+    return _parse_all(path, options, _parse_scored)
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -410,6 +596,8 @@ def tokenize_sft(example: SFTExample, tokenizer, max_length: int) -> TokenizedSF
     and without the turn; token offsets then say which tokens fall inside. Sequences longer
     than `max_length` are cut at the right; None when no assistant token survives.
     """
+    if example.text is not None:
+        return _tokenize_text(example.text, tokenizer, max_length)
     messages = example.messages
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -438,6 +626,16 @@ def tokenize_sft(example: SFTExample, tokenizer, max_length: int) -> TokenizedSF
     if all(t == -100 for t in labels):
         return None
     return TokenizedSFT(input_ids, labels)
+
+
+def _tokenize_text(text: str, tokenizer, max_length: int) -> TokenizedSFT:
+    """Plain text, loss on every token, ended by EOS as TRL's language-modeling type is (so
+    the model learns where a text stops)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = [*ids, tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    return TokenizedSFT(ids, list(ids))
 
 
 def collate_sft(batch: Sequence[TokenizedSFT], pad_id: int) -> dict[str, torch.Tensor]:
@@ -494,9 +692,10 @@ def load_preference_splits(data, seed: int) -> PreferenceSplits:
     The split is by record, before rankings are expanded, so no prompt's ranking leaks into
     both sides.
     """
-    items, report = load_preference_data(data.train, data.format)
+    options = ReadOptions.of(data)
+    items, report = load_preference_data(data.train, options)
     if data.eval:
-        eval_items, eval_report = load_preference_data(data.eval, data.format)
+        eval_items, eval_report = load_preference_data(data.eval, ReadOptions.of(data, True))
     else:
         items, eval_items = split_train_eval(items, data.eval_fraction, seed)
         eval_report = report

@@ -40,7 +40,7 @@ from tether.core.kl import (
 )
 from tether.core.losses import ppo_policy_loss, value_loss
 from tether.core.ops import RunningMoments, masked_mean
-from tether.data import DataError, Message, load_prompt_records
+from tether.data import DataError, Message, ReadOptions, load_prompt_records
 from tether.fast import engine as tether_engine
 from tether.hardware import autocast
 from tether.models.loading import hf_model, save_pretrained_model
@@ -86,7 +86,7 @@ def prepare_prompts(
 ) -> tuple[list[list[Message]], list[list[int]], list[dict]]:
     """Read and tokenise prompts, keeping each record's other fields (the columns TRL-style
     rewards receive); raises DataError before any model loads."""
-    prompts, columns, report = load_prompt_records(cfg.data.train, cfg.data.format)
+    prompts, columns, report = load_prompt_records(cfg.data.train, ReadOptions.of(cfg.data))
     kept, rows, kept_columns = [], [], []
     for messages, extra in zip(prompts, columns, strict=True):
         ids = encode_prompt(tokenizer, messages)

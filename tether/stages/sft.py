@@ -17,6 +17,7 @@ from tether.config import SFTConfig
 from tether.core.losses import sft_loss
 from tether.data import (
     DataError,
+    ReadOptions,
     TokenizedSFT,
     collate_sft,
     load_sft_examples,
@@ -42,9 +43,11 @@ def tokenize_all(examples, tokenizer, max_length: int, report) -> list[Tokenized
 
 def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenizedSFT], list[TokenizedSFT]]:
     """Read, validate and tokenise train and eval data; raises DataError before training."""
-    examples, report = load_sft_examples(cfg.data.train, cfg.data.format)
+    examples, report = load_sft_examples(cfg.data.train, ReadOptions.of(cfg.data))
     if cfg.data.eval:
-        eval_examples, eval_report = load_sft_examples(cfg.data.eval, cfg.data.format)
+        eval_examples, eval_report = load_sft_examples(
+            cfg.data.eval, ReadOptions.of(cfg.data, held_out=True)
+        )
     else:
         examples, eval_examples = split_train_eval(examples, cfg.data.eval_fraction, cfg.train.seed)
         eval_report = report
