@@ -60,7 +60,7 @@ def test_every_stage_runs_its_runner_on_the_configured_run(name, tmp_path, monke
     code = cli.main([name, *args, *shortcuts])
     assert code == 0
     [(config, given_out, resume)] = calls
-    assert type(config) is cli._load(stage.config)
+    assert type(config) is cli.load_target(stage.config)
     assert (given_out, resume) == (out, False)
     assert config_value(config, stage.model_key) == "some-model"
     assert config_value(config, stage.data_key) == "some-data.jsonl"

@@ -14,10 +14,26 @@ The package, bottom layer first; each layer imports only the layers below it
     rollout/   sampling, the forward passes over a rollout, the actor-critic
     stages/    sft, rm, ppo (with rloo, grpo, reinforce, a2c), dpo: one loop each
     tools/     the demo, doctor, inspector, report, evaluation, demo tasks
-    cli        the `tether` command
+    api        the stages as Python functions: tether.sft(...), tether.ppo(...), ...
+    cli        the `tether` command, a thin layer over api
 
 Kept import-light on purpose: `import tether` must not pull in transformers, so the CLI's
 `--help` is instant and the maths modules can be imported on their own.
 """
 
 __version__ = "0.1.0"
+
+# The Python API (tether.api), imported on first use so that `import tether` stays light.
+API = ("sft", "reward_model", "ppo", "grpo", "dpo", "run", "Result", "config_reference")
+
+
+def __getattr__(name: str):
+    if name in API:
+        import tether.api
+
+        return getattr(tether.api, name)
+    raise AttributeError(f"module 'tether' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *API])

@@ -7,59 +7,12 @@ load torch or transformers.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from tether.api import STAGES, Stage, load_target
 from tether.errors import TetherError
-
-
-@dataclass(frozen=True)
-class Stage:
-    help: str
-    config: str  # "module:Class"
-    runner: str  # "module:function(cfg, out, resume) -> Path"
-    # Where the --model / --data / --max-steps shortcuts write.
-    model_key: str = "model.name"
-    data_key: str = "data.train"
-    steps_key: str = "train.max_steps"
-
-
-STAGES: dict[str, Stage] = {
-    "sft": Stage(
-        help="supervised fine-tuning on chat or prompt/completion data",
-        config="tether.config:SFTConfig",
-        runner="tether.stages.sft:run_sft",
-    ),
-    "rm": Stage(
-        help="train a reward model on preference pairs or rankings",
-        config="tether.config:RMConfig",
-        runner="tether.stages.rm:run_rm",
-    ),
-    "ppo": Stage(
-        help="online PPO against a reward (model or function) with a KL penalty to a reference",
-        config="tether.config:PPOConfig",
-        runner="tether.stages.ppo:run_ppo",
-    ),
-    "grpo": Stage(
-        help="GRPO: k samples per prompt, group-whitened advantages, KL as a loss term",
-        config="tether.config:GRPOConfig",
-        runner="tether.stages.ppo:run_ppo",
-    ),
-    "dpo": Stage(
-        help="direct preference optimisation (DPO, IPO, hinge) against a frozen reference",
-        config="tether.config:DPOConfig",
-        runner="tether.stages.dpo:run_dpo",
-    ),
-}
-
-
-def _load(target: str):
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
 
 DEVICE_HELP = "where the models run: auto (this process's GPU where there is one), cpu, cuda:N"
 
@@ -81,12 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect_parser(sub)
     _add_demo_parser(sub)
     _add_report_parser(sub)
+    _add_config_parser(sub)
     return parser
 
 
 def _add_stage_parser(sub, name: str, stage: Stage) -> None:
     """`tether STAGE`: a config file, overrides and shortcuts, then the stage's runner."""
-    p = sub.add_parser(name, help=stage.help, description=stage.help)
+    p = sub.add_parser(
+        name,
+        help=stage.help,
+        description=stage.help,
+        epilog=f"Every config key, its default and its meaning: tether config {name}",
+    )
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument(
         "--set",
@@ -107,6 +66,17 @@ def _add_stage_parser(sub, name: str, stage: Stage) -> None:
     p.add_argument("--max-steps", type=int, help=f"shortcut for --set {stage.steps_key}=...")
     p.add_argument("--device", help="shortcut for --set train.device=... (auto, cpu, cuda:N)")
     p.set_defaults(func=_run_stage, stage=name)
+
+
+def _add_config_parser(sub) -> None:
+    cfg = sub.add_parser(
+        "config",
+        help="print every config key of a stage, with its default and what it does",
+        description="Print a stage's config as commented YAML: every key, its default and its "
+        "meaning. `tether config ppo > ppo.yaml` is a starting point for --config.",
+    )
+    cfg.add_argument("stage", choices=list(STAGES))
+    cfg.set_defaults(func=_run_config)
 
 
 def _add_rm_eval_parser(sub) -> None:
@@ -192,6 +162,15 @@ def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="(re)build RUN_DIR/report.html for any run or demo")
     rep.add_argument("run_dir", type=Path)
     rep.set_defaults(func=_run_report)
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from tether.api import config_reference
+
+    print(f"# tether {args.stage}: {STAGES[args.stage].help}")
+    print("# Every key with its default; set them in a --config file or with --set KEY=VALUE.\n")
+    print(config_reference(args.stage), end="")
+    return 0
 
 
 def _run_rm_eval(args: argparse.Namespace) -> int:
@@ -343,6 +322,7 @@ def _version() -> str:
 
 
 def _run_stage(args: argparse.Namespace) -> int:
+    from tether.api import default_out, run
     from tether.config import load_config
 
     stage = STAGES[args.stage]
@@ -357,14 +337,16 @@ def _run_stage(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     if args.resume and args.out is None:
         raise TetherError("--resume needs --out RUN_DIR (the run to continue)")
-    out = args.out or Path("runs") / f"{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or default_out(args.stage)
     config_path = args.config
     if config_path is None and args.resume and (out / "config.yaml").is_file():
         config_path = out / "config.yaml"  # resume the run exactly as it was configured
-    config = load_config(_load(stage.config), config_path, overrides)
+    config = load_config(load_target(stage.config), config_path, overrides)
     started = time.perf_counter()
-    final = _load(stage.runner)(config, out, resume=args.resume)
-    print(f"{args.stage}: done in {time.perf_counter() - started:.0f}s; model saved to {final}")
+    result = run(args.stage, config, out, resume=args.resume)
+    print(
+        f"{args.stage}: done in {time.perf_counter() - started:.0f}s; model saved to {result.final}"
+    )
     return 0
 
 

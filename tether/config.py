@@ -33,10 +33,15 @@ class ConfigError(TetherError, ValueError):
 class LoraConfig:
     """LoRA adapters through peft; `enabled: false` means full fine-tuning."""
 
+    # Train LoRA adapters (peft) instead of every weight; the run also saves the adapter.
     enabled: bool = False
+    # The adapters' rank.
     r: int = 16
+    # Scale of the adapters' update: alpha / r.
     alpha: int = 32
+    # Dropout on the adapters' input.
     dropout: float = 0.0
+    # The linear layers that get adapters (their names in the model).
     target_modules: list[str] = field(
         default_factory=lambda: [
             "q_proj",
@@ -66,6 +71,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Off unless asked for: remote code runs arbitrary Python from the model repo.
     trust_remote_code: bool = False
+    # Recompute activations in the backward pass: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -83,16 +89,19 @@ class DataConfig:
     train: str = ""
     # A separate held-out source; when empty, `eval_fraction` of `train` is held out (seeded).
     eval: str = ""
+    # The share of `train` held out when `eval` is empty.
     eval_fraction: float = 0.05
     # auto: from the name (a dir: saved dataset or load_dataset; owner/name: the hub).
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "arrow", "hub"] = "auto"
-    # The split of a `datasets` source read for `train`, and for `eval`.
+    # The split of a `datasets` source read for `train`.
     split: str = "train"
+    # The split read for `eval` when it is a `datasets` source.
     eval_split: str = "test"
     # A `datasets` source's configuration (load_dataset's second argument).
     config: str = ""
     # tether's field name -> the source's column, e.g. {prompt: question}.
     columns: dict[str, str] = field(default_factory=dict)
+    # Longest example in tokens; longer ones are cut (SFT) or skipped and counted.
     max_length: int = 512
     # Draw each optimizer step's examples from a length-sorted neighbourhood, so little of a
     # padded batch is padding (1.4x fewer tokens on HH pairs); the order stays seeded.
@@ -113,14 +122,20 @@ class DataConfig:
 class OptimConfig:
     """AdamW with warm-up and a decay schedule."""
 
+    # Peak learning rate (after warm-up).
     lr: float = 2e-5
+    # AdamW's decoupled weight decay.
     weight_decay: float = 0.0
+    # AdamW's (β1, β2).
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     # 1e-8 is PyTorch's default; PPO uses 1e-5 to match TF's smaller early steps
     # (docs/implementation-details.md#adam-epsilon).
     eps: float = 1e-8
+    # How the learning rate decays after warm-up, to 0 at the last step.
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Steps of linear warm-up from 0.
     warmup_steps: int = 0
+    # Clip the gradients' global norm to this (0: no clipping).
     max_grad_norm: float = 1.0
 
     def validate(self) -> None:
@@ -136,10 +151,13 @@ class TrainConfig:
 
     # Optimizer steps; 0 means `epochs` full passes over the training set.
     max_steps: int = 0
+    # Passes over the training set when max_steps is 0.
     epochs: int = 1
+    # Examples per optimizer step (PPO: prompts per rollout).
     batch_size: int = 8
     # Micro-batches per optimizer step; the effective batch is batch_size * grad_accum.
     grad_accum: int = 1
+    # Seeds data order, initialisation and sampling: a run and its resume are repeatable.
     seed: int = 0
     # Where every model of the run sits: auto = this process's GPU (cuda:LOCAL_RANK under
     # torchrun) where CUDA is available, else the CPU; or cpu, cuda, cuda:N.
@@ -150,11 +168,13 @@ class TrainConfig:
     # PyTorch's deterministic algorithms: bit-exact reruns and resumes, at some speed on a GPU
     # (docs/robustness.md#deterministic-runs).
     deterministic: bool = False
+    # Log metrics every N steps.
     log_every: int = 1
     # 0 = evaluate only at the end.
     eval_every: int = 0
     # 0 = checkpoint only at the end.
     save_every: int = 100
+    # Checkpoints kept on disk (older ones are deleted after a newer one is complete).
     keep_last: int = 2
     # 0 = all available cores.
     threads: int = 0
@@ -180,11 +200,31 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    """Extra metric sinks; metrics.jsonl is always written."""
+    """Where metrics go besides metrics.jsonl (always written), as TRL's `report_to`."""
 
-    tensorboard: bool = False
-    wandb: bool = False
+    # Trackers: tensorboard, wandb, mlflow (each needs its package), or "none".
+    report_to: list[str] = field(default_factory=list)
+    # The run's name in the trackers; empty: the run dir's name.
+    run_name: str = ""
+    # The W&B project, or the MLflow experiment.
     wandb_project: str = "tether"
+    # The same as listing tensorboard in report_to.
+    tensorboard: bool = False
+    # The same as listing wandb in report_to.
+    wandb: bool = False
+
+    def trackers(self) -> list[str]:
+        """report_to plus the booleans, each once, in order."""
+        names = [n for n in self.report_to if n != "none"]
+        names += [n for n, on in (("tensorboard", self.tensorboard), ("wandb", self.wandb)) if on]
+        return list(dict.fromkeys(names))
+
+    def validate(self) -> None:
+        unknown = set(self.report_to) - {*TRACKERS, "none"}
+        _check(not unknown, "logging.report_to", f"has {sorted(unknown)}; use {list(TRACKERS)}")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 # --------------------------------------------------------------------------- stages
@@ -217,6 +257,7 @@ class StageConfig:
         self.data.validate()
         self.optim.validate()
         self.train.validate()
+        self.logging.validate()
 
 
 @dataclass
@@ -230,6 +271,7 @@ class RewardLossConfig:
 
     # Coefficient of λ·mean((r_w + r_l)²): pins the offset the ranking loss leaves free.
     center_coef: float = 0.01
+    # Coefficient of λ·mean(r²) over every scored response.
     l2_coef: float = 0.0
     # Listwise records: every ordered pair (weighted to sum to 1 per prompt) or adjacent only.
     listwise_pairs: Literal["all", "adjacent"] = "all"
@@ -261,6 +303,7 @@ class RMConfig(StageConfig):
 class RolloutConfig:
     """How responses are sampled from the policy during training."""
 
+    # Longest response, in tokens.
     max_new_tokens: int = 64
     # Log-probs, ratios and KL are computed from logits / temperature, the same T as sampling.
     temperature: float = 1.0
@@ -269,10 +312,12 @@ class RolloutConfig:
     # (docs/implementation-details.md#sampling-temperature-and-truncated-sampling).
     # Training rollouts refuse it; evaluation sampling (demo, best-of-n) may use it.
     top_p: float = 1.0
+    # Top-k truncation (0: off); refused in training rollouts, as top_p.
     top_k: int = 0
     # Responses cut at max_new_tokens without EOS: "subtract" the penalty from their score,
     # "replace" the score by -penalty (OpenAI), or "none". Without it policies learn to ramble.
     missing_eos: Literal["subtract", "replace", "none"] = "subtract"
+    # The penalty of `missing_eos`.
     missing_eos_penalty: float = 1.0
     # Responses sampled per prompt (k): RLOO and GRPO compare the k answers of one prompt.
     samples_per_prompt: int = 1
@@ -309,9 +354,11 @@ class RewardSpecConfig:
     terms: list[dict[str, Any]] = field(default_factory=list)
     # A judge logged as gold/mean and never trained on (the same spec as a term, or "").
     gold: str = ""
+    # Keyword args of the gold judge, as a term's `args`.
     gold_args: dict[str, Any] = field(default_factory=dict)
-    # Whiten scores with running mean/std over all rollouts so far, then clip to ±clip (0: off).
+    # Whiten scores with the running mean/std over all rollouts so far.
     normalize: bool = False
+    # Clip whitened scores to ±clip (0: off).
     clip: float = 0.0
     # Seconds one call of a term (or the gold judge) may take on one batch before the run
     # stops with an error naming it; a hung reward server must not hang the run. 0: no limit.
@@ -340,10 +387,13 @@ class RewardSpecConfig:
 class KLConfig:
     """The per-token penalty β·KL_t folded into the reward."""
 
+    # β: the weight of the KL penalty (the adaptive and budget controllers start from it).
     coef: float = 0.05
     # Adaptive control (Ziegler et al. 2019) steers the per-sequence KL towards `target`.
     adaptive: bool = False
+    # The adaptive controller's KL target, in nats per response.
     target: float = 6.0
+    # The adaptive controller's horizon: how many rollouts β takes to move e-fold.
     horizon: int = 10000
     # > 0: a KL budget in nats per response instead (core.kl.KLBudgetController): `coef` is
     # a floor that β rises from while the KL is over budget; overrides `adaptive`.
@@ -381,15 +431,22 @@ class KLConfig:
 class PPOLossConfig:
     """The PPO update: epochs over the rollout, clipping, coefficients, GAE."""
 
+    # Passes over each rollout batch.
     ppo_epochs: int = 4
     # Optimizer steps per epoch; the rollout batch is split into this many minibatches
     # (each of which may be further split into train.grad_accum micro-batches).
     num_minibatches: int = 1
+    # PPO's ratio clip ε: the policy loss stops pulling at 1 ± ε.
     clip_eps: float = 0.2
+    # The value loss's clip around the rollout's values (0: off).
     value_clip_eps: float = 0.2
+    # Weight of the value loss in the shared loss.
     vf_coef: float = 0.1
+    # Weight of the entropy bonus (0: none, as in RLHF practice).
     ent_coef: float = 0.0
+    # Discount γ over response tokens (1: none, the reward comes once at the end).
     gamma: float = 1.0
+    # GAE's λ: lower trusts the critic more (less variance, more bias).
     lam: float = 0.95
     # PPO and A2C: whiten the critic's advantages over the batch.
     whiten_advantages: bool = True
@@ -489,7 +546,9 @@ class PPOConfig(StageConfig):
 class DPOLossConfig:
     """The DPO family (Rafailov et al. 2023; IPO, Azar et al. 2023; hinge, SLiC)."""
 
+    # β: how far from the reference the implicit reward lets the policy move.
     beta: float = 0.1
+    # sigmoid: DPO; ipo: IPO's squared loss; hinge: SLiC.
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     # Conservative DPO: labels assumed flipped with this probability (sigmoid only).
     label_smoothing: float = 0.0
@@ -570,6 +629,19 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     return config
 
 
+def build_config(cls: type[C], base: C | None = None, values: dict[str, Any] | None = None) -> C:
+    """`base` (or the defaults) with `values` applied as a YAML mapping would be, validated as
+    `load_config` validates: the Python API's configs are checked as the CLI's are."""
+    import copy
+
+    config = copy.deepcopy(base) if base is not None else cls()
+    if not isinstance(config, cls):
+        raise ConfigError(f"expected a {cls.__name__}, got a {type(config).__name__}")
+    config = _update(config, values or {}, prefix="", source="arguments")
+    config.validate()
+    return config
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value_text = item.partition("=")
     if not sep or not key.strip():
@@ -624,7 +696,8 @@ TRL_NAMES: dict[str, tuple[str, ...]] = {
     "vf_coef": ("ppo.vf_coef",),
     "num_ppo_epochs": ("ppo.ppo_epochs",),
     "num_mini_batches": ("ppo.num_minibatches",),
-    "report_to": ("logging.tensorboard", "logging.wandb"),
+    "report_to": ("logging.report_to",),
+    "run_name": ("logging.run_name",),
     "output_dir": ("--out",),
 }
 
@@ -699,6 +772,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
+        if item_tp is str and isinstance(value, str):
+            value = [value]  # `report_to: wandb`, as TRL users write it
         if not isinstance(value, list):
             raise ConfigError(f"{source}: config key '{key}' must be a list, got {value!r}")
         return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
@@ -755,3 +830,56 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
         elif va != vb:
             out.append(f"{prefix}{k}")
     return out
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's doc: the comment lines right above it in the class's source, so that
+    config.py's comments are the one text that `tether config` prints and the code reads."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its base's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        lines, _ = inspect.getsourcelines(klass)
+        body = ast.parse(inspect.cleandoc("\n".join(line.rstrip("\n") for line in lines)))
+        for node in body.body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                comment = []
+                row = node.lineno - 2  # the line above, 0-based
+                while row >= 0 and lines[row].strip().startswith("#"):
+                    comment.insert(0, lines[row].strip().lstrip("#").strip())
+                    row -= 1
+                if comment:
+                    docs[node.target.id] = " ".join(comment)
+    return docs
+
+
+def config_reference(cls: type) -> str:
+    """Every key of a stage's config, with its default and its doc, as YAML that loads back
+    to the defaults: `tether config ppo > ppo.yaml` is a commented starting point."""
+    import textwrap
+
+    out: list[str] = []
+
+    def section(config: Any, indent: str, docs: dict[str, str]) -> None:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            doc = docs.get(f.name) or (
+                (type(value).__doc__ or "").strip() if dataclasses.is_dataclass(value) else ""
+            )
+            for line in textwrap.wrap(doc, 96 - len(indent)):
+                out.append(f"{indent}# {line}")
+            if dataclasses.is_dataclass(value):
+                out.append(f"{indent}{f.name}:")
+                section(value, indent + "  ", field_docs(type(value)))
+            else:
+                text = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000)
+                out.append(indent + text.strip().removeprefix("{").removesuffix("}"))
+
+    section(cls(), "", field_docs(cls))
+    return "\n".join(out) + "\n"

@@ -119,8 +119,41 @@ def import_target(target: str, what: str, error: type[TetherError] = TetherError
         raise error(f"cannot import {what} '{target}': {e}") from e
 
 
+# Functions handed to the Python API that no import can find again (a notebook's, a lambda),
+# by the `callable:NAME` spec each was given.
+REGISTERED: dict[str, Callable[..., Any]] = {}
+
+
+def spec_of(fn: Callable[..., Any]) -> str:
+    """The spec a run's config records for a Python function: `module:function` where that
+    import finds this very function again (a resumed run, or the CLI, can load it), else
+    `callable:NAME`, which only this process knows."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if module and module != "__main__" and "<" not in qualname and "." not in qualname:
+        try:
+            if getattr(importlib.import_module(module), qualname, None) is fn:
+                return f"{module}:{qualname}"
+        except ImportError:
+            pass
+    name = getattr(fn, "__name__", type(fn).__name__).strip("<>")
+    spec, n = f"callable:{name}", 1
+    while REGISTERED.get(spec, fn) is not fn:
+        n += 1
+        spec = f"callable:{name}-{n}"
+    REGISTERED[spec] = fn
+    return spec
+
+
 def load_function(spec: str) -> RewardFn:
-    """`package.module:function` or `path/to/file.py:function`, imported only when named."""
+    """`package.module:function` or `path/to/file.py:function`, imported only when named; or
+    a function this process registered (`callable:NAME`)."""
+    if spec.startswith("callable:"):
+        if spec not in REGISTERED:
+            raise RewardError(
+                f"reward '{spec}' is a Python function given to tether's API in another "
+                "process; pass the function again (reward=...) to resume the run"
+            )
+        return REGISTERED[spec]
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise RewardError(

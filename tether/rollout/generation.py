@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from tqdm.auto import tqdm
 
+from tether.console import say
 from tether.core.packing import pad_rows
 from tether.data import Message, as_messages
 from tether.errors import TetherError
@@ -216,7 +216,7 @@ def split_on_oom(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(rows) // 2
-        tqdm.write(
+        say(
             f"warning: generating {len(rows)} rows ran out of memory; going on in halves of "
             f"{half} (set rollout.generation_batch_size={half} to skip the failed attempt)"
         )

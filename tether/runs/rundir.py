@@ -118,55 +118,28 @@ class RunDir:
 
 
 class MetricsLogger:
-    """Appends one JSON line per logged step, and mirrors to TensorBoard / W&B if asked.
+    """Appends one JSON line per logged step, and mirrors it to the trackers that
+    `logging.report_to` names (tether.runs.trackers).
 
     On resume the log is cut back to the checkpoint's step, so steps replayed after a crash
     are not logged twice.
     """
 
-    def __init__(
-        self,
-        run: RunDir,
-        resume_step: int = 0,
-        tensorboard: bool = False,
-        wandb: bool = False,
-        wandb_project: str = "tether",
-        config: Any = None,
-    ) -> None:
+    def __init__(self, run: RunDir, resume_step: int = 0, config: Any = None) -> None:
+        from tether.runs.trackers import open_trackers
+
         self.path = run.metrics_path
+        self.trackers = open_trackers(run.path, config) if config is not None else []
         truncate_jsonl(self.path, resume_step)
         self._fh = open(self.path, "a", encoding="utf-8")
-        self._tb = self._wandb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RunDirError(
-                    "logging.tensorboard needs `pip install tether[tensorboard]`"
-                ) from e
-            self._tb = SummaryWriter(str(run.path / "tensorboard"))
-        if wandb:
-            try:
-                import wandb as wandb_lib
-            except ImportError as e:
-                raise RunDirError("logging.wandb needs `pip install tether[wandb]`") from e
-            self._wandb = wandb_lib.init(
-                project=wandb_project,
-                dir=str(run.path),
-                config=config_to_dict(config) if config else None,
-                resume="allow",
-            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float):
-                    self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:
-            self._wandb.log(record, step=step)
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        for tracker in self.trackers:
+            tracker.log(step, numbers)
 
     def sync(self) -> None:
         """fsync before a checkpoint, so the log never lags the weights after a crash."""
@@ -175,10 +148,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class NullLogger:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from tether.console import say
 from tether.models.loading import load_trainable_state_dict, trainable_state_dict
 from tether.runs import distributed
 from tether.runs.checkpoint import (
@@ -105,7 +105,7 @@ def restore_training_state(path, model, optimizer, scheduler) -> tuple[Progress,
     progress = Progress(meta["step"], meta["cursor"], meta.get("skipped", 0))
     saved_ranks, ranks = meta.get("world_size", 1), distributed.world().size
     if saved_ranks != ranks and distributed.world().is_main:
-        tqdm.write(
+        say(
             f"note: {path} was written by {saved_ranks} rank(s), resumed on {ranks}: same "
             "weights, optimizer and data position; rank 0 continues rank 0's random stream"
         )

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tether.config import TrainConfig
+from tether.console import say
 from tether.errors import RewardError, TetherError
 from tether.hardware import (
     cuda_memory,
@@ -81,7 +82,7 @@ def begin_run(cfg: Any, out, resume: bool) -> RunStart:
     bf16 = use_bf16(cfg.train.precision, device)
     if world.is_main:
         ranks = f" (and {world.size - 1} more ranks)" if world.size > 1 else ""
-        tqdm.write(f"tether: running on {describe(device, bf16)}{ranks}")
+        say(f"tether: running on {describe(device, bf16)}{ranks}")
     run = RunDir(out)
     resume_from = run.prepare(cfg, resume) if world.is_main else None
     resume_from = distributed.broadcast(resume_from)
@@ -119,16 +120,13 @@ def start_optimization(
     progress, extra = Progress(), {}
     if resume_from is not None:
         progress, extra = restore_training_state(resume_from, model, optimizer, scheduler)
-        tqdm.write(f"resumed from {resume_from} (step {progress.step})")
-    log = cfg.logging
+        say(f"resumed from {resume_from} (step {progress.step})")
     # Without a checkpoint the run starts over, so even a step-0 record (the baseline eval)
     # of a run killed before its first save is dropped: it is about to be logged again.
     keep_through = progress.step if resume_from is not None else -1
     logger: MetricsLogger | NullLogger = NullLogger()
     if distributed.world().is_main:  # one log per job
-        logger = MetricsLogger(
-            run, keep_through, log.tensorboard, log.wandb, log.wandb_project, cfg
-        )
+        logger = MetricsLogger(run, keep_through, cfg)
     return Optimization(optimizer, scheduler, progress, logger, extra)
 
 

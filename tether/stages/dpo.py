@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tether.config import DPOConfig, ModelConfig
+from tether.console import say, warn
 from tether.core.losses import dpo_loss
 from tether.core.ops import sequence_logprobs
 from tether.data import DataError, LoadReport, PreferencePair, load_preference_splits
@@ -73,7 +74,7 @@ def prepare_data(
     max_len = cfg.data.max_length
     train = tokenize_preferences(train_pairs, tokenizer, max_len, splits.report)
     held_out = tokenize_preferences(held_out_pairs, tokenizer, max_len, splits.eval_report)
-    tqdm.write(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
+    say(splits.report.summary() + f" -> {len(train)} train / {len(held_out)} held-out pairs")
     if not train:
         raise DataError(f"{cfg.data.train}: no usable preference pairs")
     return train, held_out
@@ -136,7 +137,7 @@ def reference_logps(
         cached = load_file(path)
         if all(k in cached and cached[k].shape == (len(v), 2) for k, v in splits.items()):
             return {k: v.to(device) for k, v in cached.items()}
-        tqdm.write(f"warning: {path} does not match the data; recomputing reference log-probs")
+        warn(f"{path} does not match the data; recomputing reference log-probs")
     model: torch.nn.Module | distributed.Parallel = policy
     if cfg.reference:
         ref_cfg = ModelConfig(name=cfg.reference, trust_remote_code=cfg.model.trust_remote_code)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from tether.config import PPOConfig
+from tether.console import say
 from tether.core.advantages import MovingAverageBaseline
 from tether.core.kl import (
     AdaptiveKLController,
@@ -96,7 +96,7 @@ def prepare_prompts(
         kept.append(messages)
         rows.append(ids)
         kept_columns.append(extra)
-    tqdm.write(report.summary())
+    say(report.summary())
     if not kept:
         raise DataError(f"{cfg.data.train}: no prompt fits data.max_length={cfg.data.max_length}")
     return kept, rows, kept_columns

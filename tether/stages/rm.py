@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from tether.config import RewardLossConfig, RMConfig
+from tether.console import say
 from tether.core.losses import (
     list_centering_penalty,
     listwise_to_pairs,
@@ -159,7 +159,7 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
             ):
                 train.append(item)
     held_out = tokenize_pairs(held_out_pairs, tokenizer, max_len, splits.eval_report)
-    tqdm.write(
+    say(
         f"{splits.report.summary()} -> {len(train)} training items (pairs or whole rankings), "
         f"{len(held_out)} held-out pairs"
     )
@@ -324,7 +324,7 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
             rows = [r for x in (held_out or train[:256]) for r in x.rows]
             scores = score_rows(parallel, rows, per_micro * 2, pad_id, bf16)
         mean, std = scores.mean().item(), max(scores.std(unbiased=False).item(), 1e-6)
-        tqdm.write(
+        say(
             f"score normalisation over {scores.numel()} reference responses: "
             f"mean {mean:.4f}, std {std:.4f}"
         )

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from tether.config import SFTConfig
+from tether.console import say
 from tether.core.losses import sft_loss
 from tether.data import (
     DataError,
@@ -53,9 +53,9 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenizedSFT], list[To
         eval_report = report
     train = tokenize_all(examples, tokenizer, cfg.data.max_length, report)
     held_out = tokenize_all(eval_examples, tokenizer, cfg.data.max_length, eval_report)
-    tqdm.write(report.summary())
+    say(report.summary())
     if cfg.data.eval:
-        tqdm.write(eval_report.summary())
+        say(eval_report.summary())
     if not train:
         raise DataError(f"{cfg.data.train}: no example fits data.max_length={cfg.data.max_length}")
     return train, held_out

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tether.config import ModelConfig, PPOConfig, RMConfig, load_config
+from tether.console import say
 from tether.core.kl import best_of_n_kl
 from tether.core.metrics import best_of_n_mean, pairwise_agreement, value_at_kl, win_rate
 from tether.core.ops import masked_sum
@@ -435,7 +436,7 @@ def run_demo(
     task = get_task(s.task)
     gold_function(task)  # a broken gold spec fails here, before any model loads
     device = resolve_device(s.device)  # an unusable device fails here too
-    print(f"tether demo: running on {describe(device, use_bf16('auto', device))}")
+    say(f"tether demo: running on {describe(device, use_bf16('auto', device))}")
     state_path = out / "stages.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     steps = [
@@ -447,14 +448,14 @@ def run_demo(
     ]
     for number, (name, fn, done_marker) in enumerate(steps, start=1):
         if name in state and done_marker.exists():
-            print(f"[{number}/{len(STAGES)}] {name}: done earlier ({_line(name, state[name])})")
+            say(f"[{number}/{len(STAGES)}] {name}: done earlier ({_line(name, state[name])})")
             continue
         started = time.perf_counter()
         result = fn(task, s, out)
         result["seconds"] = time.perf_counter() - started
         state[name] = result
         write_text_atomic(state_path, json.dumps(state, indent=2) + "\n")
-        print(f"[{number}/{len(STAGES)}] {name}: {_line(name, result)} ({result['seconds']:.0f}s)")
+        say(f"[{number}/{len(STAGES)}] {name}: {_line(name, result)} ({result['seconds']:.0f}s)")
     results = state["evaluation"]
     summary = {
         "task": task.name,
@@ -469,7 +470,7 @@ def run_demo(
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if report:
         path = build_report(out)
-        print(f"[{len(STAGES)}/{len(STAGES)}] report: {path}")
+        say(f"[{len(STAGES)}/{len(STAGES)}] report: {path}")
     return summary
 
 
