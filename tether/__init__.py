@@ -24,7 +24,7 @@ Kept import-light on purpose: `import tether` must not pull in transformers, so 
 __version__ = "0.1.0"
 
 # The Python API (tether.api), imported on first use so that `import tether` stays light.
-API = ("sft", "reward_model", "ppo", "grpo", "dpo", "run", "Result", "config_reference")
+API = ("sft", "reward_model", "ppo", "grpo", "dpo", "run", "Result", "config_reference", "push")
 
 
 def __getattr__(name: str):

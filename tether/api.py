@@ -243,3 +243,10 @@ def config_reference(stage: str) -> str:
     from tether.config import config_reference as reference
 
     return reference(config_class(stage))
+
+
+def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """A run's final/ (model, tokenizer, model card, LoRA adapter) to the Hugging Face Hub."""
+    from tether.tools.hub import push as upload
+
+    return upload(run_dir, repo_id, private)

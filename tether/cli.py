@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_report_parser(sub)
     _add_config_parser(sub)
+    _add_push_parser(sub)
     return parser
 
 
@@ -77,6 +78,16 @@ def _add_config_parser(sub) -> None:
     )
     cfg.add_argument("stage", choices=list(STAGES))
     cfg.set_defaults(func=_run_config)
+
+
+def _add_push_parser(sub) -> None:
+    push = sub.add_parser(
+        "push", help="upload a run's final/ (model, card, adapter) to the Hugging Face Hub"
+    )
+    push.add_argument("run_dir", type=Path, help="a run dir (or a model dir)")
+    push.add_argument("repo_id", help="the Hub repo, e.g. your-name/smollm2-ppo")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.set_defaults(func=_run_push)
 
 
 def _add_rm_eval_parser(sub) -> None:
@@ -170,6 +181,13 @@ def _run_config(args: argparse.Namespace) -> int:
     print(f"# tether {args.stage}: {STAGES[args.stage].help}")
     print("# Every key with its default; set them in a --config file or with --set KEY=VALUE.\n")
     print(config_reference(args.stage), end="")
+    return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from tether.tools.hub import push
+
+    print(f"pushed: {push(args.run_dir, args.repo_id, args.private)}")
     return 0
 
 

@@ -246,14 +246,20 @@ def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.T
     model.load_state_dict(tensors, strict=False)
 
 
+ADAPTER_DIR = "adapter"
+
+
 def save_pretrained_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
-    """Save so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads it: LoRA is merged."""
+    """Save so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads it: LoRA is merged,
+    and the peft adapter alone goes to `out_dir/adapter/` (what `PeftModel.from_pretrained`
+    loads onto the base model, and what a user shares when the base is public)."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():

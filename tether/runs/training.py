@@ -34,6 +34,7 @@ from tether.hardware import (
 )
 from tether.models.loading import load_tokenizer, model_device
 from tether.runs import distributed, faults
+from tether.runs.card import write_model_card
 from tether.runs.checkpoint import latest_checkpoint
 from tether.runs.data_order import example_indices, examples_per_step, total_steps
 from tether.runs.optim import clip_and_step, make_optimizer, make_scheduler
@@ -130,11 +131,19 @@ def start_optimization(
     return Optimization(optimizer, scheduler, progress, logger, extra)
 
 
-def save_final(parallel: distributed.Parallel, save: Callable[[torch.nn.Module], None]) -> None:
-    """Rank 0 writes `final/` from whole weights (under FSDP every rank gathers them first)."""
+def save_final(
+    parallel: distributed.Parallel,
+    save: Callable[[torch.nn.Module], None],
+    run: RunDir,
+    cfg: Any,
+    normalization: dict[str, float] | None = None,
+) -> None:
+    """Rank 0 writes `final/` from whole weights (under FSDP every rank gathers them first),
+    then its model card (tether.runs.card)."""
     with parallel.full_weights() as model:
         if distributed.world().is_main:
             save(model)
+            write_model_card(run, cfg, normalization)
     distributed.barrier()
 
 

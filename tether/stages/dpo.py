@@ -260,6 +260,6 @@ def run_dpo(cfg: DPOConfig, out: Path, resume: bool = False) -> Path:
         eval_fn=eval_fn if held_out else None,
         lengths=[len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train],
     )
-    save_final(parallel, lambda m: save_pretrained_model(m, tokenizer, run.final))
+    save_final(parallel, lambda m: save_pretrained_model(m, tokenizer, run.final), run, cfg)
     run.unlock()
     return run.final

@@ -396,7 +396,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         save_pretrained_model(whole.policy, tokenizer, run_dir.final)
         save_critic(whole, tokenizer, run_dir.final)
 
-    save_final(run.parallel, save)
+    save_final(run.parallel, save, run_dir, cfg)
     run_dir.unlock()
     return run_dir.final
 

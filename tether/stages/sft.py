@@ -131,6 +131,6 @@ def run_sft(cfg: SFTConfig, out: Path, resume: bool = False) -> Path:
         eval_fn=eval_fn if held_out else None,
         lengths=[len(x.input_ids) for x in train],
     )
-    save_final(parallel, lambda m: save_pretrained_model(m, tokenizer, run.final))
+    save_final(parallel, lambda m: save_pretrained_model(m, tokenizer, run.final), run, cfg)
     run.unlock()
     return run.final
