@@ -15,7 +15,13 @@ from tether.fast.engine import can_pack
 from tether.runs.rundir import read_metrics
 from tether.stages.ppo import run_ppo
 
-TIMING_KEYS = {"throughput/tokens_per_s", "time/step_s", "time/rollout_s", "time/train_s"}
+TIMING_KEYS = {
+    "throughput/tokens_per_s",
+    "time/step_s",
+    "time/rollout_s",
+    "time/train_s",
+    "time/sync_s",
+}
 
 
 def ppo_overrides(model_dir, files, *extra) -> list[str]:

@@ -321,9 +321,10 @@ class RolloutConfig:
     missing_eos_penalty: float = 1.0
     # Responses sampled per prompt (k): RLOO and GRPO compare the k answers of one prompt.
     samples_per_prompt: int = 1
-    # "auto": tether's KV-cache engine for Llama-family models, Hugging Face `generate` for
-    # others; "hf": always `generate`.
-    engine: Literal["auto", "hf"] = "auto"
+    # "auto": tether's engine for Llama-family models (on a CPU the KV-cache engine, on a GPU
+    # its fixed-shape loop captured as a CUDA graph), Hugging Face `generate` for others;
+    # "hf": always `generate`; "static": the fixed-shape loop on any device.
+    engine: Literal["auto", "hf", "static"] = "auto"
     # Rollouts per generate() call; 0 = the whole batch at once.
     generation_batch_size: int = 0
     # Write prompt, response, score, KL (and gold) of every rollout to samples.jsonl every N
@@ -487,9 +488,22 @@ class CriticConfig:
     # one linear layer fitting a moving target, and learns at rates that would wreck the
     # policy.
     lr: float = 0.0
+    # How the value head learns: "gradient", from the value loss in the shared PPO loss
+    # alone; "least_squares": after every update it is also refit in closed form (ridge) to
+    # the returns of the recent rollouts, on the features the backbone gave them
+    # (tether.rollout.value_fit). What each measured:
+    # docs/implementation-details.md#critic-initialisation
+    fit: Literal["gradient", "least_squares"] = "gradient"
+    # least_squares: the weight an earlier rollout keeps at each iteration (0: the last only).
+    fit_decay: float = 0.5
+    # least_squares: ridge λ, relative to the features' mean square; 0: at every iteration,
+    # the λ whose fit on the earlier rollouts best predicts the new one.
+    fit_ridge: float = 0.0
 
     def validate(self) -> None:
         _check(self.lr >= 0, "critic.lr", "must be >= 0 (0: optim.lr)")
+        _check(0.0 <= self.fit_decay < 1.0, "critic.fit_decay", "must be in [0, 1)")
+        _check(self.fit_ridge >= 0, "critic.fit_ridge", "must be >= 0 (0: chosen per iteration)")
 
 
 @dataclass

@@ -42,13 +42,17 @@ COMPACT_SHARE = 0.25
 
 
 def supports(model) -> bool:
-    """Whether the engine decodes `model`: a Llama-family model on the CPU (a model on a GPU
-    samples through Hugging Face `generate`)."""
+    """Whether this engine decodes `model`: a Llama-family model on the CPU (on a GPU,
+    `tether.fast.static_decode` decodes it)."""
+    return model_device(hf_model(model)).type == "cpu" and fits_layout(model)
+
+
+def fits_layout(model) -> bool:
+    """Whether `model` has the Llama layout the engine's weights and forward assume."""
     inner = hf_model(model)
     config = inner.config
     return (
-        model_device(inner).type == "cpu"
-        and config.model_type in SUPPORTED
+        config.model_type in SUPPORTED
         and not getattr(config, "sliding_window", None)  # a full cache is assumed
         and getattr(config, "hidden_act", "silu") == "silu"
         and not getattr(config, "mlp_bias", False)  # the MLP below has no biases
@@ -144,6 +148,7 @@ class Weights:
         self.dtype = dtype
 
         device = inner.model.embed_tokens.weight.device
+        self.device = device
         if pack is None:
             pack = can_pack(dtype, device)
         self.kernels = None
@@ -225,8 +230,8 @@ class KVCache:
 
     def __init__(self, w: Weights, batch: int, max_len: int) -> None:
         shape = (batch, w.kv_heads, max_len, w.head_dim)
-        self.keys = [torch.zeros(shape, dtype=w.dtype) for _ in w.layers]
-        self.values = [torch.zeros(shape, dtype=w.dtype) for _ in w.layers]
+        self.keys = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in w.layers]
+        self.values = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in w.layers]
         self.length = 0
 
     def extend(self, head: KVCache) -> None:
@@ -257,16 +262,17 @@ def forward(
     start, end = cache.length, cache.length + steps
     x = F.embedding(ids, w.embed)
     cos, sin = w.rotary(x, positions)
+    device = ids.device
     if steps > 1:  # prefill: causal over the block, padding keys hidden
-        causal = torch.ones(steps, end, dtype=torch.bool).tril(diagonal=start)
-        itself = torch.zeros(steps, end, dtype=torch.bool)
-        itself[:, start:end] = torch.eye(steps, dtype=torch.bool)
+        causal = torch.ones(steps, end, dtype=torch.bool, device=device).tril(diagonal=start)
+        itself = torch.zeros(steps, end, dtype=torch.bool, device=device)
+        itself[:, start:end] = torch.eye(steps, dtype=torch.bool, device=device)
         # Every position may see itself: a padding query with no visible key would make SDPA
         # return NaN, which would reach later layers' keys and values and, as 0·NaN, real rows.
         mask = ((causal[None] & key_mask[:, None, :end]) | itself[None])[:, None]  # [B,1,T,T']
     else:  # decode: one additive mask over the whole cache serves every layer
         slots = cache.keys[0].shape[2]
-        bias = torch.full((batch, 1, 1, slots), -torch.inf)
+        bias = torch.full((batch, 1, 1, slots), -torch.inf, device=device)
         bias[:, 0, 0, :end].masked_fill_(key_mask[:, :end], 0.0)
     q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
     fused = w.kernels
@@ -444,10 +450,12 @@ def prefill(
     valid[:, :opening] = True
     valid[:, opening:width] = rest_mask.bool()
     positions = position_ids_from_mask(valid[:, :width])
+    valid, positions, rest = valid.to(w.device), positions.to(w.device), rest.to(w.device)
     cache = KVCache(w, rows, width + max_new_tokens)
     if opening:
         head = KVCache(w, 1, opening)
-        forward(w, head, torch.tensor([prompts[0][:opening]]), positions[:1, :opening], valid[:1])
+        opening_ids = torch.tensor([prompts[0][:opening]], device=w.device)
+        forward(w, head, opening_ids, positions[:1, :opening], valid[:1])
         cache.extend(head)
     hidden = forward(w, cache, rest, positions[:, opening:], valid)
     return cache, hidden, valid, positions[:, -1] + 1

@@ -30,6 +30,7 @@ from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, checke
 from tether.rollout.actor_critic import ActorCritic
 from tether.rollout.generation import Generation, generate
 from tether.rollout.passes import RolloutBatch, build_batch, sequence_logprobs_of
+from tether.rollout.value_fit import LeastSquaresValueHead, recorded_inputs
 from tether.runs import distributed
 
 
@@ -61,6 +62,7 @@ class OnlineRun:
     bf16: bool
     moments: RunningMoments  # of raw scores, for reward.normalize
     baseline: MovingAverageBaseline  # REINFORCE's
+    value_fit: LeastSquaresValueHead | None = None  # critic.fit: least_squares
 
 
 @dataclass
@@ -80,6 +82,8 @@ class Rollout:
     # update's first micro-batch, whose forward is the rollout's own (first_micro_batch)
     live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     live_rows: torch.Tensor | None = None
+    # [B, R, d]: the value head's inputs in the rollout's pass, for critic.fit: least_squares
+    value_features: torch.Tensor | None = None
 
 
 @dataclass
@@ -103,6 +107,7 @@ class Passes:
     entropy: torch.Tensor
     ref_logprobs: torch.Tensor
     live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    value_features: torch.Tensor | None = None  # [B, R, d], where run.value_fit asks for them
 
 
 def prompt_for_reward(messages: list[Message]) -> str | list[Message]:
@@ -182,22 +187,29 @@ def forward_passes(run: OnlineRun, batch: RolloutBatch, live_rows: torch.Tensor 
                 ref_parts.append(parallel(reference_logprobs, sub, temperature))
             else:
                 ref_parts.append(sequence_logprobs_of(run.reference, sub, temperature))
-        for start in range(0, len(detached), micro):
-            sub = batch.rows(detached[start : start + micro])
-            parts.append(parallel(ActorCritic.forward_responses, sub, temperature, True))
-    parallel.model.train()
-    if live_rows is not None:
-        # An autocast block of its own: autocast caches the bf16 copies of trainable weights
-        # until its outermost block exits, and copies cast without grad (the passes above)
-        # would reach this pass's graph on torch releases that do not key the cache on it.
-        # DDP decides at the forward whether the backward reduces across ranks.
-        last = parallel.micro_batch(run.cfg.train.grad_accum == 1)
-        with autocast(run.bf16), torch.enable_grad(), last:
-            live = parallel(ActorCritic.forward_responses, batch.rows(live_rows), temperature, True)
-        parts.append(tuple(t.detach() for t in live))
+    head = parallel.model.value_head if run.value_fit is not None else None
+    with recorded_inputs(head) as features:
+        with autocast(run.bf16):
+            for start in range(0, len(detached), micro):
+                sub = batch.rows(detached[start : start + micro])
+                parts.append(parallel(ActorCritic.forward_responses, sub, temperature, True))
+        parallel.model.train()
+        if live_rows is not None:
+            # An autocast block of its own: autocast caches the bf16 copies of trainable
+            # weights until its outermost block exits, and copies cast without grad (the
+            # passes above) would reach this pass's graph on torch releases that do not key
+            # the cache on it. DDP decides at the forward whether the backward reduces across
+            # ranks.
+            last = parallel.micro_batch(run.cfg.train.grad_accum == 1)
+            with autocast(run.bf16), torch.enable_grad(), last:
+                live = parallel(
+                    ActorCritic.forward_responses, batch.rows(live_rows), temperature, True
+                )
+            parts.append(tuple(t.detach() for t in live))
     order = detached if live_rows is None else torch.cat([detached, live_rows])
     logprobs, values, entropy = (torch.cat(ts)[order.argsort()] for ts in zip(*parts, strict=True))
-    return Passes(logprobs, values, entropy, torch.cat(ref_parts), live)
+    recorded = torch.cat(features)[order.argsort()] if features else None
+    return Passes(logprobs, values, entropy, torch.cat(ref_parts), live, recorded)
 
 
 def shape_scores(scores: torch.Tensor, moments: RunningMoments, cfg: PPOConfig) -> torch.Tensor:
@@ -374,5 +386,6 @@ def collect_rollout(
         own(returns),
         passes.live,
         live_rows,
+        passes.value_features,
     )
     return rollout, stats, samples

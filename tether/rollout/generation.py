@@ -8,8 +8,9 @@ A batch that runs out of memory is halved and retried.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -19,6 +20,7 @@ from tether.core.packing import pad_rows
 from tether.data import Message, as_messages
 from tether.errors import TetherError
 from tether.fast import engine as tether_engine
+from tether.fast import static_decode
 from tether.hardware import bf16_available, is_out_of_memory
 from tether.models.loading import hf_model, model_device
 
@@ -33,6 +35,9 @@ class Generation:
     response_ids: list[list[int]]
     texts: list[str]
     ended: list[bool]  # True where the response stopped at EOS, False where it hit the limit
+    # Seconds spent exporting the policy's weights to the engine (LoRA merged, in the compute
+    # dtype): the weight sync, logged as time/sync_s. 0 with Hugging Face `generate`.
+    sync_s: float = 0.0
 
 
 def encode_prompt(tokenizer, prompt: str | list[Message]) -> list[int]:
@@ -85,10 +90,18 @@ def generate(
         stops=[] if ignore_eos else stop_token_ids(model, tokenizer),
         batch_size=batch_size or len(rows),
     )
-    if engine == "auto" and tether_engine.supports(model):
+    device = model_device(model)
+    static = engine == "static" or (
+        engine == "auto" and device.type == "cuda" and tether_engine.fits_layout(model)
+    )
+    if static or (engine == "auto" and tether_engine.supports(model)):
         if dtype is None:
-            dtype = torch.bfloat16 if bf16_available(model_device(model)) else torch.float32
-        responses = _engine_generate(model, tokenizer, rows, settings, dtype, seed, row_seeds)
+            dtype = torch.bfloat16 if bf16_available(device) else torch.float32
+        started = time.perf_counter()
+        weights = tether_engine.Weights(model, dtype)  # once for every chunk of the batch
+        sync_s = time.perf_counter() - started
+        responses = _engine_generate(weights, tokenizer, rows, settings, seed, row_seeds, static)
+        return replace(_generation(tokenizer, rows, responses, settings.stops), sync_s=sync_s)
     else:
         if row_seeds is not None and seed is None:
             seed = row_seeds[0] % 2**32
@@ -110,19 +123,33 @@ class Sampling:
 
 
 def _engine_generate(
-    model,
+    weights: tether_engine.Weights,
     tokenizer,
     rows: list[list[int]],
     settings: Sampling,
-    dtype: torch.dtype,
     seed: int | None,
     row_seeds: Sequence[int] | None,
+    static: bool = False,
 ) -> list[list[int]]:
-    """tether's KV-cache engine, over chunks of `batch_size` rows (halved on OOM)."""
-    weights = tether_engine.Weights(model, dtype)  # once for every chunk of the batch
+    """tether's KV-cache engine, over chunks of `batch_size` rows (halved on OOM): the CPU
+    engine, or the fixed-shape loop (`tether.fast.static_decode`) where `static`."""
     generator = None if seed is None else torch.Generator().manual_seed(seed)
+    if static and (settings.top_p < 1.0 or settings.top_k):
+        raise TetherError("the static decode loop samples the full distribution (no top_p/k)")
 
     def decode_chunk(chunk: list[int]) -> list[list[int]]:  # indices into rows
+        seeds = None if row_seeds is None else [row_seeds[i] for i in chunk]
+        if static:
+            return static_decode.decode_static(
+                weights,
+                [rows[i] for i in chunk],
+                tokenizer.pad_token_id,
+                settings.stops,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                generator=generator,
+                row_seeds=seeds,
+            )
         return tether_engine.decode(
             weights,
             [rows[i] for i in chunk],
@@ -133,7 +160,7 @@ def _engine_generate(
             top_p=settings.top_p,
             top_k=settings.top_k,
             generator=generator,
-            row_seeds=None if row_seeds is None else [row_seeds[i] for i in chunk],
+            row_seeds=seeds,
         )
 
     responses: list[list[int]] = []

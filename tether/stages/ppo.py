@@ -55,6 +55,7 @@ from tether.rollout.experience import (
     micro_batch_rows,
 )
 from tether.rollout.generation import encode_prompt
+from tether.rollout.value_fit import LeastSquaresValueHead
 from tether.runs import distributed
 from tether.runs.data_order import total_steps
 from tether.runs.optim import clip_and_step
@@ -311,6 +312,11 @@ def build_online_run(
         bf16=bf16,
         moments=RunningMoments(),
         baseline=MovingAverageBaseline(cfg.ppo.baseline_decay),
+        value_fit=(
+            LeastSquaresValueHead(cfg.critic.fit_decay, cfg.critic.fit_ridge)
+            if cfg.critic.fit == "least_squares" and algorithm_of(cfg).critic
+            else None
+        ),
     )
 
 
@@ -320,6 +326,7 @@ def carried_state(kl_ctl: KLController, run: OnlineRun) -> dict:
         "kl": kl_ctl.state_dict(),
         "score_moments": run.moments.state_dict(),
         "baseline": run.baseline.state_dict(),
+        "value_fit": run.value_fit.state_dict() if run.value_fit is not None else None,
     }
 
 
@@ -327,6 +334,8 @@ def load_carried_state(state: dict, kl_ctl: KLController, run: OnlineRun) -> Non
     kl_ctl.load_state_dict(state["kl"])
     run.moments.load_state_dict(state["score_moments"])
     run.baseline.load_state_dict(state["baseline"])
+    if run.value_fit is not None and state.get("value_fit") is not None:
+        run.value_fit.load_state_dict(state["value_fit"])
 
 
 def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
@@ -368,8 +377,14 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
             [columns[i] for i in grouped],
         )
         stats["time/rollout_s"] = time.perf_counter() - started
+        stats["time/sync_s"] = ro.generation.sync_s
         started = time.perf_counter()
         stats.update(ppo_update(run, opt, ro, kl_ctl.value, step))
+        if run.value_fit is not None:
+            head = ac.value_head
+            stats.update(
+                run.value_fit.refit(head, ro.value_features, ro.returns, ro.batch.response_mask)
+            )
         stats["time/train_s"] = time.perf_counter() - started
         kl_ctl.update(stats["kl/mean"], n_steps=len(indices) * k)
         every = cfg.rollout.samples_every
