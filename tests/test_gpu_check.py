@@ -30,3 +30,24 @@ def test_the_gpu_check_passes_on_the_cpu_at_tiny_scale(smol_tokenizer_dir, tmp_p
     assert any(n.startswith("torchrun") for n in names)
     assert all(c["ok"] for c in report["checks"])
     assert "11 passed, 0 failed" in proc.stdout
+
+
+def test_the_rollout_benchmarks_run_on_the_cpu_at_tiny_scale(smol_tokenizer_dir, tmp_path):
+    """benchmarks/gpu_rollout.py: generation against HF `generate`, a GRPO iteration, SFT
+    and DPO steps; each table has its rows and every rate is a positive number."""
+    out = tmp_path / "rollout"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/gpu_rollout.py"),
+        "--device", "cpu", "--scale", "tiny",
+        "--tokenizer", str(smol_tokenizer_dir), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_rollout.json").read_text())
+    assert [r["batch"] for r in report["generation"]] == [4, 8]
+    for row in report["generation"]:
+        assert row["tether_tok_s"] > 0 and row["hf_tok_s"] > 0 and row["roofline_share"] > 0
+    assert report["grpo"]["tether_samples_s"] > 0
+    assert [r["stage"] for r in report["training"]] == ["sft", "dpo"]
+    assert all(0 < r["mfu"] < 1 for r in report["training"])
