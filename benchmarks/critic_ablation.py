@@ -21,21 +21,32 @@ from tether.tools.tasks import get_task
 
 
 def variants(demo: Path) -> dict[str, list[str]]:
-    """One change at a time against the zero-initialised head at the policy's learning rate."""
+    """One change at a time against the zero-initialised head learning from its loss alone
+    at the policy's learning rate (`head-zero`)."""
     rm = f"critic.init={demo / 'rm/final'}"
+    gradient = "critic.fit=gradient"
     return {
         "as-configured": [],
-        "head-zero": ["critic.init=", "critic.lr=0"],
-        "init-from-rm": [rm, "critic.lr=0"],
-        "critic-lr-10x": ["critic.init=", "critic.lr=3e-3"],
-        "critic-lr-30x": ["critic.init=", "critic.lr=1e-2"],
+        "head-zero": [gradient, "critic.init=", "critic.lr=0"],
+        "init-from-rm": [gradient, rm, "critic.lr=0"],
+        "critic-lr-10x": [gradient, "critic.init=", "critic.lr=3e-3"],
+        "critic-lr-30x": [gradient, "critic.init=", "critic.lr=1e-2"],
         "critic-lr-10x+reward-normalize": [
+            gradient,
             "critic.init=",
             "critic.lr=3e-3",
             "reward.normalize=true",
         ],
-        "separate-from-rm": ["critic.kind=separate", rm, "critic.lr=0"],
-    }
+        "separate-from-rm": [gradient, "critic.kind=separate", rm, "critic.lr=0"],
+        "least-squares-decay-0.5-ridge-1e-3": [
+            "critic.fit=least_squares", "critic.fit_decay=0.5", "critic.fit_ridge=1e-3",
+        ],
+        "least-squares-decay-0.8": ["critic.fit=least_squares", "critic.fit_decay=0.8"],
+        "least-squares-decay-0.95": ["critic.fit=least_squares", "critic.fit_decay=0.95"],
+        "separate-from-rm+least-squares": [
+            "critic.fit=least_squares", "critic.fit_decay=0.8", "critic.kind=separate", rm,
+        ],
+    }  # fmt: skip
 
 
 def summarise(run_dir: Path, seconds: float) -> dict[str, float]:

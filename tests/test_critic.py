@@ -53,3 +53,34 @@ def test_the_critic_gets_its_own_learning_rate():
     assert {lr_of[id(p)] for p in model["value_head"].parameters()} == {1e-3}
     one_group = make_optimizer(model, OptimConfig(lr=1e-5))
     assert len(one_group.param_groups) == 1
+
+
+def test_a_least_squares_critic_is_refit_every_iteration_and_resumes_exactly(
+    tiny_model_dir, ppo_files, tmp_path
+):
+    """The head after each update is the ridge fit to the returns (its in-sample R² logged);
+    the fit's sums are carried in checkpoints, so a run resumed mid-way ends at the
+    uninterrupted run's head."""
+    from safetensors.torch import load_file
+    from test_ppo import ppo_config
+
+    from tether.runs.rundir import read_metrics
+    from tether.stages.ppo import run_ppo
+
+    def config(steps: int):
+        return ppo_config(
+            tiny_model_dir, ppo_files, f"train.max_steps={steps}", "train.save_every=1",
+            "critic.fit=least_squares", "critic.fit_decay=0.8", "train.deterministic=true",
+        )  # fmt: skip
+
+    run_ppo(config(3), tmp_path / "whole")
+    records = read_metrics(tmp_path / "whole/metrics.jsonl")
+    assert all(0.0 < r["value/fit_r2"] <= 1.0 for r in records)
+    assert all(r["value/fit_ridge"] > 0 for r in records)
+    run_ppo(config(2), tmp_path / "cut")
+    run_ppo(config(3), tmp_path / "cut", resume=True)
+    heads = [
+        load_file(str(tmp_path / d / "final/value_head.safetensors")) for d in ("whole", "cut")
+    ]
+    assert heads[0]["weight"].abs().sum() > 0
+    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=1e-6)

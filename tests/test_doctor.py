@@ -239,13 +239,16 @@ def provoked_run(tiny_model_dir, ppo_files, out, *extra):
 
 def test_doctor_names_hacking_in_a_real_run_with_no_kl_penalty(tiny_model_dir, ppo_files, tmp_path):
     """β = 0 against a reward that pays for characters: the policy drifts off the reference
-    and settles on whatever long tokens it found, whatever the prompt."""
+    and settles on whatever long tokens it found, whatever the prompt. The critic learns by
+    its loss alone, ~1000 on these raw scores at first: its gradient through the shared
+    backbone speeds the drift (a least-squares head fits the scores' mean at once)."""
     _, reward = ppo_files
     findings = provoked_run(
         tiny_model_dir,
         ppo_files,
         tmp_path / "run",
         "ppo.kl.coef=0",
+        "critic.fit=gradient",
         f"reward.terms=[{{name: '{reward}:response_chars'}}]",
         "train.max_steps=30",
     )
@@ -289,3 +292,14 @@ def test_doctor_names_answers_collapsing_in_a_real_run_paid_for_brevity(
     assert {"length_collapse", "degenerate_text"} & found, found
     lengths = [m["response/length_mean"] for m in read_run(tmp_path / "run").metrics]
     assert sum(lengths[-4:]) / 4 < 0.5 * sum(lengths[:4]) / 4
+
+
+def test_a_value_loss_spike_is_instability_after_the_critics_warm_up_only():
+    """The critic's first values are 0 (or a fit to one rollout): a spike there is its
+    warm-up, as in the demo's step 2; the same spike later means updates too large."""
+    flat = [0.1 + 0.005 * (i % 3) for i in range(STEPS)]
+    early = flat[:1] + [0.9] + flat[2:]
+    assert "instability" not in codes(run_of(healthy(**{"value/loss": early})))
+    late = flat[:15] + [0.9] + flat[16:]
+    finding = next(f for f in diagnose(run_of(healthy(**{"value/loss": late}))))
+    assert finding.code == "instability" and finding.evidence["value/loss_spikes"] == [[16, 0.9]]

@@ -493,9 +493,9 @@ class CriticConfig:
     # the returns of the recent rollouts, on the features the backbone gave them
     # (tether.rollout.value_fit). What each measured:
     # docs/implementation-details.md#critic-initialisation
-    fit: Literal["gradient", "least_squares"] = "gradient"
+    fit: Literal["gradient", "least_squares"] = "least_squares"
     # least_squares: the weight an earlier rollout keeps at each iteration (0: the last only).
-    fit_decay: float = 0.5
+    fit_decay: float = 0.8
     # least_squares: ridge λ, relative to the features' mean square; 0: at every iteration,
     # the λ whose fit on the earlier rollouts best predicts the new one.
     fit_ridge: float = 0.0

@@ -47,6 +47,9 @@ APPROX_KL_MAX = 0.1
 CLIPFRAC_MAX = 0.3
 # A spike: a value more than this many median absolute deviations above the run's median.
 SPIKE_MADS = 10.0
+# The critic's first iterations: its values start at 0 (or at a fit to one rollout), so its
+# loss there is its warm-up, not a sign of too large updates.
+CRITIC_WARMUP_STEPS = 3
 # Gradient-norm explosion: this many times the run's median norm.
 GRAD_NORM_EXPLOSION = 10.0
 # Entropy collapse: the late entropy under this share of the early one, or under the floor
@@ -374,7 +377,10 @@ def persistent(run: Run, key: str, limit: float) -> tuple[list[int], float] | No
     return None
 
 
-def spikes(run: Run, key: str, factor: float, by_ratio: bool = False) -> list[tuple[int, float]]:
+def spikes(
+    run: Run, key: str, factor: float, by_ratio: bool = False, after: int = 0
+) -> list[tuple[int, float]]:
+    """Steps past `after` whose value is far above the run's median (by MADs, or by ratio)."""
     steps, values = run.series(key)
     if len(values) < MIN_STEPS_FOR_TRENDS:
         return []
@@ -384,7 +390,7 @@ def spikes(run: Run, key: str, factor: float, by_ratio: bool = False) -> list[tu
     else:
         mad = statistics.median(abs(v - median) for v in values)
         limit = median + factor * max(mad, 1e-8 + 0.01 * abs(median))
-    return [(s, v) for s, v in zip(steps, values, strict=True) if v > limit]
+    return [(s, v) for s, v in zip(steps, values, strict=True) if v > limit and s > after]
 
 
 def instability_rule(run: Run) -> Finding | None:
@@ -396,7 +402,8 @@ def instability_rule(run: Run) -> Finding | None:
             evidence[f"{key}_late_mean"] = round(hit[1], 4)
             steps += hit[0]
     for key in ("policy/loss", "value/loss", "train/loss"):
-        found = spikes(run, key, SPIKE_MADS)
+        warm_up = CRITIC_WARMUP_STEPS if key == "value/loss" else 0
+        found = spikes(run, key, SPIKE_MADS, after=warm_up)
         if found:
             evidence[f"{key}_spikes"] = [[s, round(v, 4)] for s, v in found[:5]]
             steps += [s for s, _ in found]
