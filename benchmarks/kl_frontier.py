@@ -6,7 +6,8 @@ demo --resume` of a copy with `kl_budget` set; a finished budget is read, not re
 demo's own PPO run (a fixed β) is one more point. Best-of-n from π_ref with the same reward
 model, n = 1 ... 16, gives the other curve, at the analytic KL log n − (n−1)/n.
 
-Writes DIR/frontier/frontier.json, frontier.md (one table) and frontier.png (one plot).
+Writes DIR/frontier/frontier.json, frontier.md (one table) and frontier.png (one plot), with
+every budget run found in DIR/frontier so far.
 
     .venv/bin/python benchmarks/kl_frontier.py --demo runs/demo-X --budgets 1 2 4
 """
@@ -107,10 +108,13 @@ def main() -> None:
     args = parser.parse_args()
     base = json.loads((args.demo / "summary.json").read_text())
     settings = json.loads((args.demo / "settings.json").read_text())
-    points = [point(f"β = {settings['kl_coef']:g} fixed (the demo)", base)]
     for budget in args.budgets:
-        name = f"budget {budget:g} nats" + (f", β₀ {args.kl_coef:g}" if args.kl_coef else "")
-        points.append(point(name, budget_run(args.demo, budget, args.kl_coef)))
+        budget_run(args.demo, budget, args.kl_coef)
+    points = [point(f"β = {settings['kl_coef']:g} fixed (the demo)", base)]
+    for run in sorted((args.demo / "frontier").glob("budget-*/summary.json")):  # all so far
+        ran = json.loads((run.parent / "settings.json").read_text())
+        name = f"budget {ran['kl_budget']:g} nats, β₀ {ran['kl_coef']:g}"
+        points.append(point(name, json.loads(run.read_text())))
     best_of_n = base["best_of_n"]
     frontier = [(b["kl"], b["gold"]) for b in best_of_n]
     for p in points:  # every run on the base demo's best-of-n curve (same RM, same prompts)
