@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,24 @@ def test_a_kl_budget_steers_ppo_with_the_budget_controller(tmp_path):
     assert not fixed.ppo.kl.adaptive and fixed.ppo.kl.budget == 0
     budget = ppo_config(task, DemoSettings(kl_budget=2.0), tmp_path)
     assert budget.ppo.kl.budget == 2.0 and budget.ppo.kl.coef == 0.05
+
+
+def test_the_kl_frontier_reruns_ppo_at_a_budget_and_the_report_shows_it(demo_run, tmp_path):
+    """benchmarks/kl_frontier.py on a copy of the tiny demo: one budget run, the table and
+    plot beside the demo's own run, and the report's section from them."""
+    import shutil
+
+    demo = tmp_path / "demo"
+    shutil.copytree(demo_run[0], demo)
+    script = Path(__file__).resolve().parents[1] / "benchmarks/kl_frontier.py"
+    command = [sys.executable, str(script), "--demo", str(demo), "--budgets", "0.5"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frontier = json.loads((demo / "frontier/frontier.json").read_text())
+    assert [p["run"] for p in frontier["ppo"]][1] == "budget 0.5 nats, β₀ 0.05"
+    ran = json.loads((demo / "frontier/budget-0.5/settings.json").read_text())
+    assert ran["kl_budget"] == 0.5
+    assert (demo / "frontier/frontier.png").stat().st_size > 1000
+    assert "| budget 0.5 nats, β₀ 0.05 |" in (demo / "frontier/frontier.md").read_text()
+    page = build_report(demo).read_text()
+    assert "PPO at KL budgets against best-of-n" in page and "budget 0.5 nats" in page

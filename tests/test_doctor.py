@@ -298,8 +298,8 @@ def test_a_value_loss_spike_is_instability_after_the_critics_warm_up_only():
     """The critic's first values are 0 (or a fit to one rollout): a spike there is its
     warm-up, as in the demo's step 2; the same spike later means updates too large."""
     flat = [0.1 + 0.005 * (i % 3) for i in range(STEPS)]
-    early = flat[:1] + [0.9] + flat[2:]
+    early = [*flat[:1], 0.9, *flat[2:]]
     assert "instability" not in codes(run_of(healthy(**{"value/loss": early})))
-    late = flat[:15] + [0.9] + flat[16:]
+    late = [*flat[:15], 0.9, *flat[16:]]
     finding = next(f for f in diagnose(run_of(healthy(**{"value/loss": late}))))
     assert finding.code == "instability" and finding.evidence["value/loss_spikes"] == [[16, 0.9]]

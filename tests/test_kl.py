@@ -129,3 +129,20 @@ def test_the_budget_controller_keeps_its_floor_and_tracks_the_budget_from_above(
     restored = KLBudgetController(0.05, budget=2.0)
     restored.load_state_dict({"value": 0.2})
     assert restored.value == 0.2
+
+
+def test_the_budget_controller_with_a_lead_acts_on_where_the_kl_is_heading():
+    from tether.core.kl import KLBudgetController
+
+    ctl = KLBudgetController(0.05, budget=2.0, lead=2.0)
+    ctl.update(0.4, n_steps=16)  # no slope yet: 0.4 under budget, β at its floor
+    assert ctl.value == 0.05
+    ctl.update(1.2, n_steps=16)  # rising 0.8 an iteration: projected 2.8, up by e^0.3 (clip)
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.3))
+    ctl.update(2.2, n_steps=16)  # still rising (+1.0): projected 4.2, up by e^0.3 again
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.6))
+    ctl.update(1.6, n_steps=16)  # over budget a step ago, now falling: projected 0.4
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.3))  # down before it is under
+    restored = KLBudgetController(0.05, budget=2.0, lead=2.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.previous == 1.6

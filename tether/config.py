@@ -399,6 +399,9 @@ class KLConfig:
     # > 0: a KL budget in nats per response instead (core.kl.KLBudgetController): `coef` is
     # a floor that β rises from while the KL is over budget; overrides `adaptive`.
     budget: float = 0.0
+    # The budget controller acts on the KL projected this many iterations on from its last
+    # change (0: on the KL alone), so that β rises before the KL passes the budget.
+    budget_lead: float = 2.0
     # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
     # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.
     placement: Literal["auto", "reward", "loss"] = "auto"
@@ -421,6 +424,7 @@ class KLConfig:
         _check(self.target > 0, "ppo.kl.target", "must be > 0")
         _check(self.horizon > 0, "ppo.kl.horizon", "must be > 0")
         _check(self.budget >= 0, "ppo.kl.budget", "must be >= 0 (0: no budget)")
+        _check(self.budget_lead >= 0, "ppo.kl.budget_lead", "must be >= 0")
         _check(
             not self.budget or self.coef > 0,
             "ppo.kl.coef",

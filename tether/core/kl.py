@@ -116,33 +116,41 @@ class AdaptiveKLController:
 class KLBudgetController:
     """β for a KL budget: the configured β is a floor, raised while the KL is over budget.
 
-        e = clip(KL / budget − 1, −rate, rate);   β ← max(β₀, β · exp(e))   (per iteration)
+        K̂ = KL_t + lead · (KL_t − KL_{t−1})          (the KL projected `lead` iterations on)
+        e = clip(K̂ / budget − 1, −rate, rate);   β ← max(β₀, β · exp(e))   (per iteration)
 
     A target controller (`AdaptiveKLController`) lowers β while the KL is still under its
     target, which in a short run means the KL overshoots before β climbs back. A budget never
     lowers β below β₀: the run starts with the penalty it was configured with, β grows by
     up to e^rate an iteration once the KL passes the budget, and falls back to β₀ as the KL
-    returns under it. The rate is modest because the KL answers β an iteration or two late
-    (it is measured on the rollout before the update): a faster β overshoots and drives the
-    policy back to the reference.
+    returns under it. The KL answers β an iteration or two late (it is measured on the
+    rollout before the update), so a controller reading the KL alone raises β only once the
+    KL is already over budget, and lets it fall only once it is under: the KL swings around
+    the budget. `lead` acts on where the KL is heading instead (0: on the KL alone). The rate
+    is modest because a faster β overshoots and drives the policy back to the reference.
     """
 
-    def __init__(self, init_kl_coef: float, budget: float, rate: float = 0.3):
+    def __init__(self, init_kl_coef: float, budget: float, rate: float = 0.3, lead: float = 0.0):
         if budget <= 0 or init_kl_coef <= 0:
             raise ValueError(f"budget and initial β must be > 0, got {budget=}, {init_kl_coef=}")
         self._value = self.floor = float(init_kl_coef)
-        self.budget, self.rate = float(budget), float(rate)
+        self.budget, self.rate, self.lead = float(budget), float(rate), float(lead)
+        self.previous: float | None = None
 
     @property
     def value(self) -> float:
         return self._value
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        error = min(max(float(current_kl) / self.budget - 1.0, -self.rate), self.rate)
+        kl = float(current_kl)
+        projected = kl if self.previous is None else kl + self.lead * (kl - self.previous)
+        self.previous = kl
+        error = min(max(projected / self.budget - 1.0, -self.rate), self.rate)
         self._value = max(self.floor, self._value * math.exp(error))
 
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self._value}
+    def state_dict(self) -> dict[str, float | None]:
+        return {"value": self._value, "previous": self.previous}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
         self._value = float(state["value"])
+        self.previous = state.get("previous")

@@ -60,7 +60,8 @@ class LeastSquaresValueHead:
         metrics = {}
         if self.gram is not None:
             if not self.ridge:  # the ridge that best predicts this rollout from the earlier ones
-                self.chosen = best_ridge(self.gram.to(gram), self.cross.to(cross), x, y)
+                earlier = (self.gram.to(gram), self.cross.to(cross))
+                self.chosen = best_ridge(*earlier, x, y, bias=head.bias is not None)
             gram = gram + self.decay * self.gram.to(gram)
             cross = cross + self.decay * self.cross.to(cross)
         self.gram, self.cross = gram, cross
@@ -88,11 +89,14 @@ class LeastSquaresValueHead:
 RIDGES = (1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
-def best_ridge(gram: torch.Tensor, cross: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+def best_ridge(
+    gram: torch.Tensor, cross: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bias: bool = True
+) -> float:
     """The ridge of RIDGES whose solution on (gram, cross) predicts (x, y) best: validation
     on the next rollout, which the head is about to be asked about. The squared errors are
     summed over every rank, so every rank picks the same."""
+    inputs = with_bias(x) if bias else x
     errors = torch.stack(
-        [((with_bias(x) @ ridge_solution(gram, cross, r) - y) ** 2).sum() for r in RIDGES]
+        [((inputs @ ridge_solution(gram, cross, r, bias) - y) ** 2).sum() for r in RIDGES]
     )
     return RIDGES[int(distributed.all_sum(errors).argmin())]

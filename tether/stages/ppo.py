@@ -285,7 +285,7 @@ KLController = KLBudgetController | AdaptiveKLController | FixedKLController
 def make_kl_controller(cfg: PPOConfig) -> KLController:
     kl = cfg.ppo.kl
     if kl.budget:
-        return KLBudgetController(kl.coef, kl.budget)
+        return KLBudgetController(kl.coef, kl.budget, lead=kl.budget_lead)
     if kl.adaptive:
         return AdaptiveKLController(kl.coef, kl.target, kl.horizon)
     return FixedKLController(kl.coef)
@@ -302,9 +302,10 @@ def build_online_run(
     if reference is not None:
         reference.to(device)
     check_sharded_rollout(cfg, ac)
+    parallel = distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     return OnlineRun(
         cfg=cfg,
-        parallel=distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload),
+        parallel=parallel,
         reference=reference,
         tokenizer=tokenizer,
         reward=reward,
@@ -312,12 +313,21 @@ def build_online_run(
         bf16=bf16,
         moments=RunningMoments(),
         baseline=MovingAverageBaseline(cfg.ppo.baseline_decay),
-        value_fit=(
-            LeastSquaresValueHead(cfg.critic.fit_decay, cfg.critic.fit_ridge)
-            if cfg.critic.fit == "least_squares" and algorithm_of(cfg).critic
-            else None
-        ),
+        value_fit=least_squares_fit(cfg, parallel),
     )
+
+
+def least_squares_fit(cfg: PPOConfig, parallel: distributed.Parallel):
+    """The least-squares refit of the value head where `critic.fit` asks for it and the
+    algorithm has a critic. Not under FSDP, whose sharded head it cannot set: there the head
+    learns from its loss alone, and the run says so."""
+    if cfg.critic.fit != "least_squares" or not algorithm_of(cfg).critic:
+        return None
+    if distributed.fsdp_sharded(parallel.model):
+        say("note: critic.fit least_squares does not run under FSDP; the value head learns "
+            "from the value loss alone (critic.fit: gradient)")  # fmt: skip
+        return None
+    return LeastSquaresValueHead(cfg.critic.fit_decay, cfg.critic.fit_ridge)
 
 
 def carried_state(kl_ctl: KLController, run: OnlineRun) -> dict:

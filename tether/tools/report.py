@@ -279,7 +279,7 @@ def demo_page(run_dir: Path) -> str:
         f'<h2>Training</h2><div class="plots">{"".join(figures)}</div>'
         "<h2>Best-of-n against PPO (held-out prompts)</h2>"
         "<p>Best-of-n is the baseline every RLHF method must beat: no training at all, only "
-        f"n samples and the reward model.</p>{bon_table}"
+        f"n samples and the reward model.</p>{bon_table}{_frontier_html(run_dir)}"
         "<h2>Same prompts, before and after</h2><p>Held-out prompts, one sampled answer each "
         "from π_ref and from the trained policy; gold and reward-model scores beside them.</p>"
         f"{table}"
@@ -289,6 +289,34 @@ def demo_page(run_dir: Path) -> str:
         "<code>summary.json</code>, every answer in <code>eval/samples.jsonl</code>.</p>"
     )
     return _page(f"tether demo: {summary['task']}", body)
+
+
+def _frontier_html(run_dir: Path) -> str:
+    """PPO at several KL budgets against best-of-n (the Gao et al. frontier), where
+    benchmarks/kl_frontier.py has run on this demo (RUN_DIR/frontier/)."""
+    path = run_dir / "frontier" / "frontier.json"
+    if not path.is_file():
+        return ""
+    runs = json.loads(path.read_text())["ppo"]
+    rows = "".join(
+        f"<tr><td>{_esc(r['run'])}</td><td class='num'>{r['kl']:.2f}</td>"
+        f"<td class='num'>{r['gold']:.3f}</td><td class='num'>{r['win_rate']:.0%}</td>"
+        "<td class='num'>"
+        + (
+            "past n = 16"
+            if r["best_of_n_gold_at_kl"] is None
+            else f"{r['best_of_n_gold_at_kl']:.3f}"
+        )
+        + "</td></tr>"
+        for r in runs
+    )
+    picture = base64.b64encode((path.parent / "frontier.png").read_bytes()).decode("ascii")
+    return (
+        "<h3>PPO at KL budgets against best-of-n</h3><table><tr><th>PPO run</th>"
+        "<th>KL (nats)</th><th>gold</th><th>win-rate</th><th>best-of-n gold at that KL</th>"
+        f"</tr>{rows}</table>"
+        f'<img alt="gold against KL" src="data:image/png;base64,{picture}">'
+    )
 
 
 def _answer(sample: dict) -> str:
