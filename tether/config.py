@@ -495,7 +495,7 @@ class CriticConfig:
     # How the value head learns: "gradient", from the value loss in the shared PPO loss
     # alone; "least_squares": after every update it is also refit in closed form (ridge) to
     # the returns of the recent rollouts, on the features the backbone gave them
-    # (tether.rollout.value_fit). What each measured:
+    # (tether.rollout.value_fit); not with parallel: fsdp. What each measured:
     # docs/implementation-details.md#critic-initialisation
     fit: Literal["gradient", "least_squares"] = "least_squares"
     # least_squares: the weight an earlier rollout keeps at each iteration (0: the last only).

@@ -302,10 +302,9 @@ def build_online_run(
     if reference is not None:
         reference.to(device)
     check_sharded_rollout(cfg, ac)
-    parallel = distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     return OnlineRun(
         cfg=cfg,
-        parallel=parallel,
+        parallel=distributed.Parallel(ac, cfg.parallel, bf16, cfg.fsdp_cpu_offload),
         reference=reference,
         tokenizer=tokenizer,
         reward=reward,
@@ -313,19 +312,20 @@ def build_online_run(
         bf16=bf16,
         moments=RunningMoments(),
         baseline=MovingAverageBaseline(cfg.ppo.baseline_decay),
-        value_fit=least_squares_fit(cfg, parallel),
+        value_fit=least_squares_fit(cfg),
     )
 
 
-def least_squares_fit(cfg: PPOConfig, parallel: distributed.Parallel):
+def least_squares_fit(cfg: PPOConfig):
     """The least-squares refit of the value head where `critic.fit` asks for it and the
-    algorithm has a critic. Not under FSDP, whose sharded head it cannot set: there the head
-    learns from its loss alone, and the run says so."""
+    algorithm has a critic. Not with `parallel: fsdp`, whose sharded head it cannot set: there
+    the head learns from its loss alone (in one process too, so that a job and a process with
+    one config train alike), and the run says so."""
     if cfg.critic.fit != "least_squares" or not algorithm_of(cfg).critic:
         return None
-    if distributed.fsdp_sharded(parallel.model):
-        say("note: critic.fit least_squares does not run under FSDP; the value head learns "
-            "from the value loss alone (critic.fit: gradient)")  # fmt: skip
+    if cfg.parallel == "fsdp":
+        say("note: critic.fit least_squares does not run with parallel: fsdp; the value head "
+            "learns from the value loss alone (critic.fit: gradient)")  # fmt: skip
         return None
     return LeastSquaresValueHead(cfg.critic.fit_decay, cfg.critic.fit_ridge)
 
@@ -390,7 +390,8 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         stats["time/sync_s"] = ro.generation.sync_s
         started = time.perf_counter()
         stats.update(ppo_update(run, opt, ro, kl_ctl.value, step))
-        if run.value_fit is not None:
+        if run.value_fit is not None and not stats["guard/skipped_updates"]:
+            # (a step whose updates were skipped for non-finite values moves nothing)
             head = ac.value_head
             stats.update(
                 run.value_fit.refit(head, ro.value_features, ro.returns, ro.batch.response_mask)
