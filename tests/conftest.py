@@ -217,3 +217,26 @@ def peaked_model_dir(tmp_path_factory, smol_tokenizer_dir, ppo_files) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def greedy_rows_with_a_stop(model_dir: Path):
+    """(model, prompt rows, expected) for decoding three prompts greedily with one stop token
+    that ends one row mid-way: `expected` is each row's answer from Hugging Face alone, cut
+    just after the stop. The peaked model's greedy answers vary with context (a random
+    one repeats one token)."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.models.loading import load_tokenizer
+    from tether.rollout.generation import encode_prompt
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = [encode_prompt(tokenizer, p) for p in ["Hi", "A question about ships?", "Ok"]]
+    alone = []
+    for r in rows:
+        out = model.generate(torch.tensor([r]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        alone.append(out[0, len(r) :].tolist())
+    # The first token that some row emits after a different one: that row stops mid-way.
+    stop = next(t for a in alone for i, t in enumerate(a) if i > 0 and t not in a[:i])
+    expected = [a[: a.index(stop) + 1] if stop in a else a for a in alone]
+    return model, rows, stop, expected

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import backbone_inputs
+from conftest import backbone_inputs, greedy_rows_with_a_stop
 from test_sft import run_cli
 
 from tether.config import ConfigError, PPOConfig, load_config
@@ -269,22 +269,9 @@ def test_engine_packed_weights_compute_the_same_linears_and_states(tiny, dtype):
 def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_model_dir):
     """A stop token that ends one row early (a third of the batch finishes, so the cache is
     compacted); every row must decode exactly as Hugging Face does alone, cut at the stop."""
-    from transformers import AutoModelForCausalLM
-
     from tether.fast import engine
-    from tether.models.loading import load_tokenizer
-    from tether.rollout.generation import encode_prompt
 
-    # The peaked model's greedy answers vary with context (a random one repeats one token).
-    tokenizer = load_tokenizer(str(peaked_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(peaked_model_dir).eval()
-    rows = [encode_prompt(tokenizer, p) for p in ["Hi", "A question about ships?", "Ok"]]
-    alone = []
-    for r in rows:
-        out = model.generate(torch.tensor([r]), max_new_tokens=10, do_sample=False, pad_token_id=0)
-        alone.append(out[0, len(r) :].tolist())
-    # The first token that some row emits after a different one: that row stops mid-way.
-    stop = next(t for a in alone for i, t in enumerate(a) if i > 0 and t not in a[:i])
+    model, rows, stop, expected = greedy_rows_with_a_stop(peaked_model_dir)
     decoded = engine.decode(
         engine.Weights(model, torch.float32),
         rows,
@@ -296,7 +283,6 @@ def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_mode
         top_k=0,
         generator=None,
     )
-    expected = [a[: a.index(stop) + 1] if stop in a else a for a in alone]
     assert decoded == expected
     assert any(len(e) < 10 for e in expected)  # somebody did stop early
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import greedy_rows_with_a_stop
 
 from tether.fast import engine
 from tether.fast.static_decode import bucket_rows, decode_static, draw_uniforms, sample_tokens
@@ -80,23 +81,12 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny):
 
 @pytest.mark.parametrize("check_every", [1, 3, 8])
 def test_rows_stop_at_their_stop_token_however_often_the_host_looks(peaked_model_dir, check_every):
-    from transformers import AutoModelForCausalLM
-
-    from tether.models.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(str(peaked_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(peaked_model_dir).eval()
-    rows = [encode_prompt(tokenizer, p) for p in ["Hi", "A question about ships?", "Ok"]]
-    alone = []
-    for r in rows:
-        out = model.generate(torch.tensor([r]), max_new_tokens=10, do_sample=False, pad_token_id=0)
-        alone.append(out[0, len(r) :].tolist())
-    stop = next(t for a in alone for i, t in enumerate(a) if i > 0 and t not in a[:i])
+    model, rows, stop, expected = greedy_rows_with_a_stop(peaked_model_dir)
     decoded = decode_static(
         engine.Weights(model, torch.float32, pack=False, fused=False),
         rows, 0, [stop], max_new_tokens=10, temperature=0, check_every=check_every,
     )  # fmt: skip
-    assert decoded == [a[: a.index(stop) + 1] if stop in a else a for a in alone]
+    assert decoded == expected
 
 
 def test_batches_pad_to_a_bucket():

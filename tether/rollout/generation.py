@@ -71,9 +71,12 @@ def generate(
     it draws from the global RNG (whose state a checkpoint saves, so a resumed run samples the
     same). temperature 0 means greedy decoding.
 
-    engine "auto" decodes Llama-family models with tether's KV-cache engine (tether.fast.engine)
-    and others with Hugging Face `generate`; "hf" always uses `generate`. `dtype` is the
-    engine's compute dtype (default: bf16 where the CPU/GPU has it, else float32).
+    engine "auto" decodes Llama-family models with tether's engine: on a CPU its KV-cache
+    engine (tether.fast.engine), on a GPU its fixed-shape loop captured as a CUDA graph
+    (tether.fast.static_decode; with top_p/top_k, which that loop does not do, `generate`);
+    others with Hugging Face `generate`. "hf" always uses `generate`; "static" the fixed-shape
+    loop on any device. `dtype` is the engine's compute dtype (default: bf16 where the
+    CPU/GPU has it, else float32).
 
     `row_seeds` (one per prompt) gives each row its own generator in the engine, so a row's
     sample does not depend on the batch, the chunking or the torchrun rank it falls in.
@@ -91,8 +94,12 @@ def generate(
         batch_size=batch_size or len(rows),
     )
     device = model_device(model)
+    full_distribution = top_p == 1.0 and not top_k  # the static loop does not truncate
     static = engine == "static" or (
-        engine == "auto" and device.type == "cuda" and tether_engine.fits_layout(model)
+        engine == "auto"
+        and device.type == "cuda"
+        and full_distribution
+        and tether_engine.fits_layout(model)
     )
     if static or (engine == "auto" and tether_engine.supports(model)):
         if dtype is None:
@@ -111,7 +118,7 @@ def generate(
 
 @dataclass(frozen=True)
 class Sampling:
-    """How `generate` samples, shared by its two back ends."""
+    """How `generate` samples, shared by its back ends."""
 
     max_new_tokens: int
     temperature: float
@@ -139,28 +146,20 @@ def _engine_generate(
 
     def decode_chunk(chunk: list[int]) -> list[list[int]]:  # indices into rows
         seeds = None if row_seeds is None else [row_seeds[i] for i in chunk]
+        sampling = {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature}
         if static:
-            return static_decode.decode_static(
-                weights,
-                [rows[i] for i in chunk],
-                tokenizer.pad_token_id,
-                settings.stops,
-                max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature,
-                generator=generator,
-                row_seeds=seeds,
-            )
-        return tether_engine.decode(
+            decode = static_decode.decode_static
+        else:
+            decode = tether_engine.decode
+            sampling |= {"top_p": settings.top_p, "top_k": settings.top_k}
+        return decode(
             weights,
             [rows[i] for i in chunk],
             tokenizer.pad_token_id,
             settings.stops,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
             generator=generator,
             row_seeds=seeds,
+            **sampling,
         )
 
     responses: list[list[int]] = []
