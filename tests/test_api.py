@@ -200,3 +200,12 @@ def test_messages_go_through_the_tether_logger(capsys):
         assert "quiet please" not in capsys.readouterr().out
     finally:
         logger.setLevel(level)
+
+
+def test_a_resume_must_name_its_run_dir(tmp_path, monkeypatch):
+    from tether.errors import TetherError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TetherError, match="--resume needs --out"):
+        tether.sft(data=[{"text": "x"}], resume=True)
+    assert not (tmp_path / "runs").exists()  # no fresh run dir started in its place

@@ -452,7 +452,8 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny):
 
 
 def test_a_response_ends_at_any_of_the_models_stop_tokens(tiny):
-    from tether.rollout.generation import _cut_at_stop, stop_token_ids
+    from tether.core.packing import through_first_stop
+    from tether.rollout.generation import stop_token_ids
 
     model, tokenizer = tiny
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
@@ -461,8 +462,8 @@ def test_a_response_ends_at_any_of_the_models_stop_tokens(tiny):
     finally:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     assert stops == sorted({tokenizer.eos_token_id, 7})
-    assert _cut_at_stop([5, 6, 7, 8, tokenizer.eos_token_id], stops) == [5, 6, 7]
-    assert _cut_at_stop([5, 6], stops) == [5, 6]
+    assert through_first_stop([5, 6, 7, 8, tokenizer.eos_token_id], stops) == [5, 6, 7]
+    assert through_first_stop([5, 6], stops) == [5, 6]
 
 
 def test_dropout_is_off_in_rl_models(tiny_model_dir, ppo_files, tmp_path):

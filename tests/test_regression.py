@@ -4,27 +4,28 @@ hand-worked values, and the refit recovering a linear target from recorded featu
 import torch
 from torch import nn
 
-from tether.core.regression import accumulate_normal_equations, ridge_solution
+from tether.core.regression import normal_equations, ridge_solution
 from tether.rollout.value_fit import LeastSquaresValueHead, recorded_inputs
 
 
 def test_normal_equations_fade_by_the_decay():
-    zero = torch.zeros(2, 2, dtype=torch.float64)
-    gram, cross = accumulate_normal_equations(
-        zero, zero[0], torch.tensor([[1.0]]), torch.tensor([1.0]), 0.5
-    )
-    gram, cross = accumulate_normal_equations(
-        gram, cross, torch.tensor([[2.0]]), torch.tensor([3.0]), 0.5
-    )
+    gram, cross = normal_equations(torch.tensor([[1.0]]), torch.tensor([1.0]))
+    torch.testing.assert_close(gram, torch.ones(2, 2, dtype=torch.float64))  # [1,1]ᵀ[1,1]
+    torch.testing.assert_close(cross, torch.ones(2, dtype=torch.float64))
+    fit = LeastSquaresValueHead(decay=0.5, ridge=1e-6)
+    head = nn.Linear(1, 1)
+    fit.refit(head, torch.tensor([[[1.0]]]), torch.tensor([[1.0]]), torch.ones(1, 1))
+    fit.refit(head, torch.tensor([[[2.0]]]), torch.tensor([[3.0]]), torch.ones(1, 1))
     # 0.5·[1,1;1,1] + [4,2;2,1], and 0.5·[1,1] + [6,3]
-    torch.testing.assert_close(gram, torch.tensor([[4.5, 2.5], [2.5, 1.5]], dtype=torch.float64))
-    torch.testing.assert_close(cross, torch.tensor([6.5, 3.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        fit.gram, torch.tensor([[4.5, 2.5], [2.5, 1.5]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(fit.cross, torch.tensor([6.5, 3.5], dtype=torch.float64))
 
 
 def test_ridge_shrinks_the_weights_and_not_the_bias():
-    zero = torch.zeros(2, 2, dtype=torch.float64)
     x, y = torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([2.0, 4.0, 6.0])
-    gram, cross = accumulate_normal_equations(zero, zero[0], x, y, 0.0)  # [14, 6; 6, 3], [28, 12]
+    gram, cross = normal_equations(x, y)  # [14, 6; 6, 3], [28, 12]
     exact = ridge_solution(gram, cross, 1e-12)
     torch.testing.assert_close(exact, torch.tensor([2.0, 0.0], dtype=torch.float64))
     # λ·tr/d = 1/14 · 14 = 1 on the slope only: [15, 6; 6, 3]⁻¹ [28, 12] = [4/3, 4/3]
@@ -55,9 +56,8 @@ def test_refit_sets_the_head_to_the_linear_target_from_its_recorded_inputs():
 
 
 def test_a_head_without_bias_is_fit_through_the_origin():
-    zero = torch.zeros(2, 2, dtype=torch.float64)
     x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([3.0, 5.0])
-    gram, cross = accumulate_normal_equations(zero, zero[0], x, y, 0.0)
+    gram, cross = normal_equations(x, y)
     # min Σ(y − w·x)²: w = Σxy / Σx² = 13 / 5
     through_origin = ridge_solution(gram, cross, 1e-12, bias=False)
     torch.testing.assert_close(through_origin, torch.tensor([2.6], dtype=torch.float64))

@@ -88,20 +88,19 @@ class Result:
 
 def run(stage: str, config: Any, out: str | Path | None = None, resume: bool = False) -> Result:
     """Run `stage` on a validated config into `out` (default: runs/STAGE-TIMESTAMP)."""
-    from tether.runs.rundir import read_metrics
+    from tether.runs.rundir import last_values
 
-    if resume and out is None:
-        raise TetherError("resume needs the run dir to continue (out=... / --out)")
-    out = Path(out) if out is not None else default_out(stage)
+    out = run_dir_of(stage, out, resume)
     final = load_target(STAGES[stage].runner)(config, out, resume=resume)
-    metrics: dict[str, float] = {}
-    if (out / "metrics.jsonl").is_file():
-        for record in read_metrics(out / "metrics.jsonl"):
-            metrics |= record
-    return Result(out, Path(final), metrics)
+    return Result(out, Path(final), last_values(out / "metrics.jsonl"))
 
 
-def default_out(stage: str) -> Path:
+def run_dir_of(stage: str, out: str | Path | None, resume: bool) -> Path:
+    """`out`, or a new runs/STAGE-TIMESTAMP; a resume must name the run it continues."""
+    if out is not None:
+        return Path(out)
+    if resume:
+        raise TetherError("--resume needs --out RUN_DIR (the run to continue; in Python, out=...)")
     return Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -158,7 +157,7 @@ def _stage(
     from tether.config import build_config, load_config
 
     cls = config_class(stage)
-    out = Path(out) if out is not None else default_out(stage)
+    out = run_dir_of(stage, out, resume)
     if isinstance(config, str | Path):
         config = load_config(cls, config)
     values = dict(values)

@@ -340,7 +340,7 @@ def _version() -> str:
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    from tether.api import default_out, run
+    from tether.api import run, run_dir_of
     from tether.config import load_config
 
     stage = STAGES[args.stage]
@@ -353,9 +353,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.resume and args.out is None:
-        raise TetherError("--resume needs --out RUN_DIR (the run to continue)")
-    out = args.out or default_out(args.stage)
+    out = run_dir_of(args.stage, args.out, args.resume)
     config_path = args.config
     if config_path is None and args.resume and (out / "config.yaml").is_file():
         config_path = out / "config.yaml"  # resume the run exactly as it was configured

@@ -642,20 +642,24 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raw = loaded or {}
     for item in overrides:
         _apply_override(raw, item)
-    config = _update(cls(), raw, prefix="", source=source)
-    config.validate()
-    return config
+    return build_config(cls, None, raw, source)
 
 
-def build_config(cls: type[C], base: C | None = None, values: dict[str, Any] | None = None) -> C:
-    """`base` (or the defaults) with `values` applied as a YAML mapping would be, validated as
-    `load_config` validates: the Python API's configs are checked as the CLI's are."""
+def build_config(
+    cls: type[C],
+    base: C | None = None,
+    values: dict[str, Any] | None = None,
+    source: str = "arguments",
+) -> C:
+    """`base` (or the defaults) with `values` applied as a YAML mapping, then validated: what
+    `load_config` does with a file and overrides, and the Python API with keyword sections.
+    Errors name `source`."""
     import copy
 
     config = copy.deepcopy(base) if base is not None else cls()
     if not isinstance(config, cls):
         raise ConfigError(f"expected a {cls.__name__}, got a {type(config).__name__}")
-    config = _update(config, values or {}, prefix="", source="arguments")
+    config = _update(config, values or {}, prefix="", source=source)
     config.validate()
     return config
 

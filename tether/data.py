@@ -106,14 +106,10 @@ class ReadOptions:
 FORMATS = ("jsonl", "json", "csv", "parquet", "arrow", "hub")
 
 
-def read_records(
-    path: str | Path, options: ReadOptions | str = ReadOptions()
-) -> list[tuple[int, Any]]:
+def read_records(path: str | Path, options: ReadOptions = ReadOptions()) -> list[tuple[int, Any]]:
     """(line or row number, record) for every record of a source: JSONL(.gz), a JSON array,
     CSV, Parquet, a saved `datasets` dir, or anything `datasets.load_dataset` reads (a local
     dataset dir or script, a hub id where a hub or its offline cache is at hand)."""
-    if isinstance(options, str):
-        options = ReadOptions(format=options)
     fmt = options.format
     local = Path(path)
     if fmt == "auto":
@@ -344,9 +340,7 @@ def _messages(value: Any, key: str) -> list[Message]:
     return out
 
 
-def _parse_all(path: str | Path, options: ReadOptions | str, parse) -> tuple[list, LoadReport]:
-    if isinstance(options, str):
-        options = ReadOptions(format=options)
+def _parse_all(path: str | Path, options: ReadOptions, parse) -> tuple[list, LoadReport]:
     records = read_records(path, options)
     report = LoadReport(str(path), read=len(records))
     errors = _Errors(str(path))
@@ -408,7 +402,7 @@ def _parse_sft(record: dict) -> SFTExample:
 
 
 def load_sft_examples(
-    path: str | Path, options: ReadOptions | str = ReadOptions()
+    path: str | Path, options: ReadOptions = ReadOptions()
 ) -> tuple[list[SFTExample], LoadReport]:
     return _parse_all(path, options, _parse_sft)
 
@@ -532,7 +526,7 @@ def _answer(record: dict, key: str) -> str:
 
 
 def load_preference_data(
-    path: str | Path, options: ReadOptions | str = ReadOptions()
+    path: str | Path, options: ReadOptions = ReadOptions()
 ) -> tuple[list[PreferencePair | RankedResponses], LoadReport]:
     return _parse_all(path, options, _parse_preference)
 
@@ -544,7 +538,7 @@ def _parse_prompt(record: dict) -> list[Message]:
 
 
 def load_prompts(
-    path: str | Path, options: ReadOptions | str = ReadOptions()
+    path: str | Path, options: ReadOptions = ReadOptions()
 ) -> tuple[list[list[Message]], LoadReport]:
     return _parse_all(path, options, _parse_prompt)
 
@@ -554,7 +548,7 @@ def _parse_prompt_record(record: dict) -> tuple[list[Message], dict[str, Any]]:
 
 
 def load_prompt_records(
-    path: str | Path, options: ReadOptions | str = ReadOptions()
+    path: str | Path, options: ReadOptions = ReadOptions()
 ) -> tuple[list[list[Message]], list[dict[str, Any]], LoadReport]:
     """Prompts and each record's other fields (a verifier's `solution`, ...), which rewards
     called TRL's way receive as keyword columns."""
@@ -570,7 +564,7 @@ def _parse_scored(record: dict) -> tuple[dict, list[Message], str]:
 
 
 def load_scored_responses(
-    path: str | Path, options: ReadOptions | str = ReadOptions()
+    path: str | Path, options: ReadOptions = ReadOptions()
 ) -> tuple[list[tuple[dict, list[Message], str]], LoadReport]:
     """(record, prompt messages, response) for `{prompt, response}` (or completion) records."""
     return _parse_all(path, options, _parse_scored)

@@ -30,6 +30,16 @@ def pad_rows(
     return ids, mask
 
 
+def through_first_stop(row: list[int], stops: Sequence[int]) -> list[int]:
+    """A sampled row up to and including its first stop token: decoders that keep a
+    fixed-width batch (Hugging Face `generate`, the static decode loop) pad finished rows
+    after it."""
+    for position, token in enumerate(row):
+        if token in stops:
+            return row[: position + 1]
+    return row
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] index of the rightmost real token, for left or right padding alike."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

@@ -19,20 +19,17 @@ def with_bias(features: torch.Tensor) -> torch.Tensor:
     return torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)
 
 
-def accumulate_normal_equations(
-    gram: torch.Tensor,
-    cross: torch.Tensor,
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    decay: float,
+def normal_equations(
+    features: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """G ← decay·G + X̃ᵀX̃,  c ← decay·c + X̃ᵀy, with X̃ = [X, 1] ([N, d+1]), y [N].
+    """(G, c) = (X̃ᵀX̃, X̃ᵀy) with X̃ = [X, 1] ([N, d+1]), y [N]: sums over the rows, so the
+    ranks' add up, and older ones fade as decay·G_old + G_new.
 
     In float64: the sums run over thousands of tokens whose features are large (LM hidden
     states have a few dimensions in the hundreds).
     """
     x = with_bias(features.double())
-    return decay * gram + x.T @ x, decay * cross + x.T @ targets.double()
+    return x.T @ x, x.T @ targets.double()
 
 
 def ridge_solution(

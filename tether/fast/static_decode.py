@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tether.console import warn
-from tether.core.packing import distinct_rows
+from tether.core.packing import distinct_rows, through_first_stop
 from tether.fast.engine import Weights, _decode_attention, _rms_norm, _rotate, prefill
 
 # Rows are padded to a multiple of this: one captured shape serves every batch in a bucket.
@@ -188,7 +188,7 @@ def decode_static(
         if done % check_every == 0 and done < max_new_tokens and bool(state.finished.all()):
             break
     out = state.tokens[:batch].tolist()
-    return [_through_stop(row, stops) for row in out]
+    return [through_first_stop(row, stops) for row in out]
 
 
 def _use_graph(graph: bool | None, device: torch.device) -> bool:
@@ -216,10 +216,3 @@ def _captured(step: Callable[[], None], state: DecodeState) -> Callable[[], None
         state.restore(saved)
         return step
     return graph.replay
-
-
-def _through_stop(row: list[int], stops: list[int]) -> list[int]:
-    for position, token in enumerate(row):
-        if token in stops:
-            return row[: position + 1]
-    return row

@@ -16,7 +16,7 @@ from typing import TypeVar
 import torch
 
 from tether.console import say
-from tether.core.packing import pad_rows
+from tether.core.packing import pad_rows, through_first_stop
 from tether.data import Message, as_messages
 from tether.errors import TetherError
 from tether.fast import engine as tether_engine
@@ -200,7 +200,7 @@ def _hf_generate(
         ids, mask = pad_rows(chunk, tokenizer.pad_token_id, side="left")
         ids, mask = ids.to(device), mask.to(device)
         out = inner.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        return [_cut_at_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
+        return [through_first_stop(r.tolist(), stops) for r in out[:, ids.shape[1] :]]
 
     responses: list[list[int]] = []
     try:
@@ -290,11 +290,3 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def _is_ids(prompt) -> bool:
     return isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int))
-
-
-def _cut_at_stop(row: list[int], stops: list[int]) -> list[int]:
-    """Up to and including the first stop token; generate pads finished rows after it."""
-    for position, token in enumerate(row):
-        if token in stops:
-            return row[: position + 1]
-    return row

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tether.core.regression import accumulate_normal_equations, ridge_solution, with_bias
+from tether.core.regression import normal_equations, ridge_solution, with_bias
 from tether.runs import distributed
 
 
@@ -54,9 +54,7 @@ class LeastSquaresValueHead:
         rollout (how much a linear head on these features can explain)."""
         on = mask.bool()
         x, y = features[on].double(), returns[on].double()
-        zero_gram = x.new_zeros(x.shape[1] + 1, x.shape[1] + 1)
-        gram, cross = accumulate_normal_equations(zero_gram, zero_gram[0], x, y, 0.0)
-        gram, cross = distributed.all_sum(gram), distributed.all_sum(cross)
+        gram, cross = (distributed.all_sum(t) for t in normal_equations(x, y))
         metrics = {}
         if self.gram is not None:
             if not self.ridge:  # the ridge that best predicts this rollout from the earlier ones

@@ -5,6 +5,7 @@ has to apply."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from tether.config import (
     config_differences,
     config_to_dict,
 )
-from tether.runs.rundir import RunDir, read_metrics, write_text_atomic
+from tether.models.reward_model import NORMALIZATION_KEY
+from tether.runs.rundir import RunDir, last_values, write_text_atomic
 
 STAGE_OF = {
     SFTConfig: "sft",
@@ -41,11 +43,11 @@ LORA_NOTE = " with LoRA adapters (merged here; the peft adapter alone is in `ada
 
 def last_metrics(run: RunDir) -> dict[str, float]:
     """The last logged value of every numeric metric."""
-    out: dict[str, float] = {}
-    if run.metrics_path.is_file():
-        for record in read_metrics(run.metrics_path):
-            out |= {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
-    return out
+    return {
+        k: v
+        for k, v in last_values(run.metrics_path).items()
+        if isinstance(v, int | float) and k != "step"
+    }
 
 
 def _value(v: Any) -> str:
@@ -54,8 +56,12 @@ def _value(v: Any) -> str:
     return f"`{v}`"
 
 
-def model_card(run: RunDir, cfg: Any, normalization: dict[str, float] | None = None) -> str:
+def model_card(run: RunDir, cfg: Any) -> str:
+    """The card of `run.final`, written there (a reward model's normalisation is read from
+    its config.json)."""
     stage = STAGE_OF[type(cfg)]
+    saved = json.loads((run.final / "config.json").read_text())
+    normalization = saved.get(NORMALIZATION_KEY)
     algo = getattr(cfg, "algo", stage)
     base = cfg.model.name
     values = config_to_dict(cfg)
@@ -119,9 +125,9 @@ def model_card(run: RunDir, cfg: Any, normalization: dict[str, float] | None = N
     return "\n".join(lines)
 
 
-def write_model_card(run: RunDir, cfg: Any, normalization: dict[str, float] | None = None) -> Path:
+def write_model_card(run: RunDir, cfg: Any) -> Path:
     path = run.final / "README.md"
-    write_text_atomic(path, model_card(run, cfg, normalization))
+    write_text_atomic(path, model_card(run, cfg))
     return path
 
 

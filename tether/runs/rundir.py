@@ -222,3 +222,13 @@ def truncate_jsonl(path: Path, step: int) -> None:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def last_values(path: Path) -> dict[str, Any]:
+    """The last logged value of every key of a metrics.jsonl (`step` included); {} without
+    one."""
+    out: dict[str, Any] = {}
+    if Path(path).is_file():
+        for record in read_metrics(path):
+            out |= record
+    return out

@@ -136,14 +136,13 @@ def save_final(
     save: Callable[[torch.nn.Module], None],
     run: RunDir,
     cfg: Any,
-    normalization: dict[str, float] | None = None,
 ) -> None:
     """Rank 0 writes `final/` from whole weights (under FSDP every rank gathers them first),
     then its model card (tether.runs.card)."""
     with parallel.full_weights() as model:
         if distributed.world().is_main:
             save(model)
-            write_model_card(run, cfg, normalization)
+            write_model_card(run, cfg)
     distributed.barrier()
 
 

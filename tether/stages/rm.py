@@ -328,12 +328,6 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
             f"score normalisation over {scores.numel()} reference responses: "
             f"mean {mean:.4f}, std {std:.4f}"
         )
-    save_final(
-        parallel,
-        lambda m: save_reward_model(m, tokenizer, run.final, mean, std),
-        run,
-        cfg,
-        {"mean": mean, "std": std},
-    )
+    save_final(parallel, lambda m: save_reward_model(m, tokenizer, run.final, mean, std), run, cfg)
     run.unlock()
     return run.final
