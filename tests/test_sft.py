@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -141,3 +142,27 @@ def test_bad_data_fails_before_training_with_file_and_line(tiny_model_dir, tmp_p
     assert f"{data}:2: field 'completion': expected a string, got int" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_lora_top_layers_adapts_only_the_upper_layers(tiny_model_dir):
+    """Adapters sit on the last N layers alone, so nothing beneath them needs a gradient."""
+    from tether.config import LoraConfig, ModelConfig
+    from tether.models.loading import ModelLoadError, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lora = LoraConfig(enabled=True, r=4, alpha=8, top_layers=1)
+    model = load_causal_lm(ModelConfig(name=str(tiny_model_dir), lora=lora), tokenizer)
+    adapted = {
+        n.split("layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_" in n
+    }
+    assert adapted == {"1"}  # the 2-layer model's upper layer only
+    lower_outputs = []
+    layers = model.get_base_model().model.layers
+    layers[0].register_forward_hook(lambda m, i, out: lower_outputs.append(out))
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    lower = lower_outputs[0][0] if isinstance(lower_outputs[0], tuple) else lower_outputs[0]
+    assert not lower.requires_grad  # autograd records nothing beneath the adapters
+
+    too_deep = LoraConfig(enabled=True, r=4, alpha=8, top_layers=3)
+    with pytest.raises(ModelLoadError, match="top_layers: 3, but the model has 2 layers"):
+        load_causal_lm(ModelConfig(name=str(tiny_model_dir), lora=too_deep), tokenizer)

@@ -53,9 +53,14 @@ class LoraConfig:
             "down_proj",
         ]
     )
+    # Adapters on the last N decoder layers only (0: every layer). Backward then stops at the
+    # lowest adapted layer: faster updates, though a reward model learns less this way:
+    # docs/performance.md#training-passes
+    top_layers: int = 0
 
     def validate(self) -> None:
         _check(self.r > 0, "model.lora.r", "must be > 0")
+        _check(self.top_layers >= 0, "model.lora.top_layers", "must be >= 0 (0: every layer)")
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
         _check(bool(self.target_modules), "model.lora.target_modules", "must not be empty")
 

@@ -219,12 +219,21 @@ def apply_lora(
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    layers = {}
+    if lora.top_layers:
+        depth = model.config.num_hidden_layers
+        if lora.top_layers > depth:
+            raise ModelLoadError(
+                f"model.lora.top_layers: {lora.top_layers}, but the model has {depth} layers"
+            )
+        layers = {"layers_to_transform": list(range(depth - lora.top_layers, depth))}
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type=task_type,
+        **layers,
     )
     return get_peft_model(model, peft_config)
 
