@@ -212,6 +212,60 @@ def test_rows_in_length_buckets_have_the_logprobs_and_gradients_of_full_passes(
     assert sequence_logprobs_of(model, minibatch, 0.7).shape == minibatch.response_mask.shape
 
 
+def test_passes_from_the_trunk_are_whole_passes_without_the_lower_layers(tiny_model_dir):
+    """With adapters on the upper layer only, the lower layer runs once for the batch
+    (`with_trunk`); the policy's and π_ref's log-probs and the adapters' gradients from it are
+    those of whole passes, and other models ignore it."""
+    from tether.config import LoraConfig, ModelConfig
+    from tether.models.loading import load_causal_lm, load_tokenizer
+    from tether.rollout.passes import build_batch, sequence_logprobs_of, with_trunk
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lora = LoraConfig(enabled=True, r=4, alpha=8, top_layers=1)
+    policy = load_causal_lm(ModelConfig(name=str(tiny_model_dir), lora=lora), tokenizer)
+    torch.manual_seed(1)
+    with torch.no_grad():  # adapters that change the policy (peft starts them at 0)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [11, 12], [13, 14, 15]]
+    responses = [[21, 22], [23, 24, 25, 26], [27], list(range(30, 42))]
+    batch = build_batch(prompts, responses, pad_id=0)
+    lower = policy.get_base_model().model.layers[0]
+    calls = []
+    lower.register_forward_hook(lambda *_: calls.append(1))
+
+    trunked = with_trunk(policy, batch)
+    assert trunked.trunk is not None and trunked.trunk.depth == 1 and len(calls) == 1
+    from_trunk = sequence_logprobs_of(policy, trunked, 0.7)
+    with policy.disable_adapter(), torch.no_grad():
+        reference_from_trunk = sequence_logprobs_of(policy, trunked, 0.7)
+        reference = sequence_logprobs_of(policy, batch, 0.7)
+    assert len(calls) == 2  # the trunk's own call and the whole π_ref pass alone
+    whole = sequence_logprobs_of(policy, batch, 0.7)
+    real = batch.response_mask.bool()
+    assert not torch.allclose(whole[real], reference[real], atol=1e-3)  # the adapters act
+    assert torch.allclose(from_trunk, whole, atol=1e-5)
+    assert torch.allclose(reference_from_trunk, reference, atol=1e-5)
+    minibatch = [3, 1]
+    assert torch.allclose(
+        sequence_logprobs_of(policy, trunked.rows(minibatch), 0.7), whole[minibatch], atol=1e-5
+    )
+
+    adapters = [p for p in policy.parameters() if p.requires_grad]
+    grads_from_trunk = torch.autograd.grad(from_trunk[real].sum(), adapters)
+    grads_whole = torch.autograd.grad(whole[real].sum(), adapters)
+    for g, expected in zip(grads_from_trunk, grads_whole, strict=True):
+        assert (g - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    other = load_causal_lm(ModelConfig(name=str(tiny_model_dir)), tokenizer)  # all trainable
+    assert with_trunk(other, batch).trunk is None  # nothing beneath to freeze
+    with torch.no_grad():
+        assert torch.equal(
+            sequence_logprobs_of(other, trunked, 0.7), sequence_logprobs_of(other, batch, 0.7)
+        )
+
+
 @pytest.mark.parametrize("engine", ["hf", "auto"])
 def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     from tether.rollout.generation import encode_prompt, generate

@@ -29,7 +29,7 @@ from tether.models.loading import model_device
 from tether.rewards import CombinedReward, RewardTerm, apply_missing_eos, checked_call
 from tether.rollout.actor_critic import ActorCritic
 from tether.rollout.generation import Generation, generate
-from tether.rollout.passes import RolloutBatch, build_batch, sequence_logprobs_of
+from tether.rollout.passes import RolloutBatch, build_batch, sequence_logprobs_of, with_trunk
 from tether.rollout.value_fit import LeastSquaresValueHead, recorded_inputs
 from tether.runs import distributed
 
@@ -347,6 +347,8 @@ def collect_rollout(
     sampled = sample_and_score(run, messages, rows, row_seeds, columns)
     device = model_device(run.parallel.model)
     sampled.batch = sampled.batch.to(device)  # built on the CPU, moved once
+    with autocast(run.bf16):  # the policy's frozen lower layers, once for every pass below
+        sampled.batch = with_trunk(run.parallel.model.policy, sampled.batch)
     sampled.scores, sampled.ended = sampled.scores.to(device), sampled.ended.to(device)
     passes = forward_passes(run, sampled.batch, live_rows)
 

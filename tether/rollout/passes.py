@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from tether.core.packing import (
 from tether.models.attention import runs_packed_rows
 from tether.models.loading import hf_model, model_device
 from tether.models.reward_model import packed_hidden_states
+from tether.rollout.trunk import Trunk, hidden_above_trunk, run_trunk
 from tether.runs import distributed
 
 
@@ -47,6 +48,9 @@ class RolloutBatch:
     mask: torch.Tensor  # [B, P + R]
     prompt_width: int  # P
     response_mask: torch.Tensor  # [B, R]
+    # The policy's frozen lower layers' output for these rows (`with_trunk`): passes of that
+    # policy (and of π_ref, its adapters off) run from it; other models ignore it.
+    trunk: Trunk | None = None
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """The batch on `device` (itself where it is already there)."""
@@ -55,11 +59,16 @@ class RolloutBatch:
             self.mask.to(device),
             self.prompt_width,
             self.response_mask.to(device),
+            None if self.trunk is None else self.trunk.to(device),
         )
 
     def rows(self, index: torch.Tensor | list[int]) -> RolloutBatch:
         return RolloutBatch(
-            self.ids[index], self.mask[index], self.prompt_width, self.response_mask[index]
+            self.ids[index],
+            self.mask[index],
+            self.prompt_width,
+            self.response_mask[index],
+            None if self.trunk is None else self.trunk.rows(index),
         )
 
     def trimmed(self, index: torch.Tensor) -> RolloutBatch:
@@ -68,11 +77,13 @@ class RolloutBatch:
         width = self.prompt_width
         prompt = int(sub.mask[:, :width].sum(dim=1).max())
         response = max(1, int(sub.response_mask.sum(dim=1).max()))
+        start, stop = width - prompt, width + response
         return RolloutBatch(
-            sub.ids[:, width - prompt : width + response],
-            sub.mask[:, width - prompt : width + response],
+            sub.ids[:, start:stop],
+            sub.mask[:, start:stop],
             prompt,
             sub.response_mask[:, :response],
+            None if sub.trunk is None else sub.trunk.columns(start, stop),
         )
 
 
@@ -149,6 +160,8 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
     batch = batch.to(model_device(backbone))
+    if batch.trunk is not None and batch.trunk.backbone is backbone:
+        return _hidden_from_trunk(backbone, batch)
     width = batch.prompt_width
     prompt_part = torch.cat([batch.ids[:, :width], batch.mask[:, :width]], dim=1)
     first_row, group_of_row = distinct_rows(list(map(tuple, prompt_part.tolist())))
@@ -168,6 +181,33 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
         overhead=BUCKET_OVERHEAD_TOKENS * (2 if opening else 1) + opening,
     )
     parts = [_distinct_prompts_hidden(backbone, batch.trimmed(rows)) for rows in buckets]
+    return _unbucket(parts, buckets, batch.response_mask.shape[1])
+
+
+def with_trunk(model, batch: RolloutBatch) -> RolloutBatch:
+    """The batch with `model`'s trunk (`tether.rollout.trunk`): its frozen lower layers run
+    once over the rows, for every later pass of `model` (and of it with its adapters off) to
+    start from. The batch unchanged where the model has no trunk to cut."""
+    inner = hf_model(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    batch = batch.to(model_device(backbone))
+    trunk = run_trunk(backbone, batch.ids, batch.mask)
+    return batch if trunk is None else replace(batch, trunk=trunk)
+
+
+def _hidden_from_trunk(backbone, batch: RolloutBatch) -> torch.Tensor:
+    """The layers above the trunk over whole rows, in length buckets."""
+    width = batch.prompt_width
+    buckets = length_buckets(
+        batch.response_mask.sum(dim=1),
+        batch.mask[:, :width].sum(dim=1),
+        bucket_limit(backbone),
+        overhead=BUCKET_OVERHEAD_TOKENS,
+    )
+    parts = []
+    for rows in buckets:
+        sub = batch.trimmed(rows)
+        parts.append(hidden_above_trunk(sub.trunk, sub.mask, sub.prompt_width))
     return _unbucket(parts, buckets, batch.response_mask.shape[1])
 
 

@@ -77,6 +77,11 @@ class DemoSettings:
     ppo_steps: int = 24
     ppo_batch: int = 16
     kl_coef: float = 0.05
+    # The share of the policy's layers, the top ones, that carry adapters (1: every layer).
+    # The layers beneath run once per rollout and take no backward (tether.rollout.trunk),
+    # and PPO learns as much per step (benchmarks/RESULTS.md). The reward model keeps
+    # adapters on every layer: it loses accuracy with fewer.
+    policy_lora_share: float = 1 / 3
     # > 0: keep PPO within this KL (nats per answer) with the budget controller, starting
     # from kl_coef, instead of a fixed β; the report compares the policy with best-of-n there.
     kl_budget: float = 0.0
@@ -244,6 +249,7 @@ def ppo_config(task: Task, s: DemoSettings, out: Path) -> PPOConfig:
         None,
         [
             *lora_overrides(s),
+            f"model.lora.top_layers={policy_top_layers(s)}",
             f"data.train={out / 'prompts/train.jsonl'}",
             "data.max_length=96",
             f"reward.terms=[{{name: 'model:{out / 'rm/final'}', weight: 1.0}}]",
@@ -269,6 +275,16 @@ def ppo_config(task: Task, s: DemoSettings, out: Path) -> PPOConfig:
             *kl_budget_overrides(s),
         ],
     )
+
+
+def policy_top_layers(s: DemoSettings) -> int:
+    """How many of the model's top layers carry the policy's adapters (0: all of them)."""
+    if s.policy_lora_share >= 1:
+        return 0
+    from transformers import AutoConfig
+
+    depth = AutoConfig.from_pretrained(resolve_model_source(s.model)).num_hidden_layers
+    return max(1, round(depth * s.policy_lora_share))
 
 
 def kl_budget_overrides(s: DemoSettings) -> list[str]:
