@@ -59,6 +59,10 @@ from tether.tools.tasks import Task, annotator_ranking, annotator_utilities, get
 
 DEMO_MODEL = "smollm2-135m-instruct"
 BEST_OF_N = (1, 2, 4, 8, 16, 32, 64)
+# Rows per generate call when sampling many answers: the engine's decode step is a matrix
+# product per layer, and more rows per weight read run faster (on a 2-core AVX-512 bf16 CPU,
+# 32 new tokens: 1,384 tokens/s at 64 rows, 1,843 at 128, 2,331 at 256).
+SAMPLE_CHUNK = 256
 
 
 @dataclass
@@ -128,12 +132,15 @@ def sample_answers(
     model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, seed: int, desc: str
 ) -> tuple[list[str], list[bool], list[list[int]], list[list[int]]]:
     """n answers per prompt at T = 1 (a prompt's n answers are consecutive): texts, ended,
-    prompt ids, response ids. Chunks of 64 rows, seeded per chunk, behind a progress bar."""
+    prompt ids, response ids. Each row draws from its own seed, so its answer does not depend
+    on the chunking; chunks of up to SAMPLE_CHUNK rows, behind a progress bar."""
     rows = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)]
+    row_seeds = [seed * 1_000_000 + i for i in range(len(rows))]
     texts, ended, response_ids, prompt_ids = [], [], [], []
-    chunk = 64
+    chunks = math.ceil(len(rows) / SAMPLE_CHUNK)
+    chunk = math.ceil(len(rows) / chunks)  # even chunks: 800 rows as 4 × 200, not 3 × 256 + 32
     bf16 = bf16_available(model_device(model))
-    for i, start in enumerate(tqdm(range(0, len(rows), chunk), desc=desc, unit="batch")):
+    for start in tqdm(range(0, len(rows), chunk), desc=desc, unit="batch"):
         with autocast(bf16):
             gen = generate(
                 model,
@@ -141,7 +148,7 @@ def sample_answers(
                 rows[start : start + chunk],
                 max_new_tokens=max_new_tokens,
                 temperature=1.0,
-                seed=seed * 1_000 + i,
+                row_seeds=row_seeds[start : start + chunk],
                 dtype=torch.bfloat16 if bf16 else torch.float32,
             )
         texts += gen.texts
