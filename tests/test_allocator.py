@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -75,3 +76,40 @@ def test_the_cli_runs_on_the_installed_allocator_unless_told_not_to(choice):
     ).stdout
     expected = "glibc" if choice == "system" else installed.name.split(".")[0][3:].split("_")[0]
     assert f"malloc: {expected}" in out
+
+
+RELEASE_SCRIPT = """
+import torch
+from tether.fast.allocator import release_freed_memory
+from tether.hardware import keep_freed_memory
+
+def rss_mb():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) / 1024
+
+keep_freed_memory()  # as the demo runs: freed memory stays in the process
+blocks = [torch.ones(64, 1024, 1024 // 4) for _ in range(8)]  # 8 x 64 MiB, touched
+del blocks
+kept = rss_mb()
+release_freed_memory()
+print(kept, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("choice", ["system", "auto"])
+def test_freed_memory_goes_back_to_the_kernel_between_stages(choice):
+    """Freed blocks that the allocator keeps (glibc told to keep them, or tcmalloc's spans)
+    leave the process's resident set once released."""
+    env = {**os.environ, "TETHER_MALLOC": choice}
+    library = allocator.preload_for(env, allocator.library_dirs())
+    if choice == "auto" and library is None:
+        pytest.skip("no tcmalloc or jemalloc installed")
+    if library is not None:
+        env = allocator.preloading(library, env)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELEASE_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept, released = map(float, proc.stdout.split())
+    assert kept - released > 300  # of the 512 MiB freed

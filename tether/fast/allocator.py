@@ -17,6 +17,8 @@ Code that calls `tether.cli.main` from Python keeps its process's allocator.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import sys
 import sysconfig
@@ -101,6 +103,25 @@ def active() -> str:
     except OSError:
         return "system"
     return next((name for name in KNOWN if f"lib{name}" in maps), "glibc")
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed so far back to the kernel: between the stages of one process (the
+    demo's), so that the next stage's peak does not sit on the last one's freed pages.
+    tcmalloc keeps freed spans for reuse and glibc keeps its heap (`keep_freed_memory`); a
+    stage whose allocations have other sizes and layouts reuses little of either.
+    """
+    gc.collect()
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return
+    release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)  # tcmalloc
+    trim = getattr(process, "malloc_trim", None)  # glibc
+    if release is not None:
+        release()
+    elif trim is not None:
+        trim(0)
 
 
 if __name__ == "__main__":  # `make setup`: which library the CLI preloads; status 1 if none

@@ -21,10 +21,11 @@ the stage in progress from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from tether.core.kl import best_of_n_kl
 from tether.core.metrics import best_of_n_mean, pairwise_agreement, value_at_kl, win_rate
 from tether.core.ops import masked_sum
 from tether.errors import TetherError
+from tether.fast.allocator import release_freed_memory
 from tether.hardware import (
     autocast,
     bf16_available,
@@ -47,6 +49,7 @@ from tether.hardware import (
     use_bf16,
 )
 from tether.models.loading import (
+    ADAPTER_DIR,
     load_causal_lm,
     load_tokenizer,
     model_device,
@@ -227,7 +230,7 @@ def rm_config(task: Task, s: DemoSettings, out: Path) -> RMConfig:
             f"data.train={out / 'preferences.jsonl'}",
             "data.eval_fraction=0.15",
             "data.max_length=160",
-            "optim.lr=1e-3",
+            "optim.lr=2e-3",
             "optim.warmup_steps=5",
             f"train.epochs={s.rm_epochs}",
             "train.batch_size=8",
@@ -316,11 +319,12 @@ def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
 def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     """Held-out prompts: π_ref (best_of samples each) against the policy (policy_samples)."""
     prompts = [r["prompt"] for r in _read(out / "prompts/held_out.jsonl")]
-    tokenizer, reference, policy = _load_reference_and_policy(s, out)
+    tokenizer, policy, reference = _load_policy_and_reference(s, out)
     max_new = _max_new(task, s)
-    ref_texts, ref_ended, *_ = sample_answers(
-        reference, tokenizer, prompts, s.best_of, max_new, s.seed + 1, "held-out π_ref"
-    )
+    with reference() as ref_model:
+        ref_texts, ref_ended, *_ = sample_answers(
+            ref_model, tokenizer, prompts, s.best_of, max_new, s.seed + 1, "held-out π_ref"
+        )
     pol_texts, pol_ended, pol_prompt_ids, pol_response_ids = sample_answers(
         policy, tokenizer, prompts, s.policy_samples, max_new, s.seed + 2, "held-out policy"
     )
@@ -358,15 +362,31 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     return results
 
 
-def _load_reference_and_policy(s: DemoSettings, out: Path):
-    """The tokenizer, π_ref and the trained policy (ppo/final), both in eval mode, dropout off."""
+def _load_policy_and_reference(
+    s: DemoSettings, out: Path
+) -> tuple[Any, torch.nn.Module, Callable[[], contextlib.AbstractContextManager]]:
+    """The tokenizer, the trained policy (ppo/final) in eval mode, dropout off, and
+    `reference()`, a context in which π_ref is at hand. Where PPO saved its LoRA adapters
+    the policy is π_ref's weights with them on top, and π_ref the same model with them off:
+    one copy of the weights in memory instead of two."""
+    from peft import PeftModel
+
     source = resolve_model_source(s.model)
     tokenizer = load_tokenizer(source)
     device = resolve_device(s.device)
-    reference = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False)
+    base = load_causal_lm(ModelConfig(name=source), tokenizer, dropout=False).to(device).eval()
     policy_dir = out / "ppo/final"
-    policy = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False)
-    return tokenizer, reference.to(device).eval(), policy.to(device).eval()
+    if (policy_dir / ADAPTER_DIR).is_dir():
+        policy = PeftModel.from_pretrained(base, str(policy_dir / ADAPTER_DIR)).eval()
+        return tokenizer, policy, lambda: _adapters_off(policy)
+    merged = load_causal_lm(ModelConfig(name=str(policy_dir)), tokenizer, dropout=False)
+    return tokenizer, merged.to(device).eval(), lambda: contextlib.nullcontext(base)
+
+
+@contextlib.contextmanager
+def _adapters_off(policy) -> Iterator[torch.nn.Module]:
+    with policy.disable_adapter():  # yields None, not the model
+        yield policy
 
 
 def _judge(
@@ -426,9 +446,17 @@ def _best_of_n_curve(ref_rm: torch.Tensor, ref_gold: torch.Tensor, best_of: int)
 
 
 @torch.no_grad()
-def policy_kl(policy, reference, tokenizer, prompt_ids, response_ids, chunk: int = 16):
+def policy_kl(
+    policy,
+    reference: Callable[[], contextlib.AbstractContextManager],
+    tokenizer,
+    prompt_ids,
+    response_ids,
+    chunk: int = 16,
+) -> torch.Tensor:
     """[N] Σ_t log π(y_t|…) − log π_ref(y_t|…) of each policy sample: a one-sample Monte
-    Carlo estimate of KL(π ‖ π_ref) per prompt, unbiased, at T = 1."""
+    Carlo estimate of KL(π ‖ π_ref) per prompt, unbiased, at T = 1. π_ref is the model that
+    `reference()` yields."""
     out = []
     device = model_device(policy)
     for start in range(0, len(prompt_ids), chunk):
@@ -439,7 +467,8 @@ def policy_kl(policy, reference, tokenizer, prompt_ids, response_ids, chunk: int
         ).to(device)
         with autocast(bf16_available(device)):
             logprobs = sequence_logprobs_of(policy, batch, 1.0)
-            ref_logprobs = sequence_logprobs_of(reference, batch, 1.0)
+            with reference() as ref_model:
+                ref_logprobs = sequence_logprobs_of(ref_model, batch, 1.0)
         out.append(masked_sum(logprobs - ref_logprobs, batch.response_mask, dim=1).cpu())
     return torch.cat(out).float()
 
@@ -476,6 +505,7 @@ def run_demo(
         started = time.perf_counter()
         result = fn(task, s, out)
         result["seconds"] = time.perf_counter() - started
+        release_freed_memory()  # the next stage's peak starts from what is live
         state[name] = result
         write_text_atomic(state_path, json.dumps(state, indent=2) + "\n")
         say(f"[{number}/{len(STAGES)}] {name}: {_line(name, result)} ({result['seconds']:.0f}s)")
