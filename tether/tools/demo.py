@@ -80,9 +80,10 @@ class DemoSettings:
     tau: float | None = None  # annotator noise; None: the task's
     length_bias: float = 0.0  # annotator utility per word: > 0 provokes length hacking
     max_new_tokens: int | None = None  # None: the task's
-    # One epoch in steps of 4 rankings learns as much as two in steps of 8, in about 60% of
-    # the time (benchmarks/RESULTS.md): as many updates, each from half the answers.
-    rm_epochs: int = 1
+    # One epoch in steps of 4 rankings reaches the held-out accuracy of two in steps of 8 in
+    # 60% of the time, but it can pay for short exclamations, and PPO against it then answers
+    # "Awesome." to every prompt (benchmarks/RESULTS.md).
+    rm_epochs: int = 2
     ppo_steps: int = 24
     ppo_batch: int = 16
     kl_coef: float = 0.05
@@ -103,6 +104,7 @@ class DemoSettings:
 
 
 QUICK = {
+    "rm_epochs": 1,
     "train_prompts": 48,
     "eval_prompts": 16,
     "ppo_steps": 8,
@@ -234,7 +236,7 @@ def rm_config(task: Task, s: DemoSettings, out: Path) -> RMConfig:
             "optim.lr=2e-3",
             "optim.warmup_steps=5",
             f"train.epochs={s.rm_epochs}",
-            "train.batch_size=4",
+            "train.batch_size=8",
             "train.eval_every=0",
             "train.save_every=10",
             f"train.seed={s.seed}",
