@@ -32,14 +32,14 @@ def cache_dir() -> Path:
 HIDE_CPU_FLAGS = "TETHER_HIDE_CPU_FLAGS"
 
 
-def cpu_flags() -> str:
+def cpu_flags(masked: bool = True) -> str:
     """The CPU's feature flags as /proc/cpuinfo lists them ("" where it cannot be read),
-    less those TETHER_HIDE_CPU_FLAGS hides."""
+    less those TETHER_HIDE_CPU_FLAGS hides unless `masked` is False."""
     line = ""
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         line = next((x for x in lines if x.startswith("flags")), "")
-    hidden = os.environ.get(HIDE_CPU_FLAGS, "").split()
+    hidden = os.environ.get(HIDE_CPU_FLAGS, "").split() if masked else []
     if not hidden or not line:
         return line
     head, _, flags = line.partition(":")
