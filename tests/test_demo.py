@@ -150,6 +150,19 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):
     assert (out / "report.html").is_file()
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_as_it_ran(tmp_path):
+    """A demo saved before `policy_lora_share` existed trained adapters on every layer; its
+    resumed PPO must too, or its checkpoint's lower adapters would be dropped on loading."""
+    from tether.tools.demo import load_settings
+
+    old = asdict(DemoSettings())
+    del old["policy_lora_share"]
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    resumed = load_settings(tmp_path, DemoSettings(), resume=True)
+    assert resumed.policy_lora_share == 1.0
+    assert DemoSettings().policy_lora_share < 1.0
+
+
 def test_a_kl_budget_steers_ppo_with_the_budget_controller(tmp_path):
     from tether.tools.demo import ppo_config
     from tether.tools.tasks import get_task

@@ -266,6 +266,33 @@ def test_passes_from_the_trunk_are_whole_passes_without_the_lower_layers(tiny_mo
         )
 
 
+@pytest.mark.parametrize("sliding", [False, True])
+def test_no_trunk_under_layers_of_mixed_attention_types(sliding):
+    """Qwen2 with a sliding window on its upper layers picks each layer's mask by its place in
+    the layer list, so a list cut at the trunk would give them the lower layers' masks: such a
+    model runs its passes whole."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    from tether.rollout.trunk import frozen_depth
+
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=sliding,
+        sliding_window=8,
+        max_window_layers=1,
+    )
+    backbone = Qwen2Model(config)
+    for name, p in backbone.named_parameters():
+        p.requires_grad = name.startswith("layers.2.")  # the top layer trains
+    assert len(set(config.layer_types)) == (2 if sliding else 1)
+    assert frozen_depth(backbone) == (0 if sliding else 2)
+
+
 @pytest.mark.parametrize("engine", ["hf", "auto"])
 def test_greedy_generate_matches_hf_generate_prompt_by_prompt(tiny, engine):
     from tether.rollout.generation import encode_prompt, generate

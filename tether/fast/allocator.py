@@ -117,9 +117,12 @@ def release_freed_memory() -> None:
     except OSError:
         return
     release = getattr(process, "MallocExtension_ReleaseFreeMemory", None)  # tcmalloc
-    trim = getattr(process, "malloc_trim", None)  # glibc
+    mallctl = getattr(process, "mallctl", None)  # jemalloc
+    trim = getattr(process, "malloc_trim", None)  # glibc (present under the others too)
     if release is not None:
         release()
+    elif mallctl is not None:
+        mallctl(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL
     elif trim is not None:
         trim(0)
 

@@ -348,6 +348,7 @@ def collect_rollout(
     device = model_device(run.parallel.model)
     sampled.batch = sampled.batch.to(device)  # built on the CPU, moved once
     with autocast(run.bf16):  # the policy's frozen lower layers, once for every pass below
+        # and for the update's (stages/ppo.py)
         sampled.batch = with_trunk(run.parallel.model.policy, sampled.batch)
     sampled.scores, sampled.ended = sampled.scores.to(device), sampled.ended.to(device)
     passes = forward_passes(run, sampled.batch, live_rows)

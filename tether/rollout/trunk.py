@@ -57,11 +57,14 @@ def frozen_depth(backbone: nn.Module) -> int:
     """How many of the backbone's first layers the trunk can run once: those with no
     trainable weight and no adapter (π_ref, the adapters off, then computes the same states),
     below at least one that has one. 0 where nothing can be cut: a model outside FAMILIES,
-    trainable embeddings, every layer trained or none, FSDP-sharded weights (a sharded block
-    frees its gathered weights after each call)."""
+    layers of more than one attention type (Qwen's sliding window), trainable embeddings,
+    every layer trained or none, FSDP-sharded weights (a sharded block frees its gathered
+    weights after each call)."""
     config = getattr(backbone, "config", None)
     if getattr(config, "model_type", None) not in FAMILIES:
         return 0
+    if len(set(getattr(config, "layer_types", None) or [])) > 1:
+        return 0  # sliding and full layers: forward picks layer i's mask by its place in the list
     if not hasattr(backbone, "layers") or not hasattr(backbone, "norm"):
         return 0
     params = list(backbone.parameters())
@@ -99,10 +102,18 @@ def run_trunk(backbone: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Tru
     depth = frozen_depth(backbone)
     if not depth:
         return None
-    with only_layers(backbone, slice(0, depth), final_norm=False):
-        states = backbone(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
-        ).last_hidden_state
+    was_training = backbone.training
+    backbone.eval()  # the states every pass shares, π_ref's among them
+    try:
+        with only_layers(backbone, slice(0, depth), final_norm=False):
+            states = backbone(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
+            ).last_hidden_state
+    finally:
+        backbone.train(was_training)
     return Trunk(backbone, depth, states)
 
 
@@ -115,5 +126,6 @@ def hidden_above_trunk(trunk: Trunk, mask: torch.Tensor, prompt_width: int) -> t
             inputs_embeds=trunk.states,
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
+            use_cache=False,
         ).last_hidden_state
     return hidden[:, prompt_width - 1 : -1]

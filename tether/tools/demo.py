@@ -80,9 +80,9 @@ class DemoSettings:
     tau: float | None = None  # annotator noise; None: the task's
     length_bias: float = 0.0  # annotator utility per word: > 0 provokes length hacking
     max_new_tokens: int | None = None  # None: the task's
-    # One epoch in steps of 4 rankings reaches the held-out accuracy of two in steps of 8 in
-    # 60% of the time, but it can pay for short exclamations, and PPO against it then answers
-    # "Awesome." to every prompt (benchmarks/RESULTS.md).
+    # Two epochs: one (in steps of 4 rankings) reaches the same held-out accuracy in 60% of
+    # the time, but such a reward model can pay for short exclamations, and PPO against it
+    # then answers "Awesome." to every prompt (benchmarks/RESULTS.md). --quick takes one.
     rm_epochs: int = 2
     ppo_steps: int = 24
     ppo_batch: int = 16
@@ -115,11 +115,16 @@ QUICK = {
 STAGES = ("prompts", "preferences", "reward model", "ppo", "evaluation", "report")
 
 
+# What a run saved before a setting existed ran with, where that differs from its default
+# now: a PPO checkpoint with adapters on every layer resumes with adapters on every layer.
+ABSENT_SETTINGS = {"policy_lora_share": 1.0}
+
+
 def load_settings(out: Path, given: DemoSettings, resume: bool) -> DemoSettings:
     """The run's settings: fresh ones are saved; a resumed run keeps the saved ones."""
     path = out / "settings.json"
     if resume and path.is_file():
-        saved = json.loads(path.read_text())
+        saved = {**ABSENT_SETTINGS, **json.loads(path.read_text())}
         known = {f.name for f in fields(DemoSettings)}
         kept = DemoSettings(**{k: v for k, v in saved.items() if k in known})
         return replace(kept, device=given.device)
@@ -138,11 +143,14 @@ def sample_answers(
     model, tokenizer, prompts: list[str], n: int, max_new_tokens: int, seed: int, desc: str
 ) -> tuple[list[str], list[bool], list[list[int]], list[list[int]]]:
     """n answers per prompt at T = 1 (a prompt's n answers are consecutive): texts, ended,
-    prompt ids, response ids. Each row draws from its own seed, so its answer does not depend
-    on the chunking; chunks of up to SAMPLE_CHUNK rows, behind a progress bar."""
+    prompt ids, response ids. On tether's engine each row draws from its own seed, so its
+    answer does not depend on the chunking; chunks of up to SAMPLE_CHUNK rows, behind a
+    progress bar."""
     rows = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)]
     row_seeds = [seed * 1_000_000 + i for i in range(len(rows))]
     texts, ended, response_ids, prompt_ids = [], [], [], []
+    if not rows:
+        return texts, ended, prompt_ids, response_ids
     chunks = math.ceil(len(rows) / SAMPLE_CHUNK)
     chunk = math.ceil(len(rows) / chunks)  # even chunks: 800 rows as 4 × 200, not 3 × 256 + 32
     bf16 = bf16_available(model_device(model))
@@ -237,7 +245,6 @@ def rm_config(task: Task, s: DemoSettings, out: Path) -> RMConfig:
             "optim.warmup_steps=5",
             f"train.epochs={s.rm_epochs}",
             # steps of 8 rankings in micro-batches of 4: the same step, half the activations
-            # (peak RSS 2.7 instead of 3.4 GB)
             "train.batch_size=4",
             "train.grad_accum=2",
             "train.eval_every=0",
