@@ -212,17 +212,21 @@ def test_rows_in_length_buckets_have_the_logprobs_and_gradients_of_full_passes(
     assert sequence_logprobs_of(model, minibatch, 0.7).shape == minibatch.response_mask.shape
 
 
-def test_passes_from_the_trunk_are_whole_passes_without_the_lower_layers(tiny_model_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_passes_from_the_trunk_are_whole_passes_without_the_lower_layers(
+    tiny_model_dir, checkpointing
+):
     """With adapters on the upper layer only, the lower layer runs once for the batch
     (`with_trunk`); the policy's and π_ref's log-probs and the adapters' gradients from it are
-    those of whole passes, and other models ignore it."""
+    those of whole passes, with gradient checkpointing too, and other models ignore it."""
     from tether.config import LoraConfig, ModelConfig
     from tether.models.loading import load_causal_lm, load_tokenizer
     from tether.rollout.passes import build_batch, sequence_logprobs_of, with_trunk
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     lora = LoraConfig(enabled=True, r=4, alpha=8, top_layers=1)
-    policy = load_causal_lm(ModelConfig(name=str(tiny_model_dir), lora=lora), tokenizer)
+    model = ModelConfig(name=str(tiny_model_dir), lora=lora, gradient_checkpointing=checkpointing)
+    policy = load_causal_lm(model, tokenizer).train()  # checkpointing acts in train mode only
     torch.manual_seed(1)
     with torch.no_grad():  # adapters that change the policy (peft starts them at 0)
         for name, p in policy.named_parameters():

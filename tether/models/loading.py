@@ -182,7 +182,9 @@ def load_causal_lm(config: ModelConfig, tokenizer=None, dropout: bool = True) ->
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     use_grouped_flash_attention(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: the reentrant kind gives no gradient to adapters above inputs that need
+        # none (frozen embeddings, the trunk's states)
+        model.gradient_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False
     if config.lora.enabled:
         model = apply_lora(model, config.lora)

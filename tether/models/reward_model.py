@@ -143,7 +143,9 @@ def load_reward_backbone(config: ModelConfig, tokenizer, seed: int) -> torch.nn.
     model.config.pad_token_id = tokenizer.pad_token_id
     use_grouped_flash_attention(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: the reentrant kind gives no gradient to adapters above inputs that need
+        # none (frozen embeddings, the trunk's states)
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     if config.lora.enabled:
         model = apply_lora(model, config.lora, task_type="SEQ_CLS")
     return disable_dropout(model)  # docs/implementation-details.md#dropout-off
