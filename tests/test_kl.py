@@ -131,6 +131,24 @@ def test_the_budget_controller_keeps_its_floor_and_tracks_the_budget_from_above(
     assert restored.value == 0.2
 
 
+def test_the_budget_controller_with_a_ramp_raises_the_budget_over_its_first_iterations():
+    from tether.core.kl import KLBudgetController
+
+    ctl = KLBudgetController(0.05, budget=2.0, ramp=4)  # budgets 0.5, 1.0, 1.5, 2.0, 2.0, …
+    ctl.update(0.55, n_steps=16)  # 10% over the first budget of 0.5: up by e^0.1
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.1))
+    ctl.update(1.0, n_steps=16)  # on budget: β holds
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.1))
+    ctl.update(1.2, n_steps=16)  # 20% under 1.5: down by e^0.2, to the floor
+    assert ctl.value == 0.05
+    ctl.update(2.2, n_steps=16)  # 10% over the full budget
+    assert ctl.value == pytest.approx(0.05 * math.exp(0.1))
+    restored = KLBudgetController(0.05, budget=2.0, ramp=4)
+    restored.load_state_dict(ctl.state_dict())
+    restored.update(2.2, n_steps=16)  # resumed past the ramp: the full budget still
+    assert restored.value == pytest.approx(0.05 * math.exp(0.2))
+
+
 def test_the_budget_controller_with_a_lead_acts_on_where_the_kl_is_heading():
     from tether.core.kl import KLBudgetController
 

@@ -407,6 +407,10 @@ class KLConfig:
     # The budget controller acts on the KL projected this many iterations on from its last
     # change (0: on the KL alone), so that β rises before the KL passes the budget.
     budget_lead: float = 2.0
+    # The share of the run's steps over which the budget rises linearly to its value (0: the
+    # whole budget from the first step). Over the whole run (1), β acts while the KL is still
+    # small, and the KL reaches the budget at the end instead of overshooting it mid-run.
+    budget_ramp: float = 1.0
     # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
     # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.
     placement: Literal["auto", "reward", "loss"] = "auto"
@@ -429,6 +433,7 @@ class KLConfig:
         _check(self.target > 0, "ppo.kl.target", "must be > 0")
         _check(self.horizon > 0, "ppo.kl.horizon", "must be > 0")
         _check(self.budget >= 0, "ppo.kl.budget", "must be >= 0 (0: no budget)")
+        _check(0 <= self.budget_ramp <= 1, "ppo.kl.budget_ramp", "must be in [0, 1]")
         _check(self.budget_lead >= 0, "ppo.kl.budget_lead", "must be >= 0")
         _check(
             not self.budget or self.coef > 0,

@@ -117,7 +117,8 @@ class KLBudgetController:
     """β for a KL budget: the configured β is a floor, raised while the KL is over budget.
 
         K̂ = KL_t + lead · (KL_t − KL_{t−1})          (the KL projected `lead` iterations on)
-        e = clip(K̂ / budget − 1, −rate, rate);   β ← max(β₀, β · exp(e))   (per iteration)
+        B_t = budget · min(1, t / ramp)              (t = 1, 2, …; ramp 0: B_t = budget)
+        e = clip(K̂ / B_t − 1, −rate, rate);   β ← max(β₀, β · exp(e))   (per iteration)
 
     A target controller (`AdaptiveKLController`) lowers β while the KL is still under its
     target, which in a short run means the KL overshoots before β climbs back. A budget never
@@ -128,14 +129,25 @@ class KLBudgetController:
     KL is already over budget, and lets it fall only once it is under: the KL swings around
     the budget. `lead` acts on where the KL is heading instead (0: on the KL alone). The rate
     is modest because a faster β overshoots and drives the policy back to the reference.
+    `ramp` raises the budget over the run's first iterations instead: β then acts while the
+    KL is small and rising slowly, not once it has run to the full budget at speed.
     """
 
-    def __init__(self, init_kl_coef: float, budget: float, rate: float = 0.3, lead: float = 0.0):
+    def __init__(
+        self,
+        init_kl_coef: float,
+        budget: float,
+        rate: float = 0.3,
+        lead: float = 0.0,
+        ramp: int = 0,
+    ):
         if budget <= 0 or init_kl_coef <= 0:
             raise ValueError(f"budget and initial β must be > 0, got {budget=}, {init_kl_coef=}")
         self._value = self.floor = float(init_kl_coef)
         self.budget, self.rate, self.lead = float(budget), float(rate), float(lead)
+        self.ramp = int(ramp)
         self.previous: float | None = None
+        self.iteration = 0
 
     @property
     def value(self) -> float:
@@ -145,12 +157,15 @@ class KLBudgetController:
         kl = float(current_kl)
         projected = kl if self.previous is None else kl + self.lead * (kl - self.previous)
         self.previous = kl
-        error = min(max(projected / self.budget - 1.0, -self.rate), self.rate)
+        self.iteration += 1
+        budget = self.budget * min(1.0, self.iteration / self.ramp) if self.ramp else self.budget
+        error = min(max(projected / budget - 1.0, -self.rate), self.rate)
         self._value = max(self.floor, self._value * math.exp(error))
 
     def state_dict(self) -> dict[str, float | None]:
-        return {"value": self._value, "previous": self.previous}
+        return {"value": self._value, "previous": self.previous, "iteration": self.iteration}
 
     def load_state_dict(self, state: dict[str, float | None]) -> None:
         self._value = float(state["value"])
         self.previous = state.get("previous")
+        self.iteration = int(state.get("iteration") or 0)

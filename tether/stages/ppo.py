@@ -282,10 +282,12 @@ def check_sharded_rollout(cfg: PPOConfig, ac: ActorCritic) -> None:
 KLController = KLBudgetController | AdaptiveKLController | FixedKLController
 
 
-def make_kl_controller(cfg: PPOConfig) -> KLController:
+def make_kl_controller(cfg: PPOConfig, steps: int) -> KLController:
+    """β's controller for a run of `steps` PPO iterations."""
     kl = cfg.ppo.kl
     if kl.budget:
-        return KLBudgetController(kl.coef, kl.budget, lead=kl.budget_lead)
+        ramp = round(kl.budget_ramp * steps)
+        return KLBudgetController(kl.coef, kl.budget, lead=kl.budget_lead, ramp=ramp)
     if kl.adaptive:
         return AdaptiveKLController(kl.coef, kl.target, kl.horizon)
     return FixedKLController(kl.coef)
@@ -362,13 +364,13 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     opt = start_optimization(
         run_dir, cfg, ac, len(rows), begun.resume_from, cfg.train.batch_size, critic_lr
     )
-    kl_ctl = make_kl_controller(cfg)
+    last_step = total_steps(cfg.train, len(rows), per_step=cfg.train.batch_size)
+    kl_ctl = make_kl_controller(cfg, last_step)
     if opt.extra:  # resumed: the state the checkpoint carried besides the weights
         load_carried_state(opt.extra, kl_ctl, run)
     samples_path = run_dir.path / "samples.jsonl"
     if distributed.world().is_main:
         truncate_jsonl(samples_path, opt.progress.step)
-    last_step = total_steps(cfg.train, len(rows), per_step=cfg.train.batch_size)
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
         step = opt.progress.step + 1  # the step this call completes
