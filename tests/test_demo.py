@@ -151,16 +151,19 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tiny_model_dir, tmp_path):
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_as_it_ran(tmp_path):
-    """A demo saved before `policy_lora_share` existed trained adapters on every layer; its
-    resumed PPO must too, or its checkpoint's lower adapters would be dropped on loading."""
+    """A demo saved before the adapters' shares existed trained adapters on every layer (the
+    reward model at lr 2e-3); its resumed stages must too, or a checkpoint's lower adapters
+    would be dropped on loading."""
     from tether.tools.demo import load_settings
 
     old = asdict(DemoSettings())
-    del old["policy_lora_share"]
+    for name in ("policy_lora_share", "rm_lora_share", "rm_lr"):
+        del old[name]
     (tmp_path / "settings.json").write_text(json.dumps(old))
     resumed = load_settings(tmp_path, DemoSettings(), resume=True)
-    assert resumed.policy_lora_share == 1.0
-    assert DemoSettings().policy_lora_share < 1.0
+    assert (resumed.policy_lora_share, resumed.rm_lora_share, resumed.rm_lr) == (1.0, 1.0, 2e-3)
+    now = DemoSettings()
+    assert now.policy_lora_share < 1.0 and now.rm_lora_share < 1.0 and now.rm_lr != 2e-3
 
 
 def test_a_kl_budget_steers_ppo_with_the_budget_controller(tmp_path):

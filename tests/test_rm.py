@@ -375,3 +375,59 @@ def test_grouped_scores_run_packed_and_equal_whole_rows(tiny_model_dir, attentio
     assert grouped.detach() == pytest.approx(whole.detach(), abs=1e-5)
     for p, g in zip(model.parameters(), grouped_grads, strict=True):
         assert torch.allclose(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_frozen_lower_layers_run_once_per_item_over_the_reward_models_training(
+    tiny_model_dir,
+):
+    """With adapters on the top layer only, an item's lower-layer states are computed in its
+    first step and reused after (`TrunkStates`): scores and adapter gradients are those of
+    whole packed passes, in any order of items, and the lower layer runs once per item."""
+    from tether.config import LoraConfig, ModelConfig
+    from tether.models.loading import load_tokenizer
+    from tether.models.reward_model import (
+        TrunkStates,
+        grouped_sequence_scores,
+        load_reward_backbone,
+    )
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    lora = LoraConfig(enabled=True, r=4, alpha=8, top_layers=1)
+    model = load_reward_backbone(ModelConfig(name=str(tiny_model_dir), lora=lora), tokenizer, 0)
+    model.train()
+    torch.manual_seed(1)
+    with torch.no_grad():  # adapters that act (peft starts them at 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompt = list(range(10, 30))
+    items = {
+        4: [[*prompt, 5, 6, 7], [*prompt, 8], [*prompt, 3, 3]],
+        9: [[7, 8, 9, 10], [11, 12, 13]],  # no shared prefix: each row whole
+        2: [[*prompt, 40], [*prompt, 41, 42]],
+    }
+    lower = model.get_base_model().model.layers[0]
+    rows_seen = []
+    lower.register_forward_hook(lambda _, args, __: rows_seen.append(args[0].shape[1]))
+    trunks = TrunkStates(model)
+    assert trunks.depth == 1
+    adapters = [p for p in model.parameters() if p.requires_grad]
+
+    # the lower layer's tokens per call: items 4 (prompt once, 20 + 3 + 1 + 2) and 9 (whole
+    # rows, 4 + 3); then item 2 alone (20 + 1 + 2); then nothing
+    for keys, trunk_tokens in (([4, 9], [33]), ([2, 4, 9], [23]), ([9, 2], [])):
+        groups = [items[k] for k in keys]
+        rows_seen.clear()
+        cached = grouped_sequence_scores(model, groups, 0, trunks, keys)
+        assert rows_seen == trunk_tokens
+        whole = grouped_sequence_scores(model, groups, 0)
+        assert cached.detach() == pytest.approx(whole.detach(), abs=1e-5)
+        cached_grads = torch.autograd.grad(cached.pow(2).sum(), adapters)
+        whole_grads = torch.autograd.grad(whole.pow(2).sum(), adapters)
+        for a, b in zip(cached_grads, whole_grads, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    everywhere = LoraConfig(enabled=True, r=4, alpha=8)
+    plain = load_reward_backbone(
+        ModelConfig(name=str(tiny_model_dir), lora=everywhere), tokenizer, 0
+    )
+    assert TrunkStates(plain).depth == 0

@@ -23,6 +23,7 @@ import torch
 from tether.config import ModelConfig
 from tether.core.packing import (
     PackedGroups,
+    common_prefix_length,
     last_token_index,
     pack_groups,
     pad_rows,
@@ -42,6 +43,7 @@ from tether.models.loading import (
     save_pretrained_model,
     store_frozen_linears,
 )
+from tether.rollout.trunk import frozen_depth, only_layers
 
 NORMALIZATION_KEY = "tether_reward_normalization"
 
@@ -69,7 +71,11 @@ def sequence_scores(
 
 
 def grouped_sequence_scores(
-    model: torch.nn.Module, groups: list[list[list[int]]], pad_id: int
+    model: torch.nn.Module,
+    groups: list[list[list[int]]],
+    pad_id: int,
+    trunks: TrunkStates | None = None,
+    keys: Sequence[int] = (),
 ) -> torch.Tensor:
     """[Σ rows] raw scores of token rows that come in groups with a common prefix (the K
     answers to one prompt), the same as `sequence_scores` on the rows padded together.
@@ -80,6 +86,8 @@ def grouped_sequence_scores(
     matmuls scale with that count. Gradients flow as in an unpacked pass, so training is
     unchanged. Models that cannot take a packed row (`attention.runs_packed_rows`: tether's
     attention, which attends within each group only, in a known family) run them padded.
+    With `trunks`, group i is training item `keys[i]`, and its frozen lower layers run once
+    over training (`TrunkStates`).
     """
     inner = hf_model(model)
     backbone = getattr(inner, inner.base_model_prefix)
@@ -87,8 +95,66 @@ def grouped_sequence_scores(
         ids, mask = pad_rows([r for g in groups for r in g], pad_id)
         return sequence_scores(model, ids, mask)
     packed = pack_groups(groups)
-    hidden = packed_hidden_states(backbone, packed)
+    if trunks is not None and trunks.depth:
+        hidden = trunks.hidden_states(packed, groups, keys)
+    else:
+        hidden = packed_hidden_states(backbone, packed)
     return inner.score(hidden[packed.last_index.to(hidden.device)]).squeeze(-1).float()
+
+
+def packed_length(group: list[list[int]]) -> int:
+    """Tokens of `group` in a packed row (`packing.pack_groups`): its prefix once, then each
+    row's own tokens; rows that share no prefix run whole."""
+    prefix = common_prefix_length(group)
+    return prefix + sum(len(row) - prefix for row in group) if prefix else sum(map(len, group))
+
+
+class TrunkStates:
+    """The reward model's frozen lower layers' output for each training item, kept across
+    epochs (`model.lora.top_layers`).
+
+    Layers beneath the first adapter never change, so an item's states after them are the
+    same in every epoch: they run once, in the item's first step, and every later step over
+    it runs the top layers alone from them (`tether.rollout.trunk` does the same for a PPO
+    rollout's passes). Over two epochs with adapters on the top half, the lower half's cost
+    falls from two forward and two backward passes to one forward. Groups pack side by side
+    (`packing.pack_groups`), so a micro-batch's states are its items' states concatenated.
+    The states cost Σ tokens × hidden floats: ~70 MB for the demo's 170 rankings.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        inner = hf_model(model)
+        self.backbone = getattr(inner, inner.base_model_prefix)
+        self.depth = frozen_depth(self.backbone) if runs_packed_rows(inner.config) else 0
+        self.states: dict[int, torch.Tensor] = {}
+
+    def hidden_states(
+        self, packed: PackedGroups, groups: list[list[list[int]]], keys: Sequence[int]
+    ) -> torch.Tensor:
+        """[T, H] final hidden states of `packed` (of `groups`, item `keys[i]` being group i)."""
+        missing = [(key, group) for key, group in zip(keys, groups, strict=True)]
+        missing = [(key, group) for key, group in missing if key not in self.states]
+        if missing:
+            self._run_trunk(missing)
+        device = model_device(self.backbone)
+        states = torch.cat([self.states[key] for key in keys]).to(device)
+        with only_layers(self.backbone, slice(self.depth, None), final_norm=True):
+            return self.backbone(
+                inputs_embeds=states.unsqueeze(0),
+                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
+                position_ids=packed.position_ids.to(device),
+                use_cache=False,
+                **{SEGMENTS: packed.segments},
+            ).last_hidden_state[0]
+
+    @torch.no_grad()
+    def _run_trunk(self, items: list[tuple[int, list[list[int]]]]) -> None:
+        packed = pack_groups([group for _, group in items])
+        with only_layers(self.backbone, slice(0, self.depth), final_norm=False):
+            states = packed_hidden_states(self.backbone, packed)
+        lengths = [packed_length(group) for _, group in items]
+        for (key, _), part in zip(items, states.split(lengths), strict=True):
+            self.states[key] = part.clone()
 
 
 def packed_hidden_states(backbone: torch.nn.Module, packed: PackedGroups) -> torch.Tensor:

@@ -12,6 +12,7 @@ always pairwise, so both losses are judged by the same metrics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from tether.data import (
 )
 from tether.hardware import autocast
 from tether.models.reward_model import (
+    TrunkStates,
     encode_response,
     grouped_sequence_scores,
     load_reward_backbone,
@@ -168,17 +170,26 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
     return train, held_out
 
 
-def score_items(items: list[TrainItem], model, pad_id: int, bf16: bool) -> torch.Tensor:
-    """[Σ rows] scores of every response of a micro-batch; each item's prompt runs once."""
+def score_items(
+    items: list[TrainItem], model, pad_id: int, bf16: bool, trunks: TrunkStates | None, keys
+) -> torch.Tensor:
+    """[Σ rows] scores of every response of a micro-batch; each item's prompt runs once, and
+    with `trunks` the frozen lower layers once per item over the whole run."""
     with autocast(bf16):
-        return grouped_sequence_scores(model, [item.rows for item in items], pad_id)
+        return grouped_sequence_scores(model, [item.rows for item in items], pad_id, trunks, keys)
 
 
 def ranking_loss(
-    items: list[TokenizedRanking], model, pad_id: int, bf16: bool, cfg: RewardLossConfig
+    items: list[TokenizedRanking],
+    model,
+    pad_id: int,
+    bf16: bool,
+    cfg: RewardLossConfig,
+    trunks: TrunkStates | None = None,
+    keys: Sequence[int] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Plackett-Luce NLL of a micro-batch of rankings."""
-    flat = score_items(items, model, pad_id, bf16)
+    """Plackett-Luce NLL of a micro-batch of rankings (training items `keys`)."""
+    flat = score_items(items, model, pad_id, bf16, trunks, keys)
     width = max(len(item.rows) for item in items)
     valid = torch.tensor(
         [[k < len(item.rows) for k in range(width)] for item in items], device=flat.device
@@ -193,10 +204,17 @@ def ranking_loss(
 
 
 def pair_loss(
-    items: list[TrainItem], model, pad_id: int, bf16: bool, cfg: RewardLossConfig
+    items: list[TrainItem],
+    model,
+    pad_id: int,
+    bf16: bool,
+    cfg: RewardLossConfig,
+    trunks: TrunkStates | None = None,
+    keys: Sequence[int] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry over the pairs of a micro-batch of pairs and whole rankings."""
-    flat = score_items(items, model, pad_id, bf16)
+    """Bradley-Terry over the pairs of a micro-batch of pairs and whole rankings (training
+    items `keys`)."""
+    flat = score_items(items, model, pad_id, bf16, trunks, keys)
     winners, losers, margins, weights, offset = [], [], [], [], 0
     for item in items:
         for w, lo, margin, weight in item.pair_terms:
@@ -276,20 +294,24 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
     pad_id = tokenizer.pad_token_id
+    trunks = TrunkStates(model)  # nothing to keep where every layer trains
 
     micro_loss = ranking_loss if cfg.reward.listwise_loss == "plackett_luce" else pair_loss
 
     def step_fn(indices: list[int]) -> tuple[dict[str, float], int]:
         total_weight = sum(train[i].weight for i in indices)  # the whole step's
-        items = [train[i] for i in distributed.shard(indices)]
+        mine = distributed.shard(indices)
+        items = [train[i] for i in mine]
         sums: dict[str, float] = {}
         tokens = 0
         for start in range(0, len(items), per_micro):
-            micro = items[start : start + per_micro]
+            micro, keys = items[start : start + per_micro], mine[start : start + per_micro]
             share = sum(x.weight for x in micro) / total_weight  # exact under accumulation
             with parallel.micro_batch(last=start + per_micro >= len(items)):
                 loss, metrics = parallel(
-                    lambda m, micro=micro: micro_loss(micro, m, pad_id, bf16, cfg.reward)
+                    lambda m, micro=micro, keys=keys: micro_loss(
+                        micro, m, pad_id, bf16, cfg.reward, trunks, keys
+                    )
                 )
                 (loss * share * parallel.loss_scale).backward()
             for key, value in {"loss": loss, **metrics}.items():
