@@ -84,7 +84,9 @@ class DemoSettings:
     # the time, but such a reward model can pay for short exclamations, and PPO against it
     # then answers "Awesome." to every prompt (benchmarks/RESULTS.md). --quick takes one.
     rm_epochs: int = 2
-    ppo_steps: int = 24
+    # The held-out gold levels off from about step 14 (benchmarks/RESULTS.md): 24 steps reach
+    # what 20 do, in 15 s more.
+    ppo_steps: int = 20
     ppo_batch: int = 16
     kl_coef: float = 0.05
     # The share of the policy's layers, the top ones, that carry adapters (1: every layer).
