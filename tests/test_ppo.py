@@ -277,7 +277,7 @@ def test_no_trunk_under_layers_of_mixed_attention_types(sliding):
     model runs its passes whole."""
     from transformers import Qwen2Config, Qwen2Model
 
-    from tether.rollout.trunk import frozen_depth
+    from tether.models.trunk import frozen_depth
 
     config = Qwen2Config(
         vocab_size=64,

@@ -408,8 +408,8 @@ class KLConfig:
     # change (0: on the KL alone), so that β rises before the KL passes the budget.
     budget_lead: float = 2.0
     # The share of the run's steps over which the budget rises linearly to its value (0: the
-    # whole budget from the first step). Over the whole run (1), β acts while the KL is still
-    # small, and the KL reaches the budget at the end instead of overshooting it mid-run.
+    # whole budget from the first step). Over the whole run (1), β starts to act while the KL
+    # is still small (benchmarks/RESULTS.md: the final KL lands near the budget either way).
     budget_ramp: float = 1.0
     # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
     # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.

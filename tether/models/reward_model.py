@@ -43,7 +43,7 @@ from tether.models.loading import (
     save_pretrained_model,
     store_frozen_linears,
 )
-from tether.rollout.trunk import frozen_depth, only_layers
+from tether.models.trunk import frozen_depth, only_layers
 
 NORMALIZATION_KEY = "tether_reward_normalization"
 
@@ -115,7 +115,7 @@ class TrunkStates:
 
     Layers beneath the first adapter never change, so an item's states after them are the
     same in every epoch: they run once, in the item's first step, and every later step over
-    it runs the top layers alone from them (`tether.rollout.trunk` does the same for a PPO
+    it runs the top layers alone from them (`tether.models.trunk` does the same for a PPO
     rollout's passes). Over two epochs with adapters on the top half, the lower half's cost
     falls from two forward and two backward passes to one forward. Groups pack side by side
     (`packing.pack_groups`), so a micro-batch's states are its items' states concatenated.

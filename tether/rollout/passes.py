@@ -36,7 +36,7 @@ from tether.core.packing import (
 from tether.models.attention import runs_packed_rows
 from tether.models.loading import hf_model, model_device
 from tether.models.reward_model import packed_hidden_states
-from tether.rollout.trunk import Trunk, hidden_above_trunk, run_trunk
+from tether.models.trunk import Trunk, hidden_above_trunk, run_trunk
 from tether.runs import distributed
 
 
@@ -185,7 +185,7 @@ def response_hidden(model, batch: RolloutBatch) -> torch.Tensor:
 
 
 def with_trunk(model, batch: RolloutBatch) -> RolloutBatch:
-    """The batch with `model`'s trunk (`tether.rollout.trunk`): its frozen lower layers run
+    """The batch with `model`'s trunk (`tether.models.trunk`): its frozen lower layers run
     once over the rows, for every later pass of `model` (and of it with its adapters off) to
     start from. The batch unchanged where the model has no trunk to cut."""
     inner = hf_model(model)

@@ -90,7 +90,7 @@ class DemoSettings:
     ppo_batch: int = 16
     kl_coef: float = 0.05
     # The share of the policy's layers, the top ones, that carry adapters (1: every layer).
-    # The layers beneath run once per rollout and take no backward (tether.rollout.trunk),
+    # The layers beneath run once per rollout and take no backward (tether.models.trunk),
     # and PPO learns as much per step (benchmarks/RESULTS.md).
     policy_lora_share: float = 1 / 3
     # The same for the reward model, whose layers beneath run once per ranking over both

@@ -1,4 +1,5 @@
-"""The frozen trunk: the layers beneath a LoRA policy's adapters, run once per rollout.
+"""The frozen trunk: the layers beneath a LoRA policy's adapters, run once per rollout
+(a reward model's, once per ranking over its training: `reward_model.TrunkStates`).
 
 With adapters on the last N layers only (`model.lora.top_layers`), every layer beneath them
 computes the same states for the policy, for π_ref (the policy with its adapters off) and
