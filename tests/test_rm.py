@@ -409,7 +409,7 @@ def test_the_frozen_lower_layers_run_once_per_item_over_the_reward_models_traini
     lower = model.get_base_model().model.layers[0]
     rows_seen = []
     lower.register_forward_hook(lambda _, args, __: rows_seen.append(args[0].shape[1]))
-    trunks = TrunkStates(model)
+    trunks = TrunkStates(model, keep_bytes=2**20)
     assert trunks.depth == 1
     adapters = [p for p in model.parameters() if p.requires_grad]
 
@@ -426,8 +426,16 @@ def test_the_frozen_lower_layers_run_once_per_item_over_the_reward_models_traini
         whole_grads = torch.autograd.grad(whole.pow(2).sum(), adapters)
         for a, b in zip(cached_grads, whole_grads, strict=True):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # with no memory to keep them in, every step runs its items' lower layers, to the same end
+    unkept = TrunkStates(model, keep_bytes=0)
+    for keys in ([4, 9], [9, 2]):
+        rows_seen.clear()
+        scores = grouped_sequence_scores(model, [items[k] for k in keys], 0, unkept, keys)
+        assert len(rows_seen) == 1 and not unkept.states
+        whole = grouped_sequence_scores(model, [items[k] for k in keys], 0)
+        assert scores.detach() == pytest.approx(whole.detach(), abs=1e-5)
     everywhere = LoraConfig(enabled=True, r=4, alpha=8)
     plain = load_reward_backbone(
         ModelConfig(name=str(tiny_model_dir), lora=everywhere), tokenizer, 0
     )
-    assert TrunkStates(plain).depth == 0
+    assert TrunkStates(plain, keep_bytes=2**20).depth == 0

@@ -119,28 +119,33 @@ class TrunkStates:
     rollout's passes). Over two epochs with adapters on the top half, the lower half's cost
     falls from two forward and two backward passes to one forward. Groups pack side by side
     (`packing.pack_groups`), so a micro-batch's states are its items' states concatenated.
-    The states cost Σ tokens × hidden floats: ~70 MB for the demo's 170 rankings.
+    The states cost Σ tokens × hidden × 4 bytes (~70 MB for the demo's 170 rankings); past
+    `keep_bytes` (0 for a single epoch, where nothing is seen twice) an item's states are
+    computed for its step and not kept, and backward still stops at the trunk.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, keep_bytes: int):
         inner = hf_model(model)
         self.backbone = getattr(inner, inner.base_model_prefix)
         self.depth = frozen_depth(self.backbone) if runs_packed_rows(inner.config) else 0
+        self.keep_bytes = keep_bytes
+        self.kept_bytes = 0
         self.states: dict[int, torch.Tensor] = {}
 
     def hidden_states(
         self, packed: PackedGroups, groups: list[list[list[int]]], keys: Sequence[int]
     ) -> torch.Tensor:
         """[T, H] final hidden states of `packed` (of `groups`, item `keys[i]` being group i)."""
+        states = dict(self.states)
         missing = [(key, group) for key, group in zip(keys, groups, strict=True)]
-        missing = [(key, group) for key, group in missing if key not in self.states]
+        missing = [(key, group) for key, group in missing if key not in states]
         if missing:
-            self._run_trunk(missing)
+            states |= self._run_trunk(missing)
         device = model_device(self.backbone)
-        states = torch.cat([self.states[key] for key in keys]).to(device)
+        row = torch.cat([states[key] for key in keys]).to(device)
         with only_layers(self.backbone, slice(self.depth, None), final_norm=True):
             return self.backbone(
-                inputs_embeds=states.unsqueeze(0),
+                inputs_embeds=row.unsqueeze(0),
                 attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),
                 position_ids=packed.position_ids.to(device),
                 use_cache=False,
@@ -148,13 +153,20 @@ class TrunkStates:
             ).last_hidden_state[0]
 
     @torch.no_grad()
-    def _run_trunk(self, items: list[tuple[int, list[list[int]]]]) -> None:
+    def _run_trunk(self, items: list[tuple[int, list[list[int]]]]) -> dict[int, torch.Tensor]:
+        """The trunk's states of `items`, each kept while the budget allows."""
         packed = pack_groups([group for _, group in items])
         with only_layers(self.backbone, slice(0, self.depth), final_norm=False):
             states = packed_hidden_states(self.backbone, packed)
         lengths = [packed_length(group) for _, group in items]
+        computed = {}
         for (key, _), part in zip(items, states.split(lengths), strict=True):
-            self.states[key] = part.clone()
+            computed[key] = part
+            size = part.numel() * part.element_size()
+            if self.kept_bytes + size <= self.keep_bytes:
+                self.states[key] = part.clone()  # alone, not a view that holds the whole row
+                self.kept_bytes += size
+        return computed
 
 
 def packed_hidden_states(backbone: torch.nn.Module, packed: PackedGroups) -> torch.Tensor:

@@ -138,6 +138,10 @@ def tokenize_ranking_pairs(
 
 TrainItem = TokenizedPair | TokenizedRanking
 
+# The most memory the reward model's kept trunk states take (`TrunkStates`): ~1.5M tokens at
+# SmolLM2's width. Items past it run their lower layers in every epoch.
+TRUNK_KEEP_BYTES = 4 * 2**30
+
 
 def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[TokenizedPair]]:
     """Read, validate, split and tokenise; raises DataError before any model loads.
@@ -294,7 +298,10 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
     parallel = distributed.Parallel(model, cfg.parallel, bf16, cfg.fsdp_cpu_offload)
     opt = start_optimization(run, cfg, model, len(train), begun.resume_from)
     pad_id = tokenizer.pad_token_id
-    trunks = TrunkStates(model)  # nothing to keep where every layer trains
+    # the frozen lower layers' states, kept for later epochs (none where every layer trains)
+    steps = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum
+    seen_again = cfg.train.epochs > 1 or steps > len(train)
+    trunks = TrunkStates(model, TRUNK_KEEP_BYTES if seen_again else 0)
 
     micro_loss = ranking_loss if cfg.reward.listwise_loss == "plackett_luce" else pair_loss
 
