@@ -161,7 +161,7 @@ def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_di
 
     from tether.config import RewardLossConfig
     from tether.data import LoadReport, PreferencePair, expand_rankings
-    from tether.stages.rm import pair_loss, tokenize_pairs, tokenize_ranking_pairs
+    from tether.stages.rm import pair_loss, score_items, tokenize_pairs, tokenize_ranking_pairs
 
     tokenizer, model, ranked = tiny_rm_and_ranking(tiny_model_dir)
     prompt = ranked.prompt
@@ -171,8 +171,12 @@ def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_di
     whole += tokenize_pairs([plain], tokenizer, 64, report)
     expanded = tokenize_pairs(expand_rankings([ranked, plain], False), tokenizer, 64, report)
     cfg = RewardLossConfig(center_coef=0.0)
-    loss_whole, metrics_whole = pair_loss(whole, model.eval(), tokenizer.pad_token_id, False, cfg)
-    loss_pairs, metrics_pairs = pair_loss(expanded, model, tokenizer.pad_token_id, False, cfg)
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    loss_whole, metrics_whole = pair_loss(whole, score_items(whole, model, pad_id, False), cfg)
+    loss_pairs, metrics_pairs = pair_loss(
+        expanded, score_items(expanded, model, pad_id, False), cfg
+    )
     assert sum(len(x.rows) for x in whole) == 5 < sum(len(x.rows) for x in expanded) == 8
     assert loss_whole.item() == pytest.approx(loss_pairs.item(), rel=1e-5)
     assert metrics_whole["accuracy"].item() == pytest.approx(metrics_pairs["accuracy"].item())

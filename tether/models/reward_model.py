@@ -23,7 +23,6 @@ import torch
 from tether.config import ModelConfig
 from tether.core.packing import (
     PackedGroups,
-    common_prefix_length,
     last_token_index,
     pack_groups,
     pad_rows,
@@ -102,13 +101,6 @@ def grouped_sequence_scores(
     return inner.score(hidden[packed.last_index.to(hidden.device)]).squeeze(-1).float()
 
 
-def packed_length(group: list[list[int]]) -> int:
-    """Tokens of `group` in a packed row (`packing.pack_groups`): its prefix once, then each
-    row's own tokens; rows that share no prefix run whole."""
-    prefix = common_prefix_length(group)
-    return prefix + sum(len(row) - prefix for row in group) if prefix else sum(map(len, group))
-
-
 class TrunkStates:
     """The reward model's frozen lower layers' output for each training item, kept across
     epochs (`model.lora.top_layers`).
@@ -158,7 +150,10 @@ class TrunkStates:
         packed = pack_groups([group for _, group in items])
         with only_layers(self.backbone, slice(0, self.depth), final_norm=False):
             states = packed_hidden_states(self.backbone, packed)
-        lengths = [packed_length(group) for _, group in items]
+        # group i ends after its last row's last token: its span in the packed row
+        last_rows = torch.tensor([len(group) for _, group in items]).cumsum(0) - 1
+        ends = (packed.last_index[last_rows] + 1).tolist()
+        lengths = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
         computed = {}
         for (key, _), part in zip(items, states.split(lengths), strict=True):
             computed[key] = part

@@ -175,25 +175,24 @@ def prepare_data(cfg: RMConfig, tokenizer) -> tuple[list[TrainItem], list[Tokeni
 
 
 def score_items(
-    items: list[TrainItem], model, pad_id: int, bf16: bool, trunks: TrunkStates | None, keys
+    items: list[TrainItem],
+    model,
+    pad_id: int,
+    bf16: bool,
+    trunks: TrunkStates | None = None,
+    keys: Sequence[int] = (),
 ) -> torch.Tensor:
     """[Σ rows] scores of every response of a micro-batch; each item's prompt runs once, and
-    with `trunks` the frozen lower layers once per item over the whole run."""
+    with `trunks` (the items being training items `keys`) the frozen lower layers once per
+    item over the whole run."""
     with autocast(bf16):
         return grouped_sequence_scores(model, [item.rows for item in items], pad_id, trunks, keys)
 
 
 def ranking_loss(
-    items: list[TokenizedRanking],
-    model,
-    pad_id: int,
-    bf16: bool,
-    cfg: RewardLossConfig,
-    trunks: TrunkStates | None = None,
-    keys: Sequence[int] = (),
+    items: list[TokenizedRanking], flat: torch.Tensor, cfg: RewardLossConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Plackett-Luce NLL of a micro-batch of rankings (training items `keys`)."""
-    flat = score_items(items, model, pad_id, bf16, trunks, keys)
+    """Plackett-Luce NLL of a micro-batch of rankings, from their [Σ rows] scores `flat`."""
     width = max(len(item.rows) for item in items)
     valid = torch.tensor(
         [[k < len(item.rows) for k in range(width)] for item in items], device=flat.device
@@ -208,17 +207,10 @@ def ranking_loss(
 
 
 def pair_loss(
-    items: list[TrainItem],
-    model,
-    pad_id: int,
-    bf16: bool,
-    cfg: RewardLossConfig,
-    trunks: TrunkStates | None = None,
-    keys: Sequence[int] = (),
+    items: list[TrainItem], flat: torch.Tensor, cfg: RewardLossConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry over the pairs of a micro-batch of pairs and whole rankings (training
-    items `keys`)."""
-    flat = score_items(items, model, pad_id, bf16, trunks, keys)
+    """Bradley-Terry over the pairs of a micro-batch of pairs and whole rankings, from their
+    [Σ rows] scores `flat`."""
     winners, losers, margins, weights, offset = [], [], [], [], 0
     for item in items:
         for w, lo, margin, weight in item.pair_terms:
@@ -317,7 +309,7 @@ def run_rm(cfg: RMConfig, out: Path, resume: bool = False) -> Path:
             with parallel.micro_batch(last=start + per_micro >= len(items)):
                 loss, metrics = parallel(
                     lambda m, micro=micro, keys=keys: micro_loss(
-                        micro, m, pad_id, bf16, cfg.reward, trunks, keys
+                        micro, score_items(micro, m, pad_id, bf16, trunks, keys), cfg.reward
                     )
                 )
                 (loss * share * parallel.loss_scale).backward()
