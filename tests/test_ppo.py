@@ -351,6 +351,42 @@ def test_engine_packed_weights_compute_the_same_linears_and_states(tiny, dtype):
     torch.testing.assert_close(states[0], states[1])
 
 
+def test_engine_keeps_frozen_layers_exports_until_their_weights_change(tiny_model_dir):
+    """A LoRA policy with adapters on its top layer: the frozen layers' exported weights are
+    reused by the next rollout, the adapted layer's are made anew (its adapters train), and an
+    in-place update of a frozen weight (an optimiser step, a loaded checkpoint) is seen."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tether.fast import engine
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    top = base.config.num_hidden_layers - 1
+    lora = LoraConfig(r=2, target_modules=["q_proj", "down_proj"], layers_to_transform=[top])
+    policy = get_peft_model(base, lora)
+    first, second = (engine.Weights(policy, torch.bfloat16) for _ in range(2))
+    kept = [
+        (a.qkv is b.qkv, a.o is b.o, a.down is b.down)
+        for a, b in zip(first.layers, second.layers, strict=True)
+    ]
+    assert kept[:top] == [(True, True, True)] * top
+    assert kept[top] == (False, True, False)  # q and down carry adapters; o does not
+    assert second.embed is first.embed and second.lm_head is first.lm_head
+
+    q = base.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        q.add_(1.0)
+    third = engine.Weights(policy, torch.bfloat16)
+    assert third.layers[0].qkv is not second.layers[0].qkv
+    assert third.layers[0].o is second.layers[0].o
+    x = torch.randn(3, q.shape[1], dtype=torch.bfloat16)
+    torch.testing.assert_close(third.layers[0].qkv(x)[:, : q.shape[0]], x @ q.bfloat16().T)
+
+    trained = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    a, b = (engine.Weights(trained, torch.bfloat16) for _ in range(2))  # weights that train
+    assert a.layers[0].qkv is not b.layers[0].qkv and a.lm_head is not b.lm_head
+
+
 def test_engine_stops_rows_at_their_stop_token_and_compacts_the_rest(peaked_model_dir):
     """A stop token that ends one row early (a third of the batch finishes, so the cache is
     compacted); every row must decode exactly as Hugging Face does alone, cut at the stop."""

@@ -16,7 +16,8 @@ embedding with its scaling rules, RMSNorm epsilon, activation), and covers the L
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,32 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
 
 def _bias(module: torch.nn.Module) -> torch.Tensor | None:
     return getattr(getattr(module, "base_layer", module), "bias", None)
+
+
+# Exports of frozen weights, kept from one rollout to the next per module: with adapters on
+# the top layers only, most of a LoRA policy's layers never change, and exporting them again
+# cost the demo 0.2 s a rollout. A weight that trains (requires_grad) and a layer that peft
+# wraps (its adapters train; merging writes its base weight through `.data`, which no version
+# counter sees) are exported anew each time, and no second copy of them outlives a rollout.
+_KEPT: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, object]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _kept(owner: torch.nn.Module, name: str, sources: Sequence[torch.nn.Module], make: Callable):
+    """`make()`, or its result from an earlier rollout where `sources` are frozen and their
+    tensors the same, unchanged since (an in-place update bumps a tensor's version)."""
+    tensors = [t for m in sources for t in (m.weight, getattr(m, "bias", None)) if t is not None]
+    if any(hasattr(m, "base_layer") for m in sources) or any(t.requires_grad for t in tensors):
+        return make()
+    key = (name, *((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
+    slot = _KEPT.setdefault(owner, {})
+    if name in slot and slot[name][0] == key:
+        return slot[name][1]
+    slot.pop(name, None)  # the stale export goes before the new one is made
+    value = make()
+    slot[name] = (key, value)
+    return value
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -164,30 +191,35 @@ class Weights:
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype).contiguous()
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return Linear(cast(weight), cast(bias), pack)
+        def linear(name: str, modules: Sequence[torch.nn.Module]) -> Linear:
+            def make() -> Linear:
+                weights = [_weight(m) for m in modules]
+                biases = [_bias(m) for m in modules]
+                weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+                bias = None if biases[0] is None else torch.cat(biases)
+                return Linear(cast(weight), cast(bias), pack)
 
-        self.embed = cast(_weight(inner.model.embed_tokens))
+            return _kept(modules[0], f"{name}:{dtype}:{pack}", modules, make)
+
+        embed_tokens = inner.model.embed_tokens
+        self.embed = _kept(
+            embed_tokens, f"embed:{dtype}", [embed_tokens], lambda: cast(_weight(embed_tokens))
+        )
         self.layers = []
         for layer in inner.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-            biases = [_bias(p) for p in projections]
             self.layers.append(
                 Layer(
                     ln1=cast(layer.input_layernorm.weight),
-                    qkv=linear(
-                        torch.cat([_weight(p) for p in projections]),
-                        torch.cat(biases) if biases[0] is not None else None,
-                    ),
-                    o=linear(_weight(attn.o_proj), _bias(attn.o_proj)),
+                    qkv=linear("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
+                    o=linear("o", (attn.o_proj,)),
                     ln2=cast(layer.post_attention_layernorm.weight),
-                    gate_up=linear(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)])),
-                    down=linear(_weight(mlp.down_proj)),
+                    gate_up=linear("gate_up", (mlp.gate_proj, mlp.up_proj)),
+                    down=linear("down", (mlp.down_proj,)),
                 )
             )
         self.norm = cast(inner.model.norm.weight)
-        self.lm_head = linear(_weight(inner.get_output_embeddings()))
+        self.lm_head = linear("lm_head", (inner.get_output_embeddings(),))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
