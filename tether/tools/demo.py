@@ -472,7 +472,7 @@ def policy_kl(
     tokenizer,
     prompt_ids,
     response_ids,
-    chunk: int = 16,
+    chunk: int = 64,
 ) -> torch.Tensor:
     """[N] Σ_t log π(y_t|…) − log π_ref(y_t|…) of each policy sample: a one-sample Monte
     Carlo estimate of KL(π ‖ π_ref) per prompt, unbiased, at T = 1. π_ref is the model that
