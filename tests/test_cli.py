@@ -83,3 +83,28 @@ def test_config_errors_stop_before_any_work(tmp_path):
 def test_resume_needs_a_run_dir():
     proc = run_cli(["sft", "--resume"], check=False)
     assert proc.returncode == 2 and "--resume needs --out" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "steps"),
+    [([], "default"), (["--kl-budget", "2"], "budget"), (["--kl-budget", "2", "--steps", "5"], 5)],
+)
+def test_a_demo_with_a_kl_budget_runs_the_budget_steps_unless_told(
+    args, steps, tmp_path, monkeypatch
+):
+    """The budget controller needs more PPO steps than a fixed β to land its KL; --steps
+    still wins."""
+    from tether.tools import demo
+
+    seen = []
+
+    def run_demo(out, settings, resume):
+        seen.append(settings)
+        return {"rm_accuracy": 0.7, "gold_ref": 0.2, "gold_policy": 0.8, "kl": 2.0,
+                "win_rate": 0.9, "wall_s": 60.0}  # fmt: skip
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), *args]) == 0
+    expected = {"default": demo.DemoSettings().ppo_steps, "budget": demo.KL_BUDGET_PPO_STEPS}
+    assert seen[0].ppo_steps == expected.get(steps, steps)
+    assert demo.DemoSettings().ppo_steps < demo.KL_BUDGET_PPO_STEPS
