@@ -182,18 +182,31 @@ def test_a_ranking_kept_whole_gives_the_loss_of_its_expanded_pairs(tiny_model_di
     assert metrics_whole["accuracy"].item() == pytest.approx(metrics_pairs["accuracy"].item())
 
 
-def test_held_out_pairs_of_a_ranking_score_each_answer_once(tiny_model_dir):
+@pytest.mark.parametrize("attention", ["sdpa", "tether"])
+def test_held_out_pairs_of_a_ranking_score_each_answer_once(tiny_model_dir, attention):
     """A held-out ranking of 3 answers is 3 pairs (6 rows) but 3 distinct answers: they are
-    scored once each, and every pair gets the scores its rows get on their own."""
+    scored once each, after one pass over their prompt where the attention runs packed rows,
+    and every pair gets the scores its rows get on their own."""
 
+    from tether.core.packing import common_prefix_length
     from tether.data import LoadReport, expand_rankings
+    from tether.models.attention import use_grouped_flash_attention
     from tether.stages.rm import score_all, tokenize_pairs
 
     tokenizer, model, ranked = tiny_rm_and_ranking(tiny_model_dir)
+    if attention == "tether":
+        use_grouped_flash_attention(model)
     pairs = tokenize_pairs(expand_rankings([ranked], False), tokenizer, 64, LoadReport("x"))
     with backbone_inputs(model) as seen:
         chosen, rejected = score_all(model, pairs, 8, tokenizer.pad_token_id, False)
-    assert len(pairs) == 3 and sum(x[0] for x in seen) == 3
+    answers = list({tuple(r): r for p in pairs for r in p.rows}.values())
+    shared = common_prefix_length(answers)
+    assert len(pairs) == 3 and len(answers) == 3
+    once = shared + sum(len(r) - shared for r in answers)
+    if attention == "tether":  # one packed row: the prompt, then each answer
+        assert [tuple(x) for x in seen] == [(1, once)]
+    else:  # padded whole rows
+        assert sum(x[0] for x in seen) == 3
     for pair, c, r in zip(pairs, chosen, rejected, strict=True):
         for row, score in ((pair.chosen, c), (pair.rejected, r)):
             alone = model(input_ids=torch.tensor([row])).logits.squeeze()

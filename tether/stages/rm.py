@@ -29,7 +29,7 @@ from tether.core.losses import (
     score_l2_penalty,
 )
 from tether.core.metrics import preference_metrics
-from tether.core.packing import distinct_rows
+from tether.core.packing import common_prefix_length, distinct_rows
 from tether.data import (
     DataError,
     LoadReport,
@@ -240,18 +240,35 @@ def score_rows(
     batch_size: int,
     pad_id: int,
     bf16: bool,
+    prompt_lengths: Sequence[int] = (),
 ) -> torch.Tensor:
     """[N] raw scores (on the CPU) of tokenised prompt+response rows, in eval mode; in a
-    torchrun job each rank scores its share and every rank gets all N."""
+    torchrun job each rank scores its share and every rank gets all N. `prompt_lengths`:
+    where given, consecutive rows that share their first prompt_length tokens (a prompt's
+    answers) run as one group, the prompt once (`grouped_sequence_scores`); batches hold
+    about `batch_size` rows."""
     parallel = distributed.Parallel.of(model)
     was_training = parallel.model.training
     parallel.model.eval()
-    mine, real = distributed.eval_share(rows, rows[0])
+    lengths = list(prompt_lengths) or [0] * len(rows)
+    mine, real = distributed.eval_share(list(zip(rows, lengths, strict=True)), (rows[0], 0))
+    batches: list[list[list[list[int]]]] = []
+    opening = (None, 0)  # the first row of the last group, and its prompt length
+    for row, length in mine:
+        first, first_length = opening
+        shared = min(length, first_length)
+        if first is not None and shared and common_prefix_length([first, row]) >= shared:
+            batches[-1][-1].append(row)
+            continue
+        if batches and sum(map(len, batches[-1])) < batch_size:
+            batches[-1].append([row])
+        else:
+            batches.append([[row]])
+        opening = (row, length)
     out = [torch.zeros(0)]
-    for start in range(0, len(mine), batch_size):
-        rows_here = [[r] for r in mine[start : start + batch_size]]  # packed, no padding
+    for groups in batches:
         with autocast(bf16):
-            out.append(parallel(grouped_sequence_scores, rows_here, pad_id).cpu())
+            out.append(parallel(grouped_sequence_scores, groups, pad_id).cpu())
     parallel.model.train(was_training)
     return distributed.gather_real(torch.cat(out), real)
 
@@ -264,10 +281,18 @@ def score_all(
     bf16: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[P] chosen and [P] rejected scores. Each distinct row is scored once: the pairs of a
-    held-out ranking of K answers hold each answer K − 1 times (3x the forwards at K = 4)."""
+    held-out ranking of K answers hold each answer K − 1 times (3x the forwards at K = 4),
+    and its answers run after one pass over their prompt. A row's prompt is taken as the
+    shortest prefix it shares with the other row of a pair it is in."""
     rows = [r for p in pairs for r in p.rows]  # chosen, rejected, chosen, ...
     first, group_of_row = distinct_rows([tuple(r) for r in rows])
-    scores = score_rows(model, [rows[i] for i in first], batch_size * 2, pad_id, bf16)
+    prompt = [len(rows[i]) for i in first]
+    for k, pair in enumerate(pairs):
+        shared = common_prefix_length(pair.rows)
+        for row in (2 * k, 2 * k + 1):
+            distinct = int(group_of_row[row])
+            prompt[distinct] = min(prompt[distinct], shared)
+    scores = score_rows(model, [rows[i] for i in first], batch_size * 2, pad_id, bf16, prompt)
     scores = scores[group_of_row].view(-1, 2)
     return scores[:, 0], scores[:, 1]
 
