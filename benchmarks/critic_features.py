@@ -42,9 +42,8 @@ def token_features(rm: RewardModel, prompt: str, answer: str) -> tuple[torch.Ten
     )
     if not n or start is None or start == 0:
         return None
-    backbone = rm.model.base_model if hasattr(rm.model, "base_model") else rm.model.model
     with torch.inference_mode(), autocast(rm.bf16):
-        states = backbone(input_ids=torch.tensor([full])).last_hidden_state[0].float()
+        states = rm.model.base_model(input_ids=torch.tensor([full])).last_hidden_state[0].float()
         scores = (rm.model.score(states).float().squeeze(-1) - rm.mean) / rm.std
     before = slice(start - 1, start - 1 + n)  # the state before token t is at position t − 1
     return states[before], scores[before], scores[-1]

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from tether.core.metrics import value_at_kl
-from tether.tools.demo import KL_BUDGET_PPO_STEPS, DemoSettings
+from tether.tools.demo import budget_ppo_steps
 
 # What a copy drops so that `--resume` reruns PPO and the evaluation on the same reward model.
 RERUN = ("ppo", "eval", "report.html", "summary.json")
@@ -40,8 +40,7 @@ def budget_run(demo: Path, budget: float, kl_coef: float | None) -> dict:
             shutil.copytree(demo, out, ignore=shutil.ignore_patterns("frontier", *RERUN))
             settings = json.loads((out / "settings.json").read_text())
             settings |= {"kl_budget": budget} | ({} if kl_coef is None else {"kl_coef": kl_coef})
-            if settings["ppo_steps"] == DemoSettings().ppo_steps:  # as `tether demo --kl-budget`
-                settings["ppo_steps"] = KL_BUDGET_PPO_STEPS
+            settings["ppo_steps"] = budget_ppo_steps(settings["ppo_steps"])
             (out / "settings.json").write_text(json.dumps(settings))
             stages = json.loads((out / "stages.json").read_text())
             for stage in ("ppo", "evaluation", "report"):

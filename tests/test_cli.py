@@ -87,7 +87,12 @@ def test_resume_needs_a_run_dir():
 
 @pytest.mark.parametrize(
     ("args", "steps"),
-    [([], "default"), (["--kl-budget", "2"], "budget"), (["--kl-budget", "2", "--steps", "5"], 5)],
+    [
+        ([], "default"),
+        (["--kl-budget", "2"], "budget"),
+        (["--kl-budget", "2", "--steps", "5"], 5),
+        (["--kl-budget", "2", "--quick"], "quick"),
+    ],
 )
 def test_a_demo_with_a_kl_budget_runs_the_budget_steps_unless_told(
     args, steps, tmp_path, monkeypatch
@@ -105,6 +110,10 @@ def test_a_demo_with_a_kl_budget_runs_the_budget_steps_unless_told(
 
     monkeypatch.setattr(demo, "run_demo", run_demo)
     assert cli.main(["demo", "--out", str(tmp_path / "d"), *args]) == 0
-    expected = {"default": demo.DemoSettings().ppo_steps, "budget": demo.KL_BUDGET_PPO_STEPS}
+    expected = {
+        "default": demo.DemoSettings().ppo_steps,
+        "budget": demo.KL_BUDGET_PPO_STEPS,
+        "quick": demo.QUICK["ppo_steps"],
+    }
     assert seen[0].ppo_steps == expected.get(steps, steps)
     assert demo.DemoSettings().ppo_steps < demo.KL_BUDGET_PPO_STEPS

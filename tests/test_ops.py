@@ -15,7 +15,7 @@ from tether.core.ops import (
     masked_whiten,
     sequence_logprobs,
 )
-from tether.core.packing import distinct_rows, pack_groups
+from tether.core.packing import batches_of_groups, distinct_rows, pack_groups
 
 
 def test_masked_mean_hand_values() -> None:
@@ -202,6 +202,14 @@ def test_distinct_rows_hand_values() -> None:
     assert group_of.tolist() == [0, 1, 0, 2, 1]
     first, group_of = distinct_rows([(1, 2), (3,)])
     assert first.tolist() == [0, 1] and group_of.tolist() == [0, 1]
+
+
+def test_batches_of_groups_keep_groups_whole_hand_values() -> None:
+    groups = [["a1", "a2"], ["b1"], ["c1", "c2", "c3"], ["d1", "d2", "d3", "d4", "d5"], ["e1"]]
+    batches = batches_of_groups(groups, 4)
+    # a + b fill 3 of 4 rows; c would make 6; d alone is over 4 but is never split
+    assert batches == [[groups[0], groups[1]], [groups[2]], [groups[3]], [groups[4]]]
+    assert batches_of_groups([], 4) == []
 
 
 def test_sequence_logprobs_sums_masked_tokens() -> None:

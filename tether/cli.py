@@ -270,14 +270,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tether.tools.demo import KL_BUDGET_PPO_STEPS, QUICK, DemoSettings, run_demo
+    from tether.tools.demo import QUICK, DemoSettings, budget_ppo_steps, run_demo
 
     if args.resume and args.out is None:
         raise TetherError("--resume needs --out RUN_DIR (the demo to continue)")
     out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = replace(DemoSettings(task=args.task), **(QUICK if args.quick else {}))
-    if args.kl_budget and not args.quick:
-        settings = replace(settings, ppo_steps=KL_BUDGET_PPO_STEPS)
+    if args.kl_budget:
+        settings = replace(settings, ppo_steps=budget_ppo_steps(settings.ppo_steps))
     for field_name, value in (
         ("ppo_steps", args.steps),
         ("train_prompts", args.prompts),

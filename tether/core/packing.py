@@ -46,6 +46,18 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask).argmax(dim=1)
 
 
+def batches_of_groups(groups: Sequence[list], rows_per_batch: int) -> list[list]:
+    """Whole groups (a prompt's rows, run after one pass over the prompt) in batches of about
+    `rows_per_batch` rows each: a group is never split, so a batch holds more only where one
+    group alone does."""
+    batches: list[list] = []
+    for group in groups:
+        if not batches or sum(map(len, batches[-1])) + len(group) > rows_per_batch:
+            batches.append([])
+        batches[-1].append(group)
+    return batches
+
+
 def distinct_rows(keys: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
     """(first [G], group_of [N]) for N keys with G distinct values: `first` holds the index
     of each distinct key's first occurrence (in order of appearance) and `group_of[i]` the

@@ -23,6 +23,7 @@ import torch
 from tether.config import ModelConfig
 from tether.core.packing import (
     PackedGroups,
+    batches_of_groups,
     last_token_index,
     pack_groups,
     pad_rows,
@@ -295,17 +296,12 @@ class RewardModel:
                 groups[-1].append(row)
             else:
                 groups.append([row])
-        batches: list[list[list[list[int]]]] = []
-        for group in groups:
-            if not batches or sum(map(len, batches[-1])) + len(group) > batch_size:
-                batches.append([])
-            batches[-1].append(group)
         out = []
         device = model_device(self.model)
         # Called on the reward's own thread (rewards.call_with_timeout): autocast and the
         # current GPU are per thread, so both are set here rather than by the caller.
         on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-        for batch in batches:
+        for batch in batches_of_groups(groups, batch_size):
             with on_device, autocast(self.bf16):
                 scores = grouped_sequence_scores(self.model, batch, self.tokenizer.pad_token_id)
             out.append(scores.float().cpu())

@@ -29,7 +29,7 @@ from tether.core.losses import (
     score_l2_penalty,
 )
 from tether.core.metrics import preference_metrics
-from tether.core.packing import common_prefix_length, distinct_rows
+from tether.core.packing import batches_of_groups, common_prefix_length, distinct_rows
 from tether.data import (
     DataError,
     LoadReport,
@@ -252,23 +252,19 @@ def score_rows(
     parallel.model.eval()
     lengths = list(prompt_lengths) or [0] * len(rows)
     mine, real = distributed.eval_share(list(zip(rows, lengths, strict=True)), (rows[0], 0))
-    batches: list[list[list[list[int]]]] = []
-    opening = (None, 0)  # the first row of the last group, and its prompt length
+    groups: list[list[list[int]]] = []
+    opening = 0  # the prompt length of the last group's first row
     for row, length in mine:
-        first, first_length = opening
-        shared = min(length, first_length)
-        if first is not None and shared and common_prefix_length([first, row]) >= shared:
-            batches[-1][-1].append(row)
-            continue
-        if batches and sum(map(len, batches[-1])) < batch_size:
-            batches[-1].append([row])
+        shared = min(length, opening)
+        if shared and common_prefix_length([groups[-1][0], row]) >= shared:
+            groups[-1].append(row)
         else:
-            batches.append([[row]])
-        opening = (row, length)
+            groups.append([row])
+            opening = length
     out = [torch.zeros(0)]
-    for groups in batches:
+    for batch in batches_of_groups(groups, batch_size):
         with autocast(bf16):
-            out.append(parallel(grouped_sequence_scores, groups, pad_id).cpu())
+            out.append(parallel(grouped_sequence_scores, batch, pad_id).cpu())
     parallel.model.train(was_training)
     return distributed.gather_real(torch.cat(out), real)
 

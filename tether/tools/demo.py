@@ -122,6 +122,14 @@ QUICK = {
 # A budget run's PPO steps: the controller raises β by at most e^0.3 a step, and in 16 steps
 # a 2-nat budget ended at 5.5 nats held-out, against 2.0 in 20 (benchmarks/RESULTS.md).
 KL_BUDGET_PPO_STEPS = 20
+
+
+def budget_ppo_steps(steps: int) -> int:
+    """The PPO steps of a KL-budget run whose fixed-β run takes `steps`: the default's are too
+    few for the controller (KL_BUDGET_PPO_STEPS instead); any other count is kept."""
+    return KL_BUDGET_PPO_STEPS if steps == DemoSettings.ppo_steps else steps
+
+
 STAGES = ("prompts", "preferences", "reward model", "ppo", "evaluation", "report")
 
 
