@@ -57,7 +57,7 @@ def point(name: str, summary: dict) -> dict:
         "kl": summary["kl"],
         "gold": summary["gold_policy"],
         "win_rate": summary["win_rate"],
-        "best_of_n_gold_at_kl": summary.get("best_of_n_gold_at_policy_kl"),
+        "rm_score": summary["rm_score_policy"],
     }
 
 
@@ -65,18 +65,22 @@ def write_table(points: list[dict], best_of_n: list[dict], path: Path, gold_ref:
     lines = [
         f"Held-out gold of π_ref: {gold_ref:.3f}.",
         "",
-        "| PPO run | KL (nats) | gold | win-rate | best-of-n gold at that KL |",
-        "|---|---|---|---|---|",
+        "| PPO run | KL (nats) | gold | win-rate | RM score | best-of-n at that KL: gold, RM |",
+        "|---|---|---|---|---|---|",
     ]
     for p in points:
-        at = p["best_of_n_gold_at_kl"]
+        gold, rm = p["best_of_n_gold_at_kl"], p["best_of_n_rm_at_kl"]
         lines.append(
             f"| {p['run']} | {p['kl']:.2f} | {p['gold']:.3f} | {p['win_rate']:.0%} | "
-            + ("past n = 16" if at is None else f"{at:.3f}")
+            f"{p['rm_score']:+.2f} | "
+            + ("past n = 16" if gold is None else f"{gold:.3f}, {rm:+.2f}")
             + " |"
         )
-    lines += ["", "| best-of-n | KL (nats) | gold |", "|---|---|---|"]
-    lines += [f"| n = {b['n']} | {b['kl']:.2f} | {b['gold']:.3f} |" for b in best_of_n]
+    lines += ["", "| best-of-n | KL (nats) | gold | RM score |", "|---|---|---|---|"]
+    lines += [
+        f"| n = {b['n']} | {b['kl']:.2f} | {b['gold']:.3f} | {b['rm_score']:+.2f} |"
+        for b in best_of_n
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -118,9 +122,11 @@ def main() -> None:
         name = f"budget {ran['kl_budget']:g} nats, β₀ {ran['kl_coef']:g}"
         points.append(point(name, json.loads(run.read_text())))
     best_of_n = base["best_of_n"]
-    frontier = [(b["kl"], b["gold"]) for b in best_of_n]
+    gold_curve = [(b["kl"], b["gold"]) for b in best_of_n]
+    rm_curve = [(b["kl"], b["rm_score"]) for b in best_of_n]
     for p in points:  # every run on the base demo's best-of-n curve (same RM, same prompts)
-        p["best_of_n_gold_at_kl"] = value_at_kl(frontier, p["kl"])
+        p["best_of_n_gold_at_kl"] = value_at_kl(gold_curve, p["kl"])
+        p["best_of_n_rm_at_kl"] = value_at_kl(rm_curve, p["kl"])
     out = args.demo / "frontier"
     out.mkdir(exist_ok=True)
     (out / "frontier.json").write_text(

@@ -23,6 +23,7 @@ SUMMARY_KEYS = {
     "win_rate",
     "best_of_n",
     "best_of_n_gold_at_policy_kl",
+    "best_of_n_rm_at_policy_kl",
     "wall_s",
 }
 
@@ -61,6 +62,17 @@ def test_demo_writes_every_artefact(demo_run):
     assert rm_scores == sorted(rm_scores)
     assert rm_scores[0] == pytest.approx(summary["rm_score_ref"], abs=1e-5)
     assert 0.0 <= summary["win_rate"] <= 1.0 and 0.0 <= summary["rm_accuracy"] <= 1.0
+    # best-of-n at the policy's KL: read off its curve between the two n that bracket it
+    kls = [b["kl"] for b in summary["best_of_n"]]
+    if summary["kl"] <= kls[-1]:
+        upper = next(i for i, k in enumerate(kls) if k >= summary["kl"])
+        low, high = summary["best_of_n"][max(upper - 1, 0)], summary["best_of_n"][upper]
+        share = (summary["kl"] - low["kl"]) / ((high["kl"] - low["kl"]) or 1.0)
+        for key, field in (("gold", "gold"), ("rm", "rm_score")):
+            expected = low[field] + share * (high[field] - low[field])
+            assert summary[f"best_of_n_{key}_at_policy_kl"] == pytest.approx(expected)
+    else:
+        assert summary["best_of_n_rm_at_policy_kl"] is None
 
     preferences = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
     assert len(preferences) == 10

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from tether.core.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from tether.core.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+    landing_scale,
+)
 
 
 def test_estimators_hand_values() -> None:
@@ -164,3 +169,19 @@ def test_the_budget_controller_with_a_lead_acts_on_where_the_kl_is_heading():
     restored = KLBudgetController(0.05, budget=2.0, lead=2.0)
     restored.load_state_dict(ctl.state_dict())
     assert restored.previous == 1.6
+
+
+def test_the_landing_scale_takes_a_secant_step_in_log_log():
+    # one measurement, KL 8 at α = 1, budget 2: KL ∝ α² gives α = sqrt(2/8) = 0.5
+    assert landing_scale([(1.0, 8.0)], 2.0) == pytest.approx(0.5)
+    # then KL 4 at α = 0.5: p = log(8/4) / log(1/0.5) = 1, so α = 0.5 · (2/4)^1 = 0.25
+    assert landing_scale([(1.0, 8.0), (0.5, 4.0)], 2.0) == pytest.approx(0.25)
+    # once the budget is bracketed, the nearest measurements on either side: (0.5, 4) above
+    # and (0.25, 1) below, not the last two: p = log 4 / log 2 = 2, α = 0.25 · (2/1)^(1/2)
+    bracketed = [(1.0, 8.0), (0.5, 4.0), (0.25, 1.0), (0.2, 0.5)]
+    assert landing_scale(bracketed, 2.0) == pytest.approx(0.25 * math.sqrt(2))
+    # a KL that barely moved gives p ≈ 0.02, clamped to 0.5: α = 0.5 · (2/7.9)^2
+    assert landing_scale([(1.0, 8.0), (0.5, 7.9)], 2.0) == pytest.approx(0.5 * (2 / 7.9) ** 2)
+    # never past the trained policy; a KL of 0 (or a negative k1 mean) gives it back whole
+    assert landing_scale([(0.5, 0.125)], 2.0) == 1.0
+    assert landing_scale([(0.3, 0.0)], 2.0) == landing_scale([(0.3, -0.1)], 2.0) == 1.0

@@ -411,6 +411,11 @@ class KLConfig:
     # whole budget from the first step). Over the whole run (1), β starts to act while the KL
     # is still small (benchmarks/RESULTS.md: the final KL lands near the budget either way).
     budget_ramp: float = 1.0
+    # > 0 with a budget: after the last step, the policy's KL is measured on this many
+    # training prompts and, where it is over the budget, the update is scaled down to land on
+    # it (tether.rollout.landing); final/ holds the landed policy, RUN_DIR/landing.json what
+    # was measured. 0: final/ is the last step's policy.
+    budget_landing: int = 64
     # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
     # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.
     placement: Literal["auto", "reward", "loss"] = "auto"
@@ -435,6 +440,7 @@ class KLConfig:
         _check(self.budget >= 0, "ppo.kl.budget", "must be >= 0 (0: no budget)")
         _check(0 <= self.budget_ramp <= 1, "ppo.kl.budget_ramp", "must be in [0, 1]")
         _check(self.budget_lead >= 0, "ppo.kl.budget_lead", "must be >= 0")
+        _check(self.budget_landing >= 0, "ppo.kl.budget_landing", "must be >= 0 (0: off)")
         _check(
             not self.budget or self.coef > 0,
             "ppo.kl.coef",

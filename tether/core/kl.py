@@ -13,7 +13,7 @@ Log the KL with the same estimator and tokens that are trained on, or diagnoses 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -46,6 +46,36 @@ def best_of_n_kl(n: int) -> float:
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     return math.log(n) - (n - 1) / n
+
+
+def landing_scale(measured: Sequence[tuple[float, float]], budget: float) -> float:
+    """The scale α of the policy's update, θ = θ_ref + α·(θ − θ_ref), that brings its KL to
+    `budget`, from the (α, KL) pairs measured so far, the last the latest.
+
+    KL(π_θ ‖ π_ref) is second order in θ − θ_ref about the reference (½ Δθᵀ F Δθ, F the
+    Fisher information), so near it KL(α) ≈ c·α^p with p = 2. Further out p drifts, so once
+    two scales are measured p is read off two of them, (α₁, KL₁) and (α₂, KL₂): the nearest
+    measurements on either side of the budget where there are both (regula falsi), else the
+    last two (secant), p within [0.5, 4]:
+
+        p = log(KL₁ / KL₂) / log(α₁ / α₂),   α' = α₂ · (budget / KL₂)^(1/p),   at most 1
+
+    Never above 1: scaling the update past the trained policy spends KL without finding
+    reward (benchmarks/RESULTS.md). A last KL of 0 or less (k1's mean can be) gives 1.
+    """
+    if measured[-1][1] <= 0:
+        return 1.0
+    above = [m for m in measured if m[1] > budget]
+    below = [m for m in measured if 0 < m[1] <= budget]
+    if above and below:
+        first, (alpha, kl) = min(above, key=lambda m: m[1]), max(below, key=lambda m: m[1])
+    else:
+        first, (alpha, kl) = (measured[-2] if len(measured) > 1 else None), measured[-1]
+    power = 2.0
+    if first is not None and first[1] > 0 and first[0] != alpha and first[1] != kl:
+        power = math.log(first[1] / kl) / math.log(first[0] / alpha)
+        power = min(max(power, 0.5), 4.0)
+    return min(1.0, alpha * (budget / kl) ** (1.0 / power))
 
 
 class KLController(Protocol):

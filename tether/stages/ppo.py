@@ -55,11 +55,12 @@ from tether.rollout.experience import (
     micro_batch_rows,
 )
 from tether.rollout.generation import encode_prompt
+from tether.rollout.landing import land_on_budget
 from tether.rollout.value_fit import LeastSquaresValueHead
 from tether.runs import distributed
 from tether.runs.data_order import total_steps
 from tether.runs.optim import clip_and_step
-from tether.runs.rundir import truncate_jsonl
+from tether.runs.rundir import truncate_jsonl, write_text_atomic
 from tether.runs.training import Optimization, begin_run, fit, save_final, start_optimization
 
 
@@ -420,6 +421,9 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         extra_state=lambda: carried_state(kl_ctl, run),
     )
 
+    if cfg.ppo.kl.budget and cfg.ppo.kl.budget_landing:
+        land_final_policy(cfg, run, rows, run_dir.path)
+
     def save(whole: ActorCritic) -> None:
         save_pretrained_model(whole.policy, tokenizer, run_dir.final)
         save_critic(whole, tokenizer, run_dir.final)
@@ -429,6 +433,32 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     return run_dir.final
 
 
+def land_final_policy(cfg: PPOConfig, run: OnlineRun, rows: list[list[int]], path: Path) -> None:
+    """Land the trained policy on the KL budget (tether.rollout.landing), measured on the
+    first `ppo.kl.budget_landing` training prompts (each rank its share), one answer each
+    drawn with seeds of their own (step 0, which no iteration uses): a resumed run lands
+    exactly as the uninterrupted one. Writes RUN_DIR/landing.json."""
+    if cfg.parallel == "fsdp" and not cfg.model.lora.enabled:
+        say("note: ppo.kl.budget_landing needs LoRA under parallel: fsdp; final/ is the last "
+            "step's policy")  # fmt: skip
+        return
+    indices = distributed.shard(list(range(min(cfg.ppo.kl.budget_landing, len(rows)))))
+    seeds = [row_seed(cfg.train.seed, 0, i) for i in indices]
+    landing = land_on_budget(run, [rows[i] for i in indices], seeds, cfg.ppo.kl.budget)
+    record = landing.as_dict()
+    if distributed.world().is_main:
+        write_text_atomic(path / LANDING_FILE, json.dumps(record, indent=2) + "\n")
+    say(
+        f"KL budget {landing.budget:g}: the trained policy's KL {record['kl_trained']:.2f}; "
+        + (
+            "within the budget, kept as trained"
+            if landing.scale == 1.0
+            else f"its update scaled by {landing.scale:.2f} to KL {record['kl_landed']:.2f}"
+        )
+    )
+
+
+LANDING_FILE = "landing.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 

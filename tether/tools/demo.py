@@ -387,9 +387,13 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
         "length_policy": _mean_words(pol_texts),
         "best_of_n": _best_of_n_curve(ref_rm, ref_gold, s.best_of),
     }
-    # Best-of-n's gold at the policy's KL: what PPO must beat to be the better use of KL.
-    frontier = [(b["kl"], b["gold"]) for b in results["best_of_n"]]
-    results["best_of_n_gold_at_policy_kl"] = value_at_kl(frontier, results["kl"])
+    # Best-of-n's gold at the policy's KL: what PPO must beat to be the better use of KL. Its
+    # RM score there says why PPO falls short where it does: a lower RM score is reward PPO
+    # did not find for its KL (optimisation), a like RM score with lower gold is the reward
+    # model being gamed (over-optimisation).
+    for key, field in (("gold", "gold"), ("rm", "rm_score")):
+        curve = [(b["kl"], b[field]) for b in results["best_of_n"]]
+        results[f"best_of_n_{key}_at_policy_kl"] = value_at_kl(curve, results["kl"])
     write_text_atomic(out / "eval/results.json", json.dumps(results, indent=2) + "\n")
     return results
 

@@ -240,14 +240,7 @@ def demo_page(run_dir: Path) -> str:
         f"<td class='num'>{b['gold']:.3f}</td><td class='num'>{b['rm_score']:+.3f}</td></tr>"
         for b in summary["best_of_n"]
     )
-    at_kl = summary.get("best_of_n_gold_at_policy_kl")
-    equal_kl = (
-        "<p>At the policy's KL best-of-n reaches gold "
-        f"<b>{at_kl:.3f}</b>, against PPO's <b>{summary['gold_policy']:.3f}</b>.</p>"
-        if at_kl is not None
-        else "<p>The policy's KL is past the largest best-of-n measured: no comparison at "
-        "equal KL.</p>"
-    )
+    equal_kl = _equal_kl_html(summary)
     bon_table = (
         "<table><tr><th>n</th><th>KL (nats)</th><th>gold</th><th>RM score</th></tr>"
         f"{bon_rows}<tr><td>PPO policy</td><td class='num'>{summary['kl']:.3f}</td>"
@@ -289,6 +282,38 @@ def demo_page(run_dir: Path) -> str:
         "<code>summary.json</code>, every answer in <code>eval/samples.jsonl</code>.</p>"
     )
     return _page(f"tether demo: {summary['task']}", body)
+
+
+def _equal_kl_html(summary: dict) -> str:
+    """PPO against best-of-n at the policy's KL, by gold and by the reward model's score: the
+    RM score tells an optimisation shortfall (PPO found less reward for its KL) from
+    over-optimisation (as much reward, less gold)."""
+    at_kl = summary.get("best_of_n_gold_at_policy_kl")
+    if at_kl is None:
+        return (
+            "<p>The policy's KL is past the largest best-of-n measured: no comparison at "
+            "equal KL.</p>"
+        )
+    text = (
+        f"<p>At the policy's KL best-of-n reaches gold <b>{at_kl:.3f}</b>, against PPO's "
+        f"<b>{summary['gold_policy']:.3f}</b>"
+    )
+    rm_at_kl = summary.get("best_of_n_rm_at_policy_kl")  # absent from older demos
+    if rm_at_kl is None:
+        return text + ".</p>"
+    text += (
+        f", and RM score <b>{rm_at_kl:+.2f}</b> against PPO's "
+        f"<b>{summary['rm_score_policy']:+.2f}</b>."
+    )
+    if summary["gold_policy"] < at_kl:
+        text += (
+            " PPO found less reward-model score for its KL than best-of-n: it falls short in"
+            " optimisation (more data per step, more steps), not by gaming the reward model."
+            if summary["rm_score_policy"] < rm_at_kl
+            else " PPO found as much reward-model score for its KL but less gold: the reward"
+            " model is being gamed (over-optimisation)."
+        )
+    return text + "</p>"
 
 
 def _frontier_html(run_dir: Path) -> str:

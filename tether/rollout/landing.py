@@ -1,0 +1,146 @@
+"""Landing a KL budget: the trained policy's update scaled down until its KL is the budget.
+
+The budget controller steers the KL from noisy 16-answer estimates and answers an iteration
+or two late, so a short run can end well past its budget. After the last step the policy's
+KL is measured on answers it samples for a fixed set of training prompts; where it is over
+the budget, the update θ − θ_ref is scaled by α < 1 (θ_ref + α·(θ − θ_ref), the linear
+interpolation towards the initialisation of Ramé et al.'s WARP, 2024) with α from
+`tether.core.kl.landing_scale`, measured again, and so on for a few rounds. The α whose KL
+is nearest the budget without passing it by more than the measurement's noise is kept in the
+weights that `final/` saves. A run under its budget is left as it is.
+
+With LoRA the update is the adapters' B·A, so scaling B scales it exactly; a fully trained
+policy is interpolated towards the reference model's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tether.core.kl import kl_estimate, landing_scale
+from tether.core.ops import masked_sum
+from tether.hardware import autocast
+from tether.rollout.actor_critic import ActorCritic
+from tether.rollout.experience import OnlineRun, reference_logprobs
+from tether.rollout.generation import generate
+from tether.rollout.passes import build_batch, sequence_logprobs_of
+from tether.runs import distributed
+
+# Measurements of the KL, the trained policy's included. Each costs a sampling of the
+# landing prompts and two forward passes over them.
+LANDING_ROUNDS = 4
+# A measured KL within this share over the budget counts as landed: with 64 answers the
+# measurement's own noise is about this large.
+LANDING_TOLERANCE = 0.1
+# Rows per forward pass of the measurement.
+PASS_ROWS = 16
+
+
+@dataclass
+class Landing:
+    """What a landing did: every (α, KL) measured, and the α kept."""
+
+    budget: float
+    measured: list[tuple[float, float]] = field(default_factory=list)
+    scale: float = 1.0
+
+    def as_dict(self) -> dict:
+        return {
+            "budget": self.budget,
+            "scale": self.scale,
+            "kl_trained": self.measured[0][1] if self.measured else None,
+            "kl_landed": dict(self.measured).get(self.scale),
+            "measured": [{"scale": a, "kl": k} for a, k in self.measured],
+        }
+
+
+def update_scaler(ac: ActorCritic, reference: torch.nn.Module | None) -> Callable[[float], None]:
+    """A function that sets the policy to θ_ref + α·(θ − θ_ref) for the trained θ (α = 1 gives
+    the trained policy back): scaling the LoRA B matrices, or, without adapters, every
+    trainable weight between its reference value and its trained one."""
+    lora = {n: p for n, p in ac.policy.named_parameters() if ".lora_B." in n}
+    if lora:
+        pairs = [(p, torch.zeros_like(p), p.detach().clone()) for p in lora.values()]
+    else:
+        if reference is None:
+            raise ValueError("a policy without adapters needs its reference model to scale")
+        ref = dict(reference.named_parameters())
+        pairs = [
+            (p, ref[n].detach().to(p), p.detach().clone())
+            for n, p in ac.policy.named_parameters()
+            if p.requires_grad
+        ]
+
+    @torch.no_grad()
+    def set_scale(alpha: float) -> None:
+        for param, start, trained in pairs:
+            param.copy_(start + alpha * (trained - start))
+
+    return set_scale
+
+
+@torch.no_grad()
+def measure_kl(run: OnlineRun, rows: Sequence[list[int]], seeds: Sequence[int]) -> float:
+    """The policy's mean sequence KL to π_ref (k1, the unbiased estimator) over one sampled
+    answer per prompt row, averaged over every rank's rows."""
+    cfg = run.cfg
+    with run.parallel.full_weights() as whole, autocast(run.bf16):
+        generation = generate(
+            whole.policy,
+            run.tokenizer,
+            list(rows),
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            batch_size=cfg.rollout.generation_batch_size,
+            engine=cfg.rollout.engine,
+            dtype=torch.bfloat16 if run.bf16 else torch.float32,
+            row_seeds=list(seeds),
+        )
+    batch = build_batch(generation.prompt_ids, generation.response_ids, run.tokenizer.pad_token_id)
+    temperature, kl_sum = cfg.rollout.temperature, 0.0
+    run.parallel.model.eval()
+    try:
+        for start in range(0, len(rows), PASS_ROWS):
+            sub = batch.rows(torch.arange(start, min(start + PASS_ROWS, len(rows))))
+            with autocast(run.bf16):
+                logprobs = run.parallel(ActorCritic.forward_responses, sub, temperature)[0]
+                if run.reference is None:
+                    ref_logprobs = run.parallel(reference_logprobs, sub, temperature)
+                else:
+                    ref_logprobs = sequence_logprobs_of(run.reference, sub, temperature)
+            kl = kl_estimate(logprobs.float(), ref_logprobs.to(logprobs.device).float(), "k1")
+            kl_sum += float(masked_sum(kl, sub.response_mask.to(kl.device)))
+    finally:
+        run.parallel.model.train()
+    total = distributed.all_sum(torch.tensor([kl_sum, float(len(rows))], dtype=torch.float64))
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def land_on_budget(
+    run: OnlineRun, rows: Sequence[list[int]], seeds: Sequence[int], budget: float
+) -> Landing:
+    """Scale the trained policy's update down until its KL on `rows` is the budget (see the
+    module docstring); the policy keeps the scale chosen."""
+    landing = Landing(budget)
+    set_scale = update_scaler(run.parallel.model, run.reference)
+    alpha, best = 1.0, None
+    for _ in range(LANDING_ROUNDS):
+        set_scale(alpha)
+        kl = measure_kl(run, rows, seeds)
+        landing.measured.append((alpha, kl))
+        within = kl <= budget * (1 + LANDING_TOLERANCE)
+        if within and (best is None or kl > best[1]):
+            best = (alpha, kl)  # the largest KL within the budget: the most of the update
+        if alpha == 1.0 and within:
+            break  # the trained policy is within the budget: nothing to land
+        if within and kl >= budget * (1 - LANDING_TOLERANCE):
+            break  # landed
+        alpha = landing_scale(landing.measured, budget)
+    if best is None:  # every measurement over: the smallest update measured
+        best = min(landing.measured)
+    landing.scale = best[0]
+    set_scale(landing.scale)
+    return landing
