@@ -64,14 +64,15 @@ def test_demo_writes_every_artefact(demo_run):
     assert 0.0 <= summary["win_rate"] <= 1.0 and 0.0 <= summary["rm_accuracy"] <= 1.0
     # best-of-n at the policy's KL: read off its curve between the two n that bracket it
     kls = [b["kl"] for b in summary["best_of_n"]]
-    if summary["kl"] <= kls[-1]:
+    if 0.0 <= summary["kl"] <= kls[-1]:
         upper = next(i for i, k in enumerate(kls) if k >= summary["kl"])
         low, high = summary["best_of_n"][max(upper - 1, 0)], summary["best_of_n"][upper]
         share = (summary["kl"] - low["kl"]) / ((high["kl"] - low["kl"]) or 1.0)
         for key, field in (("gold", "gold"), ("rm", "rm_score")):
             expected = low[field] + share * (high[field] - low[field])
             assert summary[f"best_of_n_{key}_at_policy_kl"] == pytest.approx(expected)
-    else:
+    else:  # a k1 mean can fall under 0, and a policy can pass the largest n: no comparison
+        assert summary["best_of_n_gold_at_policy_kl"] is None
         assert summary["best_of_n_rm_at_policy_kl"] is None
 
     preferences = [json.loads(x) for x in (out / "preferences.jsonl").read_text().splitlines()]
@@ -208,3 +209,34 @@ def test_the_kl_frontier_reruns_ppo_at_a_budget_and_the_report_shows_it(demo_run
     assert "| budget 0.5 nats, β₀ 0.05 |" in (demo / "frontier/frontier.md").read_text()
     page = build_report(demo).read_text()
     assert "PPO at KL budgets against best-of-n" in page and "budget 0.5 nats" in page
+    # the budget run landed its policy (or kept it, within the budget), and its report says so
+    landing = json.loads((demo / "frontier/budget-0.5/ppo/landing.json").read_text())
+    assert landing["budget"] == 0.5 and 0 < landing["scale"] <= 1
+    budget_page = build_report(demo / "frontier/budget-0.5").read_text()
+    assert f"{landing['kl_trained']:.2f} nats" in budget_page and "budget of 0.5" in budget_page
+
+
+@pytest.mark.parametrize(
+    ("gold", "rm", "verdict"),
+    [
+        (0.52, 0.95, "falls short in optimisation"),  # less RM score than best-of-n there
+        (0.52, 1.90, "being gamed"),  # as much RM score, less gold
+        (0.65, 0.95, None),  # PPO ahead on gold: nothing to explain
+    ],
+)
+def test_the_report_says_why_ppo_trails_best_of_n_at_equal_kl(gold, rm, verdict):
+    from tether.tools.report import _equal_kl_html
+
+    summary = {
+        "gold_policy": gold,
+        "rm_score_policy": rm,
+        "best_of_n_gold_at_policy_kl": 0.594,
+        "best_of_n_rm_at_policy_kl": 1.70,
+    }
+    html = _equal_kl_html(summary)
+    assert "gold <b>0.594</b>" in html and "RM score <b>+1.70</b>" in html
+    for phrase in ("falls short in optimisation", "being gamed"):
+        assert (phrase in html) == (phrase == verdict)
+    # a summary from before the RM comparison, and a policy past the largest n
+    assert "RM score" not in _equal_kl_html(summary | {"best_of_n_rm_at_policy_kl": None})
+    assert "no comparison" in _equal_kl_html({"best_of_n_gold_at_policy_kl": None})

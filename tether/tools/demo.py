@@ -335,16 +335,18 @@ def kl_budget_overrides(s: DemoSettings) -> list[str]:
 
 
 def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
-    from tether.stages.ppo import run_ppo
+    from tether.stages.ppo import LANDING_FILE, run_ppo
 
     run_ppo(ppo_config(task, s, out), out / "ppo", resume=True)
     steps = read_jsonl(out / "ppo/metrics.jsonl")
     first, last = steps[0], steps[-1]
+    landing = out / "ppo" / LANDING_FILE  # a budget run's (tether.rollout.landing)
     return {
         "steps": last["step"],
         "gold_first": first.get("gold/mean"),
         "gold_last": last.get("gold/mean"),
         "kl_last": last.get("kl/mean"),
+        "landing": json.loads(landing.read_text()) if landing.is_file() else None,
     }
 
 
@@ -578,7 +580,13 @@ def _line(name: str, r: dict[str, Any]) -> str:
         gold = ""
         if r.get("gold_first") is not None:
             gold = f"; training gold {r['gold_first']:.3f} -> {r['gold_last']:.3f}"
-        return f"{r['steps']} steps{gold}; KL {r['kl_last']:.2f}"
+        landed = ""
+        if r.get("landing") and r["landing"]["scale"] < 1:
+            landed = (
+                f"; over the budget, the update scaled by {r['landing']['scale']:.2f} to KL "
+                f"{r['landing']['kl_landed']:.2f} on training prompts"
+            )
+        return f"{r['steps']} steps{gold}; KL {r['kl_last']:.2f}{landed}"
     return (
         f"held-out gold π_ref {r['gold_ref']:.3f} -> policy {r['gold_policy']:.3f} "
         f"(win-rate {r['win_rate']:.0%}) at KL {r['kl']:.2f} nats; RM agrees with gold on "

@@ -240,7 +240,7 @@ def demo_page(run_dir: Path) -> str:
         f"<td class='num'>{b['gold']:.3f}</td><td class='num'>{b['rm_score']:+.3f}</td></tr>"
         for b in summary["best_of_n"]
     )
-    equal_kl = _equal_kl_html(summary)
+    equal_kl = _equal_kl_html(summary) + _landing_html(run_dir / "ppo")
     bon_table = (
         "<table><tr><th>n</th><th>KL (nats)</th><th>gold</th><th>RM score</th></tr>"
         f"{bon_rows}<tr><td>PPO policy</td><td class='num'>{summary['kl']:.3f}</td>"
@@ -314,6 +314,27 @@ def _equal_kl_html(summary: dict) -> str:
             " model is being gamed (over-optimisation)."
         )
     return text + "</p>"
+
+
+def _landing_html(ppo_dir: Path) -> str:
+    """A budget run's landing (tether.rollout.landing), where its update was scaled."""
+    from tether.stages.ppo import LANDING_FILE
+
+    path = ppo_dir / LANDING_FILE
+    if not path.is_file():
+        return ""
+    landing = json.loads(path.read_text())
+    if landing["scale"] >= 1:
+        return (
+            f"<p>The trained policy's KL on training prompts, {landing['kl_trained']:.2f} nats, "
+            f"was within the budget of {landing['budget']:g}: kept as trained.</p>"
+        )
+    return (
+        f"<p>The trained policy's KL on training prompts, {landing['kl_trained']:.2f} nats, "
+        f"was over the budget of {landing['budget']:g}: its update was scaled by "
+        f"{landing['scale']:.2f} towards π_ref, to {landing['kl_landed']:.2f} nats "
+        "(<code>ppo.kl.budget_landing</code>).</p>"
+    )
 
 
 def _frontier_html(run_dir: Path) -> str:
