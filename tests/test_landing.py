@@ -87,13 +87,15 @@ def test_a_run_over_its_budget_lands_its_final_policy_on_it_and_lands_alike_on_r
 ):
     out = tmp_path / "run"
     cfg, landing = landing_run(peaked_model_dir, ppo_files, out, budget=0.5)
-    assert landing["kl_trained"] > 0.5 * 1.1  # the run did overshoot: there is a landing
+    trained = landing["measured"][0]
+    assert trained["scale"] == 1.0 and trained["kl"] == landing["kl_trained"]
+    # the run overshot by more than the measurement's noise: there is a landing
+    assert landing["kl_trained"] > 0.5 + max(0.5 * LANDING_TOLERANCE, 2 * trained["kl_se"])
     assert 0 < landing["scale"] < 1
-    # the kept scale is the measured one with the largest KL within the budget (and its
-    # measurement's noise): how near the budget depends on the model (the demo's in RESULTS)
-    within = [m for m in landing["measured"] if m["kl"] <= 0.5 * (1 + LANDING_TOLERANCE)]
+    # the kept scale is the measured one with the largest KL not over the budget by more
+    # than its noise: how near the budget depends on the model (the demo's in RESULTS)
+    within = [m for m in landing["measured"] if m["kl"] <= 0.5 + max(0.05, 2 * m["kl_se"])]
     assert landing["kl_landed"] == max(m["kl"] for m in within), landing
-    assert landing["measured"][0] == {"scale": 1.0, "kl": landing["kl_trained"]}
     # final/ holds the landed update; the last checkpoint the trained one
     trained = lora_b(load_file(out / "checkpoints/step-8/model.safetensors"))
     final = lora_b(load_file(out / "final/adapter/adapter_model.safetensors"))

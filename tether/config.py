@@ -415,7 +415,7 @@ class KLConfig:
     # training prompts and, where it is over the budget, the update is scaled down to land on
     # it (tether.rollout.landing); final/ holds the landed policy, RUN_DIR/landing.json what
     # was measured. 0: final/ is the last step's policy.
-    budget_landing: int = 64
+    budget_landing: int = 128
     # Where the KL enters: "reward" (−β·KL_t per token, PPO/RLOO/REINFORCE/A2C) or "loss"
     # (+β·mean KL as a loss term, GRPO); "auto" picks by algo.
     placement: Literal["auto", "reward", "loss"] = "auto"

@@ -5,9 +5,11 @@ or two late, so a short run can end well past its budget. After the last step th
 KL is measured on answers it samples for a fixed set of training prompts; where it is over
 the budget, the update θ − θ_ref is scaled by α < 1 (θ_ref + α·(θ − θ_ref), the linear
 interpolation towards the initialisation of Ramé et al.'s WARP, 2024) with α from
-`tether.core.kl.landing_scale`, measured again, and so on for a few rounds. The α whose KL
-is nearest the budget without passing it by more than the measurement's noise is kept in the
-weights that `final/` saves. A run under its budget is left as it is.
+`tether.core.kl.landing_scale`, measured again, and so on for a few rounds. Each KL is a
+mean over sampled answers, with a standard error; a measurement counts as over the budget only
+where it passes it by more than its noise (two standard errors, or a tenth of the budget).
+The α with the largest KL that is not over is kept in the weights that `final/` saves. A
+trained policy that is not over is left as it is.
 
 With LoRA the update is the adapters' B·A, so scaling B scales it exactly; a fully trained
 policy is interpolated towards the reference model's weights.
@@ -15,6 +17,7 @@ policy is interpolated towards the reference model's weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,8 +35,10 @@ from tether.runs import distributed
 # Measurements of the KL, the trained policy's included. Each costs a sampling of the
 # landing prompts and two forward passes over them.
 LANDING_ROUNDS = 4
-# A measured KL within this share over the budget counts as landed: with 64 answers the
-# measurement's own noise is about this large.
+# A measured KL within this share of the budget, or within two of its standard errors,
+# counts as on it. 128 answers of the demo's policies measure their KL with a standard
+# error of about 0.2 nats, so a trained policy is scaled only where it is over its budget by
+# more than that noise.
 LANDING_TOLERANCE = 0.1
 # Rows per forward pass of the measurement.
 PASS_ROWS = 16
@@ -41,19 +46,20 @@ PASS_ROWS = 16
 
 @dataclass
 class Landing:
-    """What a landing did: every (α, KL) measured, and the α kept."""
+    """What a landing did: every (α, KL, standard error of the KL) measured, and the α kept."""
 
     budget: float
-    measured: list[tuple[float, float]] = field(default_factory=list)
+    measured: list[tuple[float, float, float]] = field(default_factory=list)
     scale: float = 1.0
 
     def as_dict(self) -> dict:
+        kl_at = {a: k for a, k, _ in self.measured}
         return {
             "budget": self.budget,
             "scale": self.scale,
             "kl_trained": self.measured[0][1] if self.measured else None,
-            "kl_landed": dict(self.measured).get(self.scale),
-            "measured": [{"scale": a, "kl": k} for a, k in self.measured],
+            "kl_landed": kl_at.get(self.scale),
+            "measured": [{"scale": a, "kl": k, "kl_se": e} for a, k, e in self.measured],
         }
 
 
@@ -83,9 +89,11 @@ def update_scaler(ac: ActorCritic, reference: torch.nn.Module | None) -> Callabl
 
 
 @torch.no_grad()
-def measure_kl(run: OnlineRun, rows: Sequence[list[int]], seeds: Sequence[int]) -> float:
+def measure_kl(
+    run: OnlineRun, rows: Sequence[list[int]], seeds: Sequence[int]
+) -> tuple[float, float]:
     """The policy's mean sequence KL to π_ref (k1, the unbiased estimator) over one sampled
-    answer per prompt row, averaged over every rank's rows."""
+    answer per prompt row of every rank, and the standard error of that mean."""
     cfg = run.cfg
     with run.parallel.full_weights() as whole, autocast(run.bf16):
         generation = generate(
@@ -100,7 +108,7 @@ def measure_kl(run: OnlineRun, rows: Sequence[list[int]], seeds: Sequence[int]) 
             row_seeds=list(seeds),
         )
     batch = build_batch(generation.prompt_ids, generation.response_ids, run.tokenizer.pad_token_id)
-    temperature, kl_sum = cfg.rollout.temperature, 0.0
+    temperature, kl_sum, kl_squares = cfg.rollout.temperature, 0.0, 0.0
     run.parallel.model.eval()
     try:
         for start in range(0, len(rows), PASS_ROWS):
@@ -112,11 +120,16 @@ def measure_kl(run: OnlineRun, rows: Sequence[list[int]], seeds: Sequence[int]) 
                 else:
                     ref_logprobs = sequence_logprobs_of(run.reference, sub, temperature)
             kl = kl_estimate(logprobs.float(), ref_logprobs.to(logprobs.device).float(), "k1")
-            kl_sum += float(masked_sum(kl, sub.response_mask.to(kl.device)))
+            per_answer = masked_sum(kl, sub.response_mask.to(kl.device), dim=1).double()
+            kl_sum += float(per_answer.sum())
+            kl_squares += float((per_answer**2).sum())
     finally:
         run.parallel.model.train()
-    total = distributed.all_sum(torch.tensor([kl_sum, float(len(rows))], dtype=torch.float64))
-    return float(total[0] / total[1].clamp(min=1))
+    sums = torch.tensor([kl_sum, kl_squares, float(len(rows))], dtype=torch.float64)
+    total, squares, n = distributed.all_sum(sums).tolist()
+    mean = total / max(n, 1.0)
+    variance = max(squares / max(n, 1.0) - mean**2, 0.0) * n / max(n - 1, 1.0)
+    return mean, math.sqrt(variance / max(n, 1.0))
 
 
 def land_on_budget(
@@ -129,18 +142,17 @@ def land_on_budget(
     alpha, best = 1.0, None
     for _ in range(LANDING_ROUNDS):
         set_scale(alpha)
-        kl = measure_kl(run, rows, seeds)
-        landing.measured.append((alpha, kl))
-        within = kl <= budget * (1 + LANDING_TOLERANCE)
+        kl, error = measure_kl(run, rows, seeds)
+        landing.measured.append((alpha, kl, error))
+        slack = max(LANDING_TOLERANCE * budget, 2.0 * error)
+        within = kl <= budget + slack
         if within and (best is None or kl > best[1]):
             best = (alpha, kl)  # the largest KL within the budget: the most of the update
-        if alpha == 1.0 and within:
-            break  # the trained policy is within the budget: nothing to land
-        if within and kl >= budget * (1 - LANDING_TOLERANCE):
-            break  # landed
-        alpha = landing_scale(landing.measured, budget)
+        if within and (alpha == 1.0 or kl >= budget - slack):
+            break  # the trained policy is within its budget, or the scaled one is on it
+        alpha = landing_scale([(a, k) for a, k, _ in landing.measured], budget)
     if best is None:  # every measurement over: the smallest update measured
-        best = min(landing.measured)
+        best = min(landing.measured)[:2]
     landing.scale = best[0]
     set_scale(landing.scale)
     return landing
