@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_ppo import blue_overrides, ppo_config
-from tether.models.loading import load_tokenizer
+from tether.models.loading import ModelLoadError, load_tokenizer
 from tether.rollout.actor_critic import load_actor_critic
 from tether.rollout.landing import LANDING_TOLERANCE, update_scaler
 from tether.rollout.passes import build_batch, sequence_logprobs_of
@@ -112,3 +112,18 @@ def test_a_run_within_its_budget_keeps_its_trained_policy(peaked_model_dir, ppo_
     trained = lora_b(load_file(out / "checkpoints/step-8/model.safetensors"))
     final = lora_b(load_file(out / "final/adapter/adapter_model.safetensors"))
     assert torch.equal(final, trained.to(final))
+
+
+def test_a_reference_the_policy_cannot_be_interpolated_to_is_refused_before_training(
+    peaked_model_dir, tiny_model_dir, ppo_files, tmp_path
+):
+    """A fully trained policy lands by interpolating towards its reference weight by weight:
+    the peaked model's untied LM head has no counterpart in the tiny model's tied one."""
+    overrides = [f"reference={tiny_model_dir}", "ppo.kl.budget=1.0", "train.max_steps=1"]
+    with pytest.raises(ModelLoadError, match=r"budget_landing.*lm_head"):
+        run_ppo(ppo_config(peaked_model_dir, ppo_files, *overrides), tmp_path / "run")
+    assert not (tmp_path / "run/metrics.jsonl").exists()
+    # without the landing the same run trains
+    cfg = ppo_config(peaked_model_dir, ppo_files, *overrides, "ppo.kl.budget_landing=0")
+    run_ppo(cfg, tmp_path / "run2")
+    assert not (tmp_path / "run2" / LANDING_FILE).exists()

@@ -26,6 +26,7 @@ import torch
 from tether.core.kl import kl_estimate, landing_scale
 from tether.core.ops import masked_sum
 from tether.hardware import autocast
+from tether.models.loading import ModelLoadError
 from tether.rollout.actor_critic import ActorCritic
 from tether.rollout.experience import OnlineRun, reference_logprobs
 from tether.rollout.generation import generate
@@ -63,16 +64,31 @@ class Landing:
         }
 
 
+def check_scalable(ac: ActorCritic, reference: torch.nn.Module | None) -> None:
+    """Raise before training where the policy's update cannot be scaled: a fully trained
+    policy interpolates towards its reference model, weight by weight, so the two need the
+    same architecture."""
+    if any(".lora_B." in n for n, _ in ac.policy.named_parameters()):
+        return
+    ref = {} if reference is None else dict(reference.named_parameters())
+    for name, param in ac.policy.named_parameters():
+        if param.requires_grad and (name not in ref or ref[name].shape != param.shape):
+            raise ModelLoadError(
+                "ppo.kl.budget_landing: the reference model has no weight like the policy's "
+                f"{name}; landing interpolates between them, so it needs the same "
+                "architecture (or set ppo.kl.budget_landing: 0)"
+            )
+
+
 def update_scaler(ac: ActorCritic, reference: torch.nn.Module | None) -> Callable[[float], None]:
     """A function that sets the policy to θ_ref + α·(θ − θ_ref) for the trained θ (α = 1 gives
     the trained policy back): scaling the LoRA B matrices, or, without adapters, every
     trainable weight between its reference value and its trained one."""
-    lora = {n: p for n, p in ac.policy.named_parameters() if ".lora_B." in n}
+    check_scalable(ac, reference)
+    lora = [p for n, p in ac.policy.named_parameters() if ".lora_B." in n]
     if lora:
-        pairs = [(p, torch.zeros_like(p), p.detach().clone()) for p in lora.values()]
+        pairs = [(p, torch.zeros_like(p), p.detach().clone()) for p in lora]
     else:
-        if reference is None:
-            raise ValueError("a policy without adapters needs its reference model to scale")
         ref = dict(reference.named_parameters())
         pairs = [
             (p, ref[n].detach().to(p), p.detach().clone())

@@ -55,7 +55,7 @@ from tether.rollout.experience import (
     micro_batch_rows,
 )
 from tether.rollout.generation import encode_prompt
-from tether.rollout.landing import land_on_budget
+from tether.rollout.landing import check_scalable, land_on_budget
 from tether.rollout.value_fit import LeastSquaresValueHead
 from tether.runs import distributed
 from tether.runs.data_order import total_steps
@@ -361,6 +361,9 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     check_batch_layout(cfg, prompts_per_rank)
     run = build_online_run(cfg, tokenizer, begun.device, bf16, {k for c in columns for k in c})
     ac = run.parallel.model
+    landing = lands_on_budget(cfg)
+    if landing:
+        check_scalable(ac, run.reference)  # before any step, not after the last
     critic_lr = {"value_head.": cfg.critic.lr, "critic.": cfg.critic.lr} if cfg.critic.lr else None
     opt = start_optimization(
         run_dir, cfg, ac, len(rows), begun.resume_from, cfg.train.batch_size, critic_lr
@@ -421,7 +424,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         extra_state=lambda: carried_state(kl_ctl, run),
     )
 
-    if cfg.ppo.kl.budget and cfg.ppo.kl.budget_landing:
+    if landing:
         land_final_policy(cfg, run, rows, run_dir.path)
 
     def save(whole: ActorCritic) -> None:
@@ -433,15 +436,24 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     return run_dir.final
 
 
+def lands_on_budget(cfg: PPOConfig) -> bool:
+    """Whether the run lands its final policy on its KL budget (tether.rollout.landing): a
+    budget and `ppo.kl.budget_landing`, and not a fully trained policy under FSDP, whose
+    sharded weights it cannot interpolate (the run says so)."""
+    if not (cfg.ppo.kl.budget and cfg.ppo.kl.budget_landing):
+        return False
+    if cfg.parallel == "fsdp" and not cfg.model.lora.enabled:
+        say("note: ppo.kl.budget_landing needs LoRA under parallel: fsdp; final/ will be the "
+            "last step's policy")  # fmt: skip
+        return False
+    return True
+
+
 def land_final_policy(cfg: PPOConfig, run: OnlineRun, rows: list[list[int]], path: Path) -> None:
     """Land the trained policy on the KL budget (tether.rollout.landing), measured on the
     first `ppo.kl.budget_landing` training prompts (each rank its share), one answer each
     drawn with seeds of their own (step 0, which no iteration uses): a resumed run lands
     exactly as the uninterrupted one. Writes RUN_DIR/landing.json."""
-    if cfg.parallel == "fsdp" and not cfg.model.lora.enabled:
-        say("note: ppo.kl.budget_landing needs LoRA under parallel: fsdp; final/ is the last "
-            "step's policy")  # fmt: skip
-        return
     indices = distributed.shard(list(range(min(cfg.ppo.kl.budget_landing, len(rows)))))
     seeds = [row_seed(cfg.train.seed, 0, i) for i in indices]
     landing = land_on_budget(run, [rows[i] for i in indices], seeds, cfg.ppo.kl.budget)
