@@ -22,8 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tether.core.metrics import value_at_kl
-from tether.tools.demo import budget_ppo_steps
+from tether.tools.demo import best_of_n_at_kl, budget_ppo_steps
 
 # What a copy drops so that `--resume` reruns PPO and the evaluation on the same reward model.
 RERUN = ("ppo", "eval", "report.html", "summary.json")
@@ -122,11 +121,8 @@ def main() -> None:
         name = f"budget {ran['kl_budget']:g} nats, β₀ {ran['kl_coef']:g}"
         points.append(point(name, json.loads(run.read_text())))
     best_of_n = base["best_of_n"]
-    gold_curve = [(b["kl"], b["gold"]) for b in best_of_n]
-    rm_curve = [(b["kl"], b["rm_score"]) for b in best_of_n]
     for p in points:  # every run on the base demo's best-of-n curve (same RM, same prompts)
-        p["best_of_n_gold_at_kl"] = value_at_kl(gold_curve, p["kl"])
-        p["best_of_n_rm_at_kl"] = value_at_kl(rm_curve, p["kl"])
+        p["best_of_n_gold_at_kl"], p["best_of_n_rm_at_kl"] = best_of_n_at_kl(best_of_n, p["kl"])
     out = args.demo / "frontier"
     out.mkdir(exist_ok=True)
     (out / "frontier.json").write_text(

@@ -123,18 +123,11 @@ def by_column(records: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in records] for k in names}
 
 
-def sample_and_score(
-    run: OnlineRun,
-    messages: list[list[Message]],
-    rows: list[list[int]],
-    row_seeds: list[int],
-    columns: list[dict] | None = None,
-) -> Sampled:
-    """Sample one response per row from the whole policy, then score every response once.
-
-    The gold judge runs before any state (score moments, baseline) moves: if it fails, the
-    step leaves nothing behind and the run resumes exactly once it is fixed.
-    """
+def sample_responses(
+    run: OnlineRun, rows: list[list[int]], row_seeds: list[int]
+) -> tuple[Generation, RolloutBatch]:
+    """One response per prompt row from the whole policy, with the rollout's settings and
+    one seed per row, and the rows laid out as a batch."""
     rollout = run.cfg.rollout
     with run.parallel.full_weights() as whole, autocast(run.bf16):
         generation = generate(
@@ -149,6 +142,23 @@ def sample_and_score(
             row_seeds=row_seeds,
         )
     batch = build_batch(generation.prompt_ids, generation.response_ids, run.tokenizer.pad_token_id)
+    return generation, batch
+
+
+def sample_and_score(
+    run: OnlineRun,
+    messages: list[list[Message]],
+    rows: list[list[int]],
+    row_seeds: list[int],
+    columns: list[dict] | None = None,
+) -> Sampled:
+    """Sample one response per row from the whole policy, then score every response once.
+
+    The gold judge runs before any state (score moments, baseline) moves: if it fails, the
+    step leaves nothing behind and the run resumes exactly once it is fixed.
+    """
+    rollout = run.cfg.rollout
+    generation, batch = sample_responses(run, rows, row_seeds)
     reward_prompts = [prompt_for_reward(m) for m in messages]
     fields = by_column(columns) if columns else None
     ids = generation.response_ids
@@ -169,6 +179,15 @@ def reference_logprobs(ac: ActorCritic, batch: RolloutBatch, temperature: float)
         return sequence_logprobs_of(ref_model, batch, temperature)
 
 
+def reference_pass(run: OnlineRun, batch: RolloutBatch) -> torch.Tensor:
+    """π_ref's token log-probs [B, R] of a batch: the separate reference model's, or the
+    LoRA policy's with its adapters off."""
+    temperature = run.cfg.rollout.temperature
+    if run.reference is None:
+        return run.parallel(reference_logprobs, batch, temperature)
+    return sequence_logprobs_of(run.reference, batch, temperature)
+
+
 @torch.no_grad()
 def forward_passes(run: OnlineRun, batch: RolloutBatch, live_rows: torch.Tensor | None) -> Passes:
     """π_ref for every row; the policy (log-probs, values, entropy) without a graph for every
@@ -182,11 +201,7 @@ def forward_passes(run: OnlineRun, batch: RolloutBatch, live_rows: torch.Tensor 
     parallel.model.eval()
     with autocast(run.bf16):
         for start in range(0, len(every), micro):
-            sub = batch.rows(every[start : start + micro])
-            if run.reference is None:
-                ref_parts.append(parallel(reference_logprobs, sub, temperature))
-            else:
-                ref_parts.append(sequence_logprobs_of(run.reference, sub, temperature))
+            ref_parts.append(reference_pass(run, batch.rows(every[start : start + micro])))
     head = parallel.model.value_head if run.value_fit is not None else None
     with recorded_inputs(head) as features:
         with autocast(run.bf16):

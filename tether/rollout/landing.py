@@ -28,9 +28,7 @@ from tether.core.ops import masked_sum
 from tether.hardware import autocast
 from tether.models.loading import ModelLoadError
 from tether.rollout.actor_critic import ActorCritic
-from tether.rollout.experience import OnlineRun, reference_logprobs
-from tether.rollout.generation import generate
-from tether.rollout.passes import build_batch, sequence_logprobs_of
+from tether.rollout.experience import OnlineRun, reference_pass, sample_responses
 from tether.runs import distributed
 
 # Measurements of the KL, the trained policy's included. Each costs a sampling of the
@@ -110,31 +108,15 @@ def measure_kl(
 ) -> tuple[float, float]:
     """The policy's mean sequence KL to π_ref (k1, the unbiased estimator) over one sampled
     answer per prompt row of every rank, and the standard error of that mean."""
-    cfg = run.cfg
-    with run.parallel.full_weights() as whole, autocast(run.bf16):
-        generation = generate(
-            whole.policy,
-            run.tokenizer,
-            list(rows),
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            batch_size=cfg.rollout.generation_batch_size,
-            engine=cfg.rollout.engine,
-            dtype=torch.bfloat16 if run.bf16 else torch.float32,
-            row_seeds=list(seeds),
-        )
-    batch = build_batch(generation.prompt_ids, generation.response_ids, run.tokenizer.pad_token_id)
-    temperature, kl_sum, kl_squares = cfg.rollout.temperature, 0.0, 0.0
+    _, batch = sample_responses(run, list(rows), list(seeds))
+    temperature, kl_sum, kl_squares = run.cfg.rollout.temperature, 0.0, 0.0
     run.parallel.model.eval()
     try:
         for start in range(0, len(rows), PASS_ROWS):
             sub = batch.rows(torch.arange(start, min(start + PASS_ROWS, len(rows))))
             with autocast(run.bf16):
                 logprobs = run.parallel(ActorCritic.forward_responses, sub, temperature)[0]
-                if run.reference is None:
-                    ref_logprobs = run.parallel(reference_logprobs, sub, temperature)
-                else:
-                    ref_logprobs = sequence_logprobs_of(run.reference, sub, temperature)
+                ref_logprobs = reference_pass(run, sub)
             kl = kl_estimate(logprobs.float(), ref_logprobs.to(logprobs.device).float(), "k1")
             per_answer = masked_sum(kl, sub.response_mask.to(kl.device), dim=1).double()
             kl_sum += float(per_answer.sum())

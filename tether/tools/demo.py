@@ -393,11 +393,19 @@ def stage_evaluation(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
     # RM score there says why PPO falls short where it does: a lower RM score is reward PPO
     # did not find for its KL (optimisation), a like RM score with lower gold is the reward
     # model being gamed (over-optimisation).
-    for key, field in (("gold", "gold"), ("rm", "rm_score")):
-        curve = [(b["kl"], b[field]) for b in results["best_of_n"]]
-        results[f"best_of_n_{key}_at_policy_kl"] = value_at_kl(curve, results["kl"])
+    gold, rm = best_of_n_at_kl(results["best_of_n"], results["kl"])
+    results["best_of_n_gold_at_policy_kl"], results["best_of_n_rm_at_policy_kl"] = gold, rm
     write_text_atomic(out / "eval/results.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def best_of_n_at_kl(best_of_n: list[dict], kl: float) -> tuple[float | None, float | None]:
+    """Best-of-n's (gold, RM score) at `kl`, read off its curve between the n that bracket
+    it (None outside the curve)."""
+    return (
+        value_at_kl([(b["kl"], b["gold"]) for b in best_of_n], kl),
+        value_at_kl([(b["kl"], b["rm_score"]) for b in best_of_n], kl),
+    )
 
 
 def _load_policy_and_reference(
