@@ -13,6 +13,7 @@ from tether.models.loading import ModelLoadError, load_tokenizer
 from tether.rollout.actor_critic import load_actor_critic
 from tether.rollout.landing import LANDING_TOLERANCE, update_scaler
 from tether.rollout.passes import build_batch, sequence_logprobs_of
+from tether.runs.rundir import read_metrics
 from tether.stages.ppo import LANDING_FILE, run_ppo
 
 
@@ -127,3 +128,42 @@ def test_a_reference_the_policy_cannot_be_interpolated_to_is_refused_before_trai
     cfg = ppo_config(peaked_model_dir, ppo_files, *overrides, "ppo.kl.budget_landing=0")
     run_ppo(cfg, tmp_path / "run2")
     assert not (tmp_path / "run2" / LANDING_FILE).exists()
+
+
+def test_a_stop_budget_run_ends_untrained_on_the_rollout_that_reached_its_budget(
+    peaked_model_dir, ppo_files, tmp_path
+):
+    """ppo.kl.budget_control: stop. β stays at its floor; the first rollout whose KL reaches
+    the budget is logged and not trained on, the run ends there, and a resumed run that
+    ended so takes no more steps."""
+    cfg = ppo_config(
+        peaked_model_dir,
+        ppo_files,
+        *blue_overrides(ppo_files),
+        "optim.lr=3e-2",
+        "train.max_steps=8",
+        "train.save_every=1",
+        "train.keep_last=10",
+        "ppo.kl.coef=0.01",
+        "ppo.kl.budget=0.5",
+        "ppo.kl.budget_control=stop",
+        "ppo.kl.budget_landing=0",
+    )
+    out = tmp_path / "run"
+    run_ppo(cfg, out)
+    records = read_metrics(out / "metrics.jsonl")
+    *before, stop = records
+    assert len(records) < 8 and stop["kl/budget_reached"] == 1.0 and stop["kl/mean"] >= 0.5
+    assert all(r["kl/mean"] < 0.5 and "kl/budget_reached" not in r for r in before)
+    assert {r["kl/coef"] for r in records} == {0.01}  # no controller: β is the floor
+    assert "policy/loss" not in stop  # no update on the rollout over the budget
+    # the weights after the stop step are those before it, and final/ holds them
+    step = stop["step"]
+    last, previous = (
+        lora_b(load_file(out / f"checkpoints/step-{s}/model.safetensors")) for s in (step, step - 1)
+    )
+    assert torch.equal(last, previous)
+    final = lora_b(load_file(out / "final/adapter/adapter_model.safetensors"))
+    assert torch.equal(final, last.to(final))
+    run_ppo(cfg, out, resume=True)
+    assert read_metrics(out / "metrics.jsonl") == records

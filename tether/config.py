@@ -411,6 +411,11 @@ class KLConfig:
     # whole budget from the first step). Over the whole run (1), β starts to act while the KL
     # is still small (benchmarks/RESULTS.md: the final KL lands near the budget either way).
     budget_ramp: float = 1.0
+    # How a budget is kept: "beta", β rises from `coef` while the KL is over the budget
+    # (core.kl.KLBudgetController); "stop", β stays at `coef` and the run ends at the first
+    # iteration whose rollout KL reaches the budget, without training on that rollout: the
+    # policy is the fixed-β run's at the budget, which the landing then trims.
+    budget_control: Literal["beta", "stop"] = "beta"
     # > 0 with a budget: after the last step, the policy's KL is measured on this many
     # training prompts and, where it is over the budget, the update is scaled down to land on
     # it (tether.rollout.landing); final/ holds the landed policy, RUN_DIR/landing.json what

@@ -63,6 +63,8 @@ class OnlineRun:
     moments: RunningMoments  # of raw scores, for reward.normalize
     baseline: MovingAverageBaseline  # REINFORCE's
     value_fit: LeastSquaresValueHead | None = None  # critic.fit: least_squares
+    # ppo.kl.budget_control: stop — the step whose rollout reached the budget (None: not yet)
+    budget_reached_at: int | None = None
 
 
 @dataclass

@@ -212,6 +212,7 @@ def run_steps(
     per_step: int | None = None,
     steps_itself: bool = False,
     extra_state: Callable[[], dict[str, Any]] | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> None:
     """The optimizer-step loop every offline stage shares.
 
@@ -225,7 +226,9 @@ def run_steps(
 
     An online stage draws `per_step` prompts per step and, with `steps_itself`, takes its own
     optimizer steps inside `step_fn` (PPO: epochs x minibatches); `extra_state()` is saved
-    with every checkpoint and comes back as `opt.extra` on resume.
+    with every checkpoint and comes back as `opt.extra` on resume. `until()` true ends the
+    run before its last step (PPO's spent KL budget): the step that made it so is saved,
+    and a resumed run that ended so takes no more steps.
     """
     train, progress, logger = cfg.train, opt.progress, opt.logger
     per_step = per_step or examples_per_step(train)
@@ -244,7 +247,8 @@ def run_steps(
     save = functools.partial(_save, run, model, opt, train.keep_last, extra_state)
     device = model_device(model)
     bad_in_a_row = 0
-    while progress.step < last_step:
+    ended = until or (lambda: False)
+    while progress.step < last_step and not ended():
         started = time.perf_counter()
         indices = example_indices(progress.cursor, per_step, num_examples, train.seed, grouped)
         metrics, tokens = _step_or_save(step_fn, indices, run, progress, save, cfg)
@@ -259,12 +263,13 @@ def run_steps(
         progress.cursor += len(indices)
         _add_step_metrics(metrics, progress.cursor / num_examples, started, tokens)
         metrics |= cuda_memory(device)
-        _evaluate_and_log(metrics, progress.step, last_step, train, eval_fn, logger)
+        last = progress.step if ended() else last_step  # a run that ends early ends here
+        _evaluate_and_log(metrics, progress.step, last, train, eval_fn, logger)
         bar.update(1)
         bar.set_postfix(
             {name: f"{metrics[key]:.4g}" for key, name in PROGRESS_KEYS.items() if key in metrics}
         )
-        if is_due(progress.step, train.save_every, last_step):
+        if is_due(progress.step, train.save_every, last):
             save()
         faults.maybe_kill("after_step", progress.step)
     bar.close()

@@ -286,6 +286,8 @@ KLController = KLBudgetController | AdaptiveKLController | FixedKLController
 def make_kl_controller(cfg: PPOConfig, steps: int) -> KLController:
     """β's controller for a run of `steps` PPO iterations."""
     kl = cfg.ppo.kl
+    if kl.budget and kl.budget_control == "stop":
+        return FixedKLController(kl.coef)
     if kl.budget:
         ramp = round(kl.budget_ramp * steps)
         return KLBudgetController(kl.coef, kl.budget, lead=kl.budget_lead, ramp=ramp)
@@ -340,6 +342,7 @@ def carried_state(kl_ctl: KLController, run: OnlineRun) -> dict:
         "score_moments": run.moments.state_dict(),
         "baseline": run.baseline.state_dict(),
         "value_fit": run.value_fit.state_dict() if run.value_fit is not None else None,
+        "budget_reached_at": run.budget_reached_at,
     }
 
 
@@ -349,6 +352,7 @@ def load_carried_state(state: dict, kl_ctl: KLController, run: OnlineRun) -> Non
     run.baseline.load_state_dict(state["baseline"])
     if run.value_fit is not None and state.get("value_fit") is not None:
         run.value_fit.load_state_dict(state["value_fit"])
+    run.budget_reached_at = state.get("budget_reached_at")
 
 
 def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
@@ -372,6 +376,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     kl_ctl = make_kl_controller(cfg, last_step)
     if opt.extra:  # resumed: the state the checkpoint carried besides the weights
         load_carried_state(opt.extra, kl_ctl, run)
+    stops_at_budget = bool(cfg.ppo.kl.budget) and cfg.ppo.kl.budget_control == "stop"
     samples_path = run_dir.path / "samples.jsonl"
     if distributed.world().is_main:
         truncate_jsonl(samples_path, opt.progress.step)
@@ -395,8 +400,12 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         stats["time/rollout_s"] = time.perf_counter() - started
         stats["time/sync_s"] = ro.generation.sync_s
         started = time.perf_counter()
-        stats.update(ppo_update(run, opt, ro, kl_ctl.value, step))
-        if run.value_fit is not None and not stats["guard/skipped_updates"]:
+        if stops_at_budget and stats["kl/mean"] >= cfg.ppo.kl.budget:
+            run.budget_reached_at = step  # the run ends here, untrained on this rollout
+            stats["kl/budget_reached"] = 1.0
+        else:
+            stats.update(ppo_update(run, opt, ro, kl_ctl.value, step))
+        if run.value_fit is not None and not stats.get("guard/skipped_updates", 1):
             # (a step whose updates were skipped for non-finite values moves nothing)
             head = ac.value_head
             stats.update(
@@ -422,6 +431,7 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         per_step=cfg.train.batch_size,
         steps_itself=True,
         extra_state=lambda: carried_state(kl_ctl, run),
+        until=lambda: run.budget_reached_at is not None,
     )
 
     if landing:
