@@ -428,6 +428,11 @@ class KLConfig:
     # "auto": k1 in the reward, k3 as a loss term (its gradient is that of KL(π‖π_ref)).
     estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
 
+    @property
+    def stops_at_budget(self) -> bool:
+        """Whether a run ends where its rollout KL reaches the budget (budget_control: stop)."""
+        return bool(self.budget) and self.budget_control == "stop"
+
     def resolved(self, algo: str) -> tuple[str, str]:
         """(placement, estimator) with "auto" resolved by `algo`'s row of the algorithm table."""
         placement = self.placement

@@ -286,7 +286,7 @@ KLController = KLBudgetController | AdaptiveKLController | FixedKLController
 def make_kl_controller(cfg: PPOConfig, steps: int) -> KLController:
     """β's controller for a run of `steps` PPO iterations."""
     kl = cfg.ppo.kl
-    if kl.budget and kl.budget_control == "stop":
+    if kl.stops_at_budget:
         return FixedKLController(kl.coef)
     if kl.budget:
         ramp = round(kl.budget_ramp * steps)
@@ -376,7 +376,6 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
     kl_ctl = make_kl_controller(cfg, last_step)
     if opt.extra:  # resumed: the state the checkpoint carried besides the weights
         load_carried_state(opt.extra, kl_ctl, run)
-    stops_at_budget = bool(cfg.ppo.kl.budget) and cfg.ppo.kl.budget_control == "stop"
     samples_path = run_dir.path / "samples.jsonl"
     if distributed.world().is_main:
         truncate_jsonl(samples_path, opt.progress.step)
@@ -400,17 +399,15 @@ def run_ppo(cfg: PPOConfig, out: Path, resume: bool = False) -> Path:
         stats["time/rollout_s"] = time.perf_counter() - started
         stats["time/sync_s"] = ro.generation.sync_s
         started = time.perf_counter()
-        if stops_at_budget and stats["kl/mean"] >= cfg.ppo.kl.budget:
+        if cfg.ppo.kl.stops_at_budget and stats["kl/mean"] >= cfg.ppo.kl.budget:
             run.budget_reached_at = step  # the run ends here, untrained on this rollout
             stats["kl/budget_reached"] = 1.0
         else:
             stats.update(ppo_update(run, opt, ro, kl_ctl.value, step))
-        if run.value_fit is not None and not stats.get("guard/skipped_updates", 1):
-            # (a step whose updates were skipped for non-finite values moves nothing)
-            head = ac.value_head
-            stats.update(
-                run.value_fit.refit(head, ro.value_features, ro.returns, ro.batch.response_mask)
-            )
+            if run.value_fit is not None and not stats["guard/skipped_updates"]:
+                # (a step whose updates were skipped for non-finite values moves nothing)
+                features, mask = ro.value_features, ro.batch.response_mask
+                stats.update(run.value_fit.refit(ac.value_head, features, ro.returns, mask))
         stats["time/train_s"] = time.perf_counter() - started
         kl_ctl.update(stats["kl/mean"], n_steps=len(indices) * k)
         every = cfg.rollout.samples_every
