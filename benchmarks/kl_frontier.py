@@ -20,17 +20,18 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from tether.tools.demo import best_of_n_at_kl, budget_ppo_steps
+from tether.tools.demo import DemoSettings, best_of_n_at_kl, budget_settings
 
 # What a copy drops so that `--resume` reruns PPO and the evaluation on the same reward model.
 RERUN = ("ppo", "eval", "report.html", "summary.json")
 
 
 def budget_run(demo: Path, budget: float, kl_coef: float | None) -> dict:
-    """The summary of the demo rerun with PPO steered to `budget` nats (β starting from
-    `kl_coef`, else the demo's)."""
+    """The summary of the demo rerun with PPO stopped and landed at `budget` nats (at β =
+    `kl_coef`, else the demo's), on `tether demo --kl-budget`'s PPO settings."""
     beta = "" if kl_coef is None else f"-beta-{kl_coef:g}"
     out = demo / "frontier" / f"budget-{budget:g}{beta}"
     if not (out / "summary.json").is_file():
@@ -39,7 +40,7 @@ def budget_run(demo: Path, budget: float, kl_coef: float | None) -> dict:
             shutil.copytree(demo, out, ignore=shutil.ignore_patterns("frontier", *RERUN))
             settings = json.loads((out / "settings.json").read_text())
             settings |= {"kl_budget": budget} | ({} if kl_coef is None else {"kl_coef": kl_coef})
-            settings["ppo_steps"] = budget_ppo_steps(settings["ppo_steps"])
+            settings = asdict(budget_settings(DemoSettings(**settings)))
             (out / "settings.json").write_text(json.dumps(settings))
             stages = json.loads((out / "stages.json").read_text())
             for stage in ("ppo", "evaluation", "report"):
@@ -109,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, required=True, help="a finished `tether demo` dir")
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    parser.add_argument("--kl-coef", type=float, help="β the budget controller starts from")
+    parser.add_argument("--kl-coef", type=float, help="β of the budget runs (default: the demo's)")
     args = parser.parse_args()
     base = json.loads((args.demo / "summary.json").read_text())
     settings = json.loads((args.demo / "settings.json").read_text())
@@ -118,7 +119,7 @@ def main() -> None:
     points = [point(f"β = {settings['kl_coef']:g} fixed (the demo)", base)]
     for run in sorted((args.demo / "frontier").glob("budget-*/summary.json")):  # all so far
         ran = json.loads((run.parent / "settings.json").read_text())
-        name = f"budget {ran['kl_budget']:g} nats, β₀ {ran['kl_coef']:g}"
+        name = f"budget {ran['kl_budget']:g} nats, β {ran['kl_coef']:g}"
         points.append(point(name, json.loads(run.read_text())))
     best_of_n = base["best_of_n"]
     for p in points:  # every run on the base demo's best-of-n curve (same RM, same prompts)

@@ -86,19 +86,19 @@ def test_resume_needs_a_run_dir():
 
 
 @pytest.mark.parametrize(
-    ("args", "steps"),
+    ("args", "expected"),
     [
-        ([], "default"),
-        (["--kl-budget", "2"], "budget"),
-        (["--kl-budget", "2", "--steps", "5"], 5),
-        (["--kl-budget", "2", "--quick"], "quick"),
+        ([], (16, 16, 3e-4)),
+        (["--kl-budget", "2"], (30, 32, 1.5e-4)),
+        (["--kl-budget", "2", "--steps", "5"], (5, 32, 1.5e-4)),
+        (["--kl-budget", "2", "--quick"], (8, 8, 3e-4)),
     ],
 )
-def test_a_demo_with_a_kl_budget_runs_the_budget_steps_unless_told(
-    args, steps, tmp_path, monkeypatch
+def test_a_demo_with_a_kl_budget_takes_the_budget_ppo_settings_unless_told(
+    args, expected, tmp_path, monkeypatch
 ):
-    """The budget controller needs more PPO steps than a fixed β to land its KL; --steps
-    still wins."""
+    """A budget run stops where it spends its budget, so its step count is a cap, and it
+    takes twice the prompts a step at half the learning rate; --steps and --quick still win."""
     from tether.tools import demo
 
     seen = []
@@ -110,10 +110,4 @@ def test_a_demo_with_a_kl_budget_runs_the_budget_steps_unless_told(
 
     monkeypatch.setattr(demo, "run_demo", run_demo)
     assert cli.main(["demo", "--out", str(tmp_path / "d"), *args]) == 0
-    expected = {
-        "default": demo.DemoSettings().ppo_steps,
-        "budget": demo.KL_BUDGET_PPO_STEPS,
-        "quick": demo.QUICK["ppo_steps"],
-    }
-    assert seen[0].ppo_steps == expected.get(steps, steps)
-    assert demo.DemoSettings().ppo_steps < demo.KL_BUDGET_PPO_STEPS
+    assert (seen[0].ppo_steps, seen[0].ppo_batch, seen[0].ppo_lr) == expected

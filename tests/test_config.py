@@ -54,6 +54,20 @@ def test_wrong_type_or_range_names_the_key(override, message):
         load_config(SFTConfig, None, ["data.train=a.jsonl", override])
 
 
+def test_a_budget_needs_a_positive_beta_only_where_a_controller_scales_it():
+    """β = 0 cannot be scaled up by the budget controller; a run that stops at its budget
+    spends it at any β, 0 included."""
+    base = [
+        "data.train=a.jsonl",
+        "reward.terms=[{name: length}]",
+        "ppo.kl.budget=2",
+        "ppo.kl.coef=0",
+    ]
+    with pytest.raises(ConfigError, match=r"ppo\.kl\.coef.*budget_control: beta"):
+        load_config(PPOConfig, None, [*base, "ppo.kl.budget_control=beta"])
+    assert load_config(PPOConfig, None, base).ppo.kl.stops_at_budget
+
+
 def test_missing_required_data_is_an_error():
     with pytest.raises(ConfigError, match=r"data\.train"):
         load_config(SFTConfig)

@@ -179,15 +179,17 @@ def test_a_run_saved_before_a_setting_existed_resumes_as_it_ran(tmp_path):
     assert now.policy_lora_share < 1.0 and now.rm_lora_share < 1.0 and now.rm_lr != 2e-3
 
 
-def test_a_kl_budget_steers_ppo_with_the_budget_controller(tmp_path):
-    from tether.tools.demo import ppo_config
+def test_a_kl_budget_stops_ppo_at_the_demos_beta(tmp_path):
+    from tether.tools.demo import budget_settings, ppo_config
     from tether.tools.tasks import get_task
 
     task = get_task("sentiment")
     fixed = ppo_config(task, DemoSettings(), tmp_path)
     assert not fixed.ppo.kl.adaptive and fixed.ppo.kl.budget == 0
-    budget = ppo_config(task, DemoSettings(kl_budget=2.0), tmp_path)
+    budget = ppo_config(task, budget_settings(DemoSettings(kl_budget=2.0)), tmp_path)
     assert budget.ppo.kl.budget == 2.0 and budget.ppo.kl.coef == 0.05
+    assert budget.ppo.kl.stops_at_budget
+    assert (budget.train.batch_size, budget.optim.lr) == (32, 1.5e-4)
 
 
 def test_the_kl_frontier_reruns_ppo_at_a_budget_and_the_report_shows_it(demo_run, tmp_path):
@@ -202,11 +204,11 @@ def test_the_kl_frontier_reruns_ppo_at_a_budget_and_the_report_shows_it(demo_run
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     frontier = json.loads((demo / "frontier/frontier.json").read_text())
-    assert [p["run"] for p in frontier["ppo"]][1] == "budget 0.5 nats, β₀ 0.05"
+    assert [p["run"] for p in frontier["ppo"]][1] == "budget 0.5 nats, β 0.05"
     ran = json.loads((demo / "frontier/budget-0.5/settings.json").read_text())
     assert ran["kl_budget"] == 0.5
     assert (demo / "frontier/frontier.png").stat().st_size > 1000
-    assert "| budget 0.5 nats, β₀ 0.05 |" in (demo / "frontier/frontier.md").read_text()
+    assert "| budget 0.5 nats, β 0.05 |" in (demo / "frontier/frontier.md").read_text()
     page = build_report(demo).read_text()
     assert "PPO at KL budgets against best-of-n" in page and "budget 0.5 nats" in page
     # the budget run landed its policy (or kept it, within the budget), and its report says so

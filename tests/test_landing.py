@@ -61,7 +61,8 @@ def test_the_update_scaler_moves_the_policy_between_the_reference_and_the_traine
 
 
 def landing_run(peaked_model_dir, ppo_files, out, budget: float):
-    """A LoRA policy that learns fast (lr 3e-2, β floor 0.01) for 8 steps under `budget`."""
+    """A LoRA policy that learns fast (lr 3e-2, β floor 0.01) for all 8 steps under `budget`,
+    kept by the β controller, which reacts late enough to end well past a small budget."""
     cfg = ppo_config(
         peaked_model_dir,
         ppo_files,
@@ -71,6 +72,7 @@ def landing_run(peaked_model_dir, ppo_files, out, budget: float):
         "train.save_every=8",
         "ppo.kl.coef=0.01",
         f"ppo.kl.budget={budget}",
+        "ppo.kl.budget_control=beta",
         "ppo.kl.budget_landing=10",
     )
     run_ppo(cfg, out)

@@ -163,7 +163,7 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--tau", type=float, help="annotator noise in gold units")
     demo.add_argument("--kl-coef", type=float, help="β of the PPO KL penalty")
     demo.add_argument(
-        "--kl-budget", type=float, help="steer PPO to this KL (nats) with an adaptive β"
+        "--kl-budget", type=float, help="stop PPO where its KL reaches this budget (nats), land it"
     )
     demo.add_argument("--device", help=DEVICE_HELP)
     demo.set_defaults(func=_run_demo)
@@ -270,14 +270,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tether.tools.demo import QUICK, DemoSettings, budget_ppo_steps, run_demo
+    from tether.tools.demo import QUICK, DemoSettings, budget_settings, run_demo
 
     if args.resume and args.out is None:
         raise TetherError("--resume needs --out RUN_DIR (the demo to continue)")
     out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = replace(DemoSettings(task=args.task), **(QUICK if args.quick else {}))
     if args.kl_budget:
-        settings = replace(settings, ppo_steps=budget_ppo_steps(settings.ppo_steps))
+        settings = budget_settings(settings)
     for field_name, value in (
         ("ppo_steps", args.steps),
         ("train_prompts", args.prompts),

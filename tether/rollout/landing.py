@@ -1,7 +1,8 @@
 """Landing a KL budget: the trained policy's update scaled down until its KL is the budget.
 
-The budget controller steers the KL from noisy 16-answer estimates and answers an iteration
-or two late, so a short run can end well past its budget. After the last step the policy's
+A budget run can end well past its budget: a stopped run's last update can move the KL by
+more than a nat, and the budget controller steers from noisy 16-answer estimates and answers
+an iteration or two late. After the last step the policy's
 KL is measured on answers it samples for a fixed set of training prompts; where it is over
 the budget, the update θ − θ_ref is scaled by α < 1 (θ_ref + α·(θ − θ_ref), the linear
 interpolation towards the initialisation of Ramé et al.'s WARP, 2024) with α from

@@ -88,6 +88,7 @@ class DemoSettings:
     # reach what 16 do, in 15 and 30 s more.
     ppo_steps: int = 16
     ppo_batch: int = 16
+    ppo_lr: float = 3e-4
     kl_coef: float = 0.05
     # The share of the policy's layers, the top ones, that carry adapters (1: every layer).
     # The layers beneath run once per rollout and take no backward (tether.models.trunk),
@@ -98,9 +99,9 @@ class DemoSettings:
     # learning rate of adapters everywhere, and then ranks as well in 60% of the time.
     rm_lora_share: float = 0.5
     rm_lr: float = 4e-3
-    # > 0: keep PPO within this KL (nats per answer) with the budget controller, starting
-    # from kl_coef, instead of a fixed β; the report compares the policy with best-of-n there.
-    # `tether demo --kl-budget` runs KL_BUDGET_PPO_STEPS steps unless --steps says otherwise.
+    # > 0: PPO at β = kl_coef stops where its KL reaches this many nats per answer, and is
+    # landed on it (ppo.kl.budget); the report compares the policy with best-of-n there.
+    # `tether demo --kl-budget` also takes KL_BUDGET's PPO settings (budget_settings).
     kl_budget: float = 0.0
     best_of: int = 16  # π_ref samples per held-out prompt, for best-of-n up to this n
     policy_samples: int = 4  # policy samples per held-out prompt
@@ -119,15 +120,21 @@ QUICK = {
     "best_of": 8,
     "policy_samples": 2,
 }
-# A budget run's PPO steps: the controller raises β by at most e^0.3 a step, and in 16 steps
-# a 2-nat budget ended at 5.5 nats held-out, against 2.0 in 20 (benchmarks/RESULTS.md).
-KL_BUDGET_PPO_STEPS = 20
+# A budget run's PPO: 32 prompts a step at half the learning rate, whose less noisy steps buy
+# more reward for the KL than the default's 16 (benchmarks/RESULTS.md), for at most 30
+# steps. At 2 nats it stops after 12-14.
+KL_BUDGET = {"ppo_steps": 30, "ppo_batch": 32, "ppo_lr": 1.5e-4}
 
 
-def budget_ppo_steps(steps: int) -> int:
-    """The PPO steps of a KL-budget run whose fixed-β run takes `steps`: the default's are too
-    few for the controller (KL_BUDGET_PPO_STEPS instead); any other count is kept."""
-    return KL_BUDGET_PPO_STEPS if steps == DemoSettings.ppo_steps else steps
+def budget_settings(s: DemoSettings) -> DemoSettings:
+    """The settings of a KL-budget run: KL_BUDGET's steps where `s` has the default's, and
+    its batch with its learning rate where `s` has the default's pair (--quick keeps its own)."""
+    default = DemoSettings()
+    if s.ppo_steps == default.ppo_steps:
+        s = replace(s, ppo_steps=KL_BUDGET["ppo_steps"])
+    if (s.ppo_batch, s.ppo_lr) == (default.ppo_batch, default.ppo_lr):
+        s = replace(s, ppo_batch=KL_BUDGET["ppo_batch"], ppo_lr=KL_BUDGET["ppo_lr"])
+    return s
 
 
 STAGES = ("prompts", "preferences", "reward model", "ppo", "evaluation", "report")
@@ -296,7 +303,7 @@ def ppo_config(task: Task, s: DemoSettings, out: Path) -> PPOConfig:
             "data.max_length=96",
             f"reward.terms=[{{name: 'model:{out / 'rm/final'}', weight: 1.0}}]",
             f"reward.gold={task.gold}",
-            "optim.lr=3e-4",
+            f"optim.lr={s.ppo_lr}",
             "optim.eps=1e-5",
             "optim.schedule=constant",
             f"train.max_steps={s.ppo_steps}",
@@ -330,8 +337,8 @@ def top_layers(model: str, share: float) -> int:
 
 
 def kl_budget_overrides(s: DemoSettings) -> list[str]:
-    """The budget controller (core.kl.KLBudgetController), starting from kl_coef."""
-    return [f"ppo.kl.budget={s.kl_budget}"] if s.kl_budget else []
+    """A budget spent at β = kl_coef, the run stopped where it is spent and then landed."""
+    return [f"ppo.kl.budget={s.kl_budget}", "ppo.kl.budget_control=stop"] if s.kl_budget else []
 
 
 def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:
