@@ -143,6 +143,21 @@ def test_a_useless_critic_is_named_and_is_not_stagnation_when_the_reward_rises()
     assert any("critic.init" in r for r in finding.remedies)
 
 
+def test_the_critic_is_judged_on_six_late_steps_not_on_a_noisy_three():
+    """The demo's explained variance over its 16 steps: 0.15 on average over the second half,
+    but two of the last three steps under 0.1. Over the last six, most are over 0.1: no
+    finding. The same dip held for six steps is one."""
+    demo = [0.0, 0.001, -0.001, 0.065, 0.092, 0.133, 0.191, 0.314]
+    demo += [0.115, 0.142, 0.162, 0.387, 0.355, 0.02, -0.22, 0.245]
+
+    def run(explained: list[float]) -> Run:
+        return Run([{"step": i + 1, "value/explained_var": v} for i, v in enumerate(explained)])
+
+    assert "critic_not_learning" not in codes(run(demo))
+    held = [*demo[:10], 0.02, -0.22, 0.05, 0.02, -0.22, 0.245]
+    assert codes(run(held)).get("critic_not_learning") == "warning"
+
+
 def test_answers_shrinking_while_kl_rises_is_a_length_collapse():
     series = healthy(**{"reward/score_mean": ramp(0.0, 1.5), "kl/mean": ramp(0.5, 13.5)})
     series["response/length_mean"] = ramp(19, 3)
