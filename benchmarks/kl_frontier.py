@@ -20,10 +20,10 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from tether.tools.demo import DemoSettings, best_of_n_at_kl, budget_settings
+from tether.tools.demo import DemoSettings, best_of_n_at_kl, budget_settings, saved_settings
 
 # What a copy drops so that `--resume` reruns PPO and the evaluation on the same reward model.
 RERUN = ("ppo", "eval", "report.html", "summary.json")
@@ -38,10 +38,14 @@ def budget_run(demo: Path, budget: float, kl_coef: float | None) -> dict:
         if not (out / "settings.json").is_file():  # a fresh copy (else: resume the copy)
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(demo, out, ignore=shutil.ignore_patterns("frontier", *RERUN))
-            settings = json.loads((out / "settings.json").read_text())
-            settings |= {"kl_budget": budget} | ({} if kl_coef is None else {"kl_coef": kl_coef})
-            settings = asdict(budget_settings(DemoSettings(**settings)))
-            (out / "settings.json").write_text(json.dumps(settings))
+            base = saved_settings(json.loads((out / "settings.json").read_text()))
+            ran = replace(
+                base,
+                kl_budget=budget,
+                kl_budget_control=DemoSettings.kl_budget_control,  # a new run: today's
+                kl_coef=base.kl_coef if kl_coef is None else kl_coef,
+            )
+            (out / "settings.json").write_text(json.dumps(asdict(budget_settings(ran))))
             stages = json.loads((out / "stages.json").read_text())
             for stage in ("ppo", "evaluation", "report"):
                 stages.pop(stage, None)

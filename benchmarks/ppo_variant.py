@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tether.config import PPOConfig, load_config
 from tether.stages.ppo import run_ppo
-from tether.tools.demo import DemoSettings, stage_evaluation
+from tether.tools.demo import saved_settings, stage_evaluation
 from tether.tools.tasks import get_task
 
 DROPPED = ("ppo", "eval", "report.html", "summary.json", "frontier")
@@ -59,11 +59,11 @@ def main() -> None:
     out = args.base.parent / f"variant-{args.name}"
     if not out.exists():
         shutil.copytree(args.base, out, ignore=shutil.ignore_patterns(*DROPPED))
-    cfg = load_config(PPOConfig, str(args.base / "ppo/config.yaml"), args.overrides)
+    cfg = load_config(PPOConfig, args.base / "ppo/config.yaml", args.overrides, saved_run=True)
     started = time.perf_counter()
     run_ppo(cfg, out / "ppo", resume=True)
     ppo_s = time.perf_counter() - started
-    settings = DemoSettings(**json.loads((out / "settings.json").read_text()))
+    settings = saved_settings(json.loads((out / "settings.json").read_text()))
     results = stage_evaluation(get_task(settings.task), settings, out)
     steps = [json.loads(line) for line in (out / "ppo/metrics.jsonl").read_text().splitlines()]
     explained = [m["value/explained_var"] for m in steps if "value/explained_var" in m]

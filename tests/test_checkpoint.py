@@ -76,6 +76,34 @@ def test_a_run_dir_from_before_a_key_existed_resumes_with_its_default(tmp_path):
         RunDir(tmp_path).prepare(seeded, resume=True)
 
 
+def test_a_budget_run_from_before_its_control_was_chosen_resumes_steered_by_beta(tmp_path):
+    """ppo.kl.budget_control came in with `stop` beside the β controller, and `stop` is the
+    default now: a budget run saved without the key was steered by β, and is resumed so (its
+    own config.yaml read as it ran); resuming it with `stop` is refused, not done."""
+    import yaml
+
+    from tether.config import PPOConfig
+
+    base = ["data.train=x.jsonl", "reward.terms=[{name: length}]"]
+    cfg = load_config(PPOConfig, None, [*base, "ppo.kl.budget=2"])
+    RunDir(tmp_path).prepare(cfg, resume=False)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["ppo"]["kl"]["budget_control"]  # written by a tether without the key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    as_saved = load_config(PPOConfig, tmp_path / "config.yaml", saved_run=True)
+    assert as_saved.ppo.kl.budget_control == "beta" and cfg.ppo.kl.budget_control == "stop"
+    with pytest.raises(RunDirError, match=r"ppo\.kl\.budget_control"):
+        RunDir(tmp_path).prepare(cfg, resume=True)
+    RunDir(tmp_path).prepare(as_saved, resume=True)
+    # without a budget the key does nothing, and a run that lacks it reads as the default
+    unbudgeted = load_config(PPOConfig, None, base)
+    RunDir(tmp_path / "plain").prepare(unbudgeted, resume=False)
+    plain = yaml.safe_load((tmp_path / "plain/config.yaml").read_text())
+    del plain["ppo"]["kl"]["budget_control"]
+    (tmp_path / "plain/config.yaml").write_text(yaml.safe_dump(plain))
+    RunDir(tmp_path / "plain").prepare(unbudgeted, resume=True)
+
+
 def test_a_resume_cut_off_while_writing_config_keeps_the_old_one(tmp_path, monkeypatch):
     """A kill can land while a resume rewrites config.yaml; the next resume reads that file
     to learn where the data is, so it must hold the old text or the new, never a torn one."""

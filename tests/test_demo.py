@@ -167,16 +167,20 @@ def test_a_run_saved_before_a_setting_existed_resumes_as_it_ran(tmp_path):
     """A demo saved before the adapters' shares existed trained adapters on every layer (the
     reward model at lr 2e-3); its resumed stages must too, or a checkpoint's lower adapters
     would be dropped on loading."""
-    from tether.tools.demo import load_settings
+    from tether.tools.demo import kl_budget_overrides, load_settings
 
-    old = asdict(DemoSettings())
-    for name in ("policy_lora_share", "rm_lora_share", "rm_lr"):
+    old = asdict(DemoSettings(kl_budget=2.0))
+    for name in ("policy_lora_share", "rm_lora_share", "rm_lr", "kl_budget_control", "ppo_lr"):
         del old[name]
     (tmp_path / "settings.json").write_text(json.dumps(old))
     resumed = load_settings(tmp_path, DemoSettings(), resume=True)
     assert (resumed.policy_lora_share, resumed.rm_lora_share, resumed.rm_lr) == (1.0, 1.0, 2e-3)
+    # a budget run from before the demo stopped at its budget was steered by β, at lr 3e-4
+    assert "ppo.kl.budget_control=beta" in kl_budget_overrides(resumed)
+    assert resumed.ppo_lr == 3e-4
     now = DemoSettings()
     assert now.policy_lora_share < 1.0 and now.rm_lora_share < 1.0 and now.rm_lr != 2e-3
+    assert now.kl_budget_control == "stop"
 
 
 def test_a_kl_budget_stops_ppo_at_the_demos_beta(tmp_path):

@@ -146,7 +146,8 @@ def test_a_useless_critic_is_named_and_is_not_stagnation_when_the_reward_rises()
 def test_the_critic_is_judged_on_six_late_steps_not_on_a_noisy_three():
     """The demo's explained variance over its 16 steps: 0.15 on average over the second half,
     but two of the last three steps under 0.1. Over the last six, most are over 0.1: no
-    finding. The same dip held for six steps is one."""
+    finding. The same dip held for six steps is one. A run of 8 steps is read over its last
+    four, not over six that reach back into the critic's warm-up (three of them under 0.1)."""
     demo = [0.0, 0.001, -0.001, 0.065, 0.092, 0.133, 0.191, 0.314]
     demo += [0.115, 0.142, 0.162, 0.387, 0.355, 0.02, -0.22, 0.245]
 
@@ -156,6 +157,8 @@ def test_the_critic_is_judged_on_six_late_steps_not_on_a_noisy_three():
     assert "critic_not_learning" not in codes(run(demo))
     held = [*demo[:10], 0.02, -0.22, 0.05, 0.02, -0.22, 0.245]
     assert codes(run(held)).get("critic_not_learning") == "warning"
+    # a short run (--quick: 8 steps) reads its last half, not its warm-up
+    assert "critic_not_learning" not in codes(run(demo[:8]))
 
 
 def test_answers_shrinking_while_kl_rises_is_a_length_collapse():

@@ -357,9 +357,10 @@ def _run_stage(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     out = run_dir_of(args.stage, args.out, args.resume)
     config_path = args.config
-    if config_path is None and args.resume and (out / "config.yaml").is_file():
+    saved_run = config_path is None and args.resume and (out / "config.yaml").is_file()
+    if saved_run:
         config_path = out / "config.yaml"  # resume the run exactly as it was configured
-    config = load_config(load_target(stage.config), config_path, overrides)
+    config = load_config(load_target(stage.config), config_path, overrides, saved_run=saved_run)
     started = time.perf_counter()
     result = run(args.stage, config, out, resume=args.resume)
     print(

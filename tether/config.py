@@ -646,11 +646,31 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}' {message}")
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+def as_it_ran(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run dir's saved config with the keys it predates set to what the run did then.
+
+    A run dir's config.yaml holds every key, so a key it lacks was added to tether after the
+    run started, and is otherwise read as its default. Where the default is not what the run
+    did, resuming on it would change the run's method halfway: a budget run saved before
+    `ppo.kl.budget_control` existed was steered by the β controller, not stopped.
+    """
+    kl = saved.get("ppo", {}).get("kl") if isinstance(saved.get("ppo"), dict) else None
+    if isinstance(kl, dict) and kl.get("budget") and "budget_control" not in kl:
+        saved = {**saved, "ppo": {**saved["ppo"], "kl": {**kl, "budget_control": "beta"}}}
+    return saved
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    saved_run: bool = False,
+) -> C:
     """Build `cls` from a YAML file (optional) and `a.b=value` overrides, then validate it.
 
     Override values are parsed as YAML (`--set train.lr=1e-5`, `--set model.lora.enabled=true`,
-    `--set 'lora.target_modules=[q_proj, v_proj]'`).
+    `--set 'lora.target_modules=[q_proj, v_proj]'`). `saved_run`: the file is a run dir's
+    config.yaml, read as the run ran (`as_it_ran`).
     """
     raw: dict[str, Any] = {}
     source = "defaults"
@@ -667,7 +687,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        raw = loaded or {}
+        raw = as_it_ran(loaded or {}) if saved_run else loaded or {}
     for item in overrides:
         _apply_override(raw, item)
     return build_config(cls, None, raw, source)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tether.config import config_differences, config_to_dict, config_yaml
+from tether.config import as_it_ran, config_differences, config_to_dict, config_yaml
 from tether.errors import TetherError
 from tether.runs.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -95,8 +95,9 @@ class RunDir:
             return None
         if saved_path.is_file():
             saved = yaml.safe_load(saved_path.read_text()) or {}
-            # A key the saved config lacks (added by a later tether) is read as its default.
-            saved = _with_defaults(config_to_dict(type(config)()), saved)
+            # A key the saved config lacks (added by a later tether) is read as its default,
+            # or as what the run did where that differs (config.as_it_ran).
+            saved = _with_defaults(config_to_dict(type(config)()), as_it_ran(saved))
             changed = [
                 k
                 for k in config_differences(saved, config_to_dict(config))

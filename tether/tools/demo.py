@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -103,6 +103,7 @@ class DemoSettings:
     # landed on it (ppo.kl.budget); the report compares the policy with best-of-n there.
     # `tether demo --kl-budget` also takes KL_BUDGET's PPO settings (budget_settings).
     kl_budget: float = 0.0
+    kl_budget_control: Literal["stop", "beta"] = "stop"  # ppo.kl.budget_control
     best_of: int = 16  # π_ref samples per held-out prompt, for best-of-n up to this n
     policy_samples: int = 4  # policy samples per held-out prompt
     seed: int = 0
@@ -141,18 +142,28 @@ STAGES = ("prompts", "preferences", "reward model", "ppo", "evaluation", "report
 
 
 # What a run saved before a setting existed ran with, where that differs from its default
-# now: a checkpoint with adapters on every layer resumes with adapters on every layer.
-ABSENT_SETTINGS = {"policy_lora_share": 1.0, "rm_lora_share": 1.0, "rm_lr": 2e-3}
+# now: a checkpoint with adapters on every layer resumes with adapters on every layer, and a
+# budget run steered by β goes on being steered.
+ABSENT_SETTINGS = {
+    "policy_lora_share": 1.0,
+    "rm_lora_share": 1.0,
+    "rm_lr": 2e-3,
+    "kl_budget_control": "beta",
+}
+
+
+def saved_settings(saved: dict[str, Any]) -> DemoSettings:
+    """A run's settings.json as the run ran: what it lacks from ABSENT_SETTINGS, else the
+    defaults; keys this tether does not know are dropped."""
+    known = {f.name for f in fields(DemoSettings)}
+    return DemoSettings(**{k: v for k, v in {**ABSENT_SETTINGS, **saved}.items() if k in known})
 
 
 def load_settings(out: Path, given: DemoSettings, resume: bool) -> DemoSettings:
     """The run's settings: fresh ones are saved; a resumed run keeps the saved ones."""
     path = out / "settings.json"
     if resume and path.is_file():
-        saved = {**ABSENT_SETTINGS, **json.loads(path.read_text())}
-        known = {f.name for f in fields(DemoSettings)}
-        kept = DemoSettings(**{k: v for k, v in saved.items() if k in known})
-        return replace(kept, device=given.device)
+        return replace(saved_settings(json.loads(path.read_text())), device=given.device)
     if not resume and out.exists() and any(out.iterdir()):
         raise TetherError(f"{out} already holds a demo run; pass --resume or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -338,7 +349,9 @@ def top_layers(model: str, share: float) -> int:
 
 def kl_budget_overrides(s: DemoSettings) -> list[str]:
     """A budget spent at β = kl_coef, the run stopped where it is spent and then landed."""
-    return [f"ppo.kl.budget={s.kl_budget}", "ppo.kl.budget_control=stop"] if s.kl_budget else []
+    if not s.kl_budget:
+        return []
+    return [f"ppo.kl.budget={s.kl_budget}", f"ppo.kl.budget_control={s.kl_budget_control}"]
 
 
 def stage_ppo(task: Task, s: DemoSettings, out: Path) -> dict[str, Any]:

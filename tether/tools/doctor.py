@@ -130,8 +130,9 @@ class Run:
 
 
 def windows(values: list[float], least: int = 3) -> tuple[list[float], list[float]]:
-    """The early and late fifth (at least `least` values each)."""
-    size = max(least, len(values) // 5)
+    """The early and late fifth: at least `least` values each, at most half the run (then at
+    least 3), so that a short run's late window does not reach back into its start."""
+    size = min(max(least, len(values) // 5), max(3, len(values) // 2))
     return values[:size], values[-size:]
 
 
@@ -610,7 +611,7 @@ def critic_rule(run: Run) -> Finding | None:
     steps, explained = run.series("value/explained_var")
     if len(explained) < MIN_STEPS_FOR_TRENDS:
         return None
-    early, late = windows(explained, least=CRITIC_LATE_STEPS)
+    late = windows(explained, least=CRITIC_LATE_STEPS)[1]
     if sum(v < CRITIC_EXPLAINED_MIN for v in late) < PERSISTENT_SHARE * len(late):
         return None
     return Finding(
@@ -620,7 +621,7 @@ def critic_rule(run: Run) -> Finding | None:
         f"the critic explains little of the returns: explained variance {mean(late):.2f} "
         "late in the run (1 is a perfect critic, 0 a constant)",
         {
-            "explained_var_early": round(mean(early), 3),
+            "explained_var_early": round(mean(windows(explained)[0]), 3),
             "explained_var_late": round(mean(late), 3),
         },
         [
