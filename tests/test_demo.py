@@ -194,6 +194,9 @@ def test_a_kl_budget_stops_ppo_at_the_demos_beta(tmp_path):
     assert budget.ppo.kl.budget == 2.0 and budget.ppo.kl.coef == 0.05
     assert budget.ppo.kl.stops_at_budget
     assert (budget.train.batch_size, budget.optim.lr) == (32, 1.5e-4)
+    # a learning rate of one's own keeps its batch: the pair is the budget run's recipe
+    own = budget_settings(DemoSettings(kl_budget=2.0, ppo_lr=1e-4))
+    assert (own.ppo_steps, own.ppo_batch, own.ppo_lr) == (30, 16, 1e-4)
 
 
 def test_the_kl_frontier_reruns_ppo_at_a_budget_and_the_report_shows_it(demo_run, tmp_path):

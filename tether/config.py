@@ -393,7 +393,8 @@ class RewardSpecConfig:
 class KLConfig:
     """The per-token penalty β·KL_t folded into the reward."""
 
-    # β: the weight of the KL penalty (the adaptive and budget controllers start from it).
+    # β: the weight of the KL penalty; with `adaptive`, its start; with a budget kept by
+    # budget_control: beta, its floor.
     coef: float = 0.05
     # Adaptive control (Ziegler et al. 2019) steers the per-sequence KL towards `target`.
     adaptive: bool = False

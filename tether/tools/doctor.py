@@ -503,7 +503,7 @@ def shrinking_rule(run: Run) -> Finding | None:
             "read samples.jsonl at the late steps: short answers that score well are what the "
             "reward model pays for",
             "check the reward for a bias towards short answers (rm-eval's length_corr)",
-            "raise ppo.kl.coef or steer to a KL budget (ppo.kl.adaptive with ppo.kl.target)",
+            "raise ppo.kl.coef, or stop at a KL budget (ppo.kl.budget)",
             "take the checkpoint from before the length fell",
         ],
     )
@@ -553,7 +553,7 @@ def degenerate_text_rule(run: Run) -> Finding | None:
         evidence,
         [
             "read samples.jsonl: the late answers show what the reward pays for",
-            "raise ppo.kl.coef, or steer to a KL budget (ppo.kl.target)",
+            "raise ppo.kl.coef, or stop at a KL budget (ppo.kl.budget)",
             "take the checkpoint from before the answers degenerated",
             "improve the reward model on such answers (add them as rejected)",
         ],
@@ -599,7 +599,7 @@ def kl_efficiency_rule(run: Run) -> Finding | None:
         },
         [
             "stop earlier: the checkpoint from the middle of the run has most of the gain",
-            "steer to a KL budget (ppo.kl.adaptive with ppo.kl.target)",
+            "stop at a KL budget (ppo.kl.budget)",
             "raise ppo.kl.coef or lower the learning rate",
         ],
     )
