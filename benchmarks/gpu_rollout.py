@@ -4,8 +4,9 @@
    and 256, at SmolLM2-135M's and Qwen2.5-0.5B's shapes (seeded random weights): tether's
    `generate` against Hugging Face `generate` (sdpa, its default cache) and against
    `generate` with a static cache under `torch.compile(mode="reduce-overhead")`. Tokens/s,
-   the ratios, and tether's share of the decode step's roofline: max(bytes of weights + KV read / memory bandwidth, FLOPs /
-   matmul rate in the generation's dtype), both rates measured in the same run;
+   the ratios, and tether's share of the decode step's roofline: max(bytes of weights + KV
+   read / memory bandwidth, FLOPs / matmul rate in the generation's dtype), both rates
+   measured in the same run;
 2. a GRPO iteration (group 8, 64 prompts, 256 new tokens, a rule reward): samples/s and peak
    memory, against TRL's `GRPOTrainer` (no vLLM) where TRL is installed;
 3. SFT and DPO steps at Qwen2.5-0.5B's shape: tokens/s and model FLOPs utilisation
