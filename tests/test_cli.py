@@ -89,8 +89,8 @@ def test_resume_needs_a_run_dir():
     ("args", "expected"),
     [
         ([], (16, 16, 3e-4)),
-        (["--kl-budget", "2"], (30, 32, 1.5e-4)),
-        (["--kl-budget", "2", "--steps", "5"], (5, 32, 1.5e-4)),
+        (["--kl-budget", "2"], (30, 64, 7.5e-5)),
+        (["--kl-budget", "2", "--steps", "5"], (5, 64, 7.5e-5)),
         (["--kl-budget", "2", "--quick"], (8, 8, 3e-4)),
     ],
 )
@@ -98,7 +98,8 @@ def test_a_demo_with_a_kl_budget_takes_the_budget_ppo_settings_unless_told(
     args, expected, tmp_path, monkeypatch
 ):
     """A budget run stops where it spends its budget, so its step count is a cap, and it
-    takes twice the prompts a step at half the learning rate; --steps and --quick still win."""
+    takes four times the prompts a step at a quarter of the learning rate; --steps and --quick
+    still win."""
     from tether.tools import demo
 
     seen = []

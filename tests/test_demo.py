@@ -193,7 +193,7 @@ def test_a_kl_budget_stops_ppo_at_the_demos_beta(tmp_path):
     budget = ppo_config(task, budget_settings(DemoSettings(kl_budget=2.0)), tmp_path)
     assert budget.ppo.kl.budget == 2.0 and budget.ppo.kl.coef == 0.05
     assert budget.ppo.kl.stops_at_budget
-    assert (budget.train.batch_size, budget.optim.lr) == (32, 1.5e-4)
+    assert (budget.train.batch_size, budget.optim.lr) == (64, 7.5e-5)
     # a learning rate of one's own keeps its batch: the pair is the budget run's recipe
     own = budget_settings(DemoSettings(kl_budget=2.0, ppo_lr=1e-4))
     assert (own.ppo_steps, own.ppo_batch, own.ppo_lr) == (30, 16, 1e-4)

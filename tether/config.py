@@ -409,7 +409,7 @@ class KLConfig:
     # whose rollout KL reaches the budget, without training on that rollout: the policy is
     # the fixed-β run's at the budget, which the landing then trims; "beta", `coef` is a floor
     # that β rises from while the KL is over the budget (core.kl.KLBudgetController). On the
-    # demo at 2 nats, stop landed 1.76-2.44 nats held-out over three seeds, beta 0.65-4.66
+    # demo at 2 nats, stop landed 1.76-2.44 nats held-out over six runs, beta 0.65-4.66
     # (benchmarks/RESULTS.md).
     budget_control: Literal["stop", "beta"] = "stop"
     # beta: the controller acts on the KL projected this many iterations on from its last
