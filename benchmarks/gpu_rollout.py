@@ -47,19 +47,9 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
-    """Seconds per call after one warm-up call."""
-    fn()
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - started) / repeats
-
-
-def fastest(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls: a peak rate is what the machine reaches when
-    nothing else runs, and on a shared CPU the mean also measures the neighbours."""
+    """Seconds of the fastest of `repeats` calls after one warm-up call: a peak rate is what
+    the machine reaches when nothing else runs, and on a shared CPU a mean also measures the
+    neighbours."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -83,13 +73,13 @@ def machine_rates(
     numel = (1 << 20) if small else (1 << 29)  # 2 MiB or 1 GiB of bf16
     src = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    seconds = fastest(lambda: dst.copy_(src), device, repeats=5)
+    seconds = timed(lambda: dst.copy_(src), device, repeats=5)
     n = 256 if small else 8192
 
     def matmul_tflops(kind: torch.dtype) -> float:
         a = torch.randn(n, n, dtype=kind, device=device)
         b = torch.randn(n, n, dtype=kind, device=device)
-        return 2 * n**3 / fastest(lambda: a @ b, device, repeats=5) / 1e12
+        return 2 * n**3 / timed(lambda: a @ b, device, repeats=5) / 1e12
 
     rates = {"bandwidth_gbs": 2 * numel * 2 / seconds / 1e9, "matmul_tflops": matmul_tflops(dtype)}
     same = train_dtype == dtype

@@ -655,9 +655,10 @@ def as_it_ran(saved: dict[str, Any]) -> dict[str, Any]:
     did, resuming on it would change the run's method halfway: a budget run saved before
     `ppo.kl.budget_control` existed was steered by the β controller, not stopped.
     """
-    kl = saved.get("ppo", {}).get("kl") if isinstance(saved.get("ppo"), dict) else None
+    ppo = saved.get("ppo")
+    kl = ppo.get("kl") if isinstance(ppo, dict) else None
     if isinstance(kl, dict) and kl.get("budget") and "budget_control" not in kl:
-        saved = {**saved, "ppo": {**saved["ppo"], "kl": {**kl, "budget_control": "beta"}}}
+        return {**saved, "ppo": {**ppo, "kl": {**kl, "budget_control": "beta"}}}
     return saved
 
 

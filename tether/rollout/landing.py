@@ -3,9 +3,9 @@
 A budget run can end well past its budget: a stopped run's last update can move the KL by
 more than a nat, and the budget controller steers from noisy 16-answer estimates and answers
 an iteration or two late. After the last step the policy's KL is measured on answers it
-samples for a fixed set of training prompts; where it is over
-the budget, the update θ − θ_ref is scaled by α < 1 (θ_ref + α·(θ − θ_ref), the linear
-interpolation towards the initialisation of Ramé et al.'s WARP, 2024) with α from
+samples for a fixed set of training prompts; where it is over the budget, the update
+θ − θ_ref is scaled by α < 1 (θ_ref + α·(θ − θ_ref), the linear interpolation towards the
+initialisation of Ramé et al.'s WARP, 2024) with α from
 `tether.core.kl.landing_scale`, measured again, and so on for a few rounds. Each KL is a
 mean over sampled answers, with a standard error; a measurement counts as over the budget only
 where it passes it by more than its noise (two standard errors, or a tenth of the budget).
